@@ -1,0 +1,339 @@
+"""SGG: Scaling with Gradient Grouping (Li et al., ACL 2025, arXiv 2506.01049).
+
+The wrapper is bookkeeping: it counts steps, decides when to re-cluster, keeps
+each layer's cluster ids (or thresholds) and scales, and hands tensors to the
+pure functions in :mod:`.functional` (what the clusters and scales are) and
+:mod:`.steps` (how the base optimizer's step is scaled). docs/sgg.md explains
+the algorithm and every decision.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import functional as F
+from .lamb import Lamb
+from .steps import AdafactorSteps, AdamSteps, LambSteps
+
+__all__ = ["SGG"]
+
+CLUSTER_ON = ("abs", "signed")
+ASSIGNMENTS = ("frozen", "dynamic")
+BACKENDS = ("torch", "sklearn")
+MAX_CLUSTERS = 256  # frozen ids are stored as uint8
+
+
+def _steps_for(optimizer: Optimizer):
+    """The split step of a known base optimizer, or None for the generic path."""
+    kind = type(optimizer)
+    if kind in (torch.optim.Adam, torch.optim.AdamW):
+        return AdamSteps
+    if kind is Lamb:
+        return LambSteps
+    hf = sys.modules.get("transformers.optimization")
+    if hf is not None and kind is getattr(hf, "Adafactor", None):
+        return AdafactorSteps
+    return None
+
+
+def _eligible(p: Tensor) -> bool:
+    # Appendix A: only matrices (and higher) are grouped; norms and biases never.
+    return p.requires_grad and p.ndim >= 2
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _validate(n_clusters, recluster_interval, beta3, scale_bounds, eps, cluster_on, assignment, backend,
+              exact_limit, sample_size) -> tuple[float, float]:
+    if not _is_int(n_clusters) or not 1 <= n_clusters <= MAX_CLUSTERS:
+        raise ValueError(f"n_clusters must be an integer in [1, {MAX_CLUSTERS}], got {n_clusters!r}")
+    if not _is_int(recluster_interval) or recluster_interval < 1:
+        raise ValueError(f"recluster_interval must be an integer >= 1, got {recluster_interval!r}")
+    if not isinstance(beta3, (int, float)) or not 0.0 <= beta3 < 1.0:
+        raise ValueError(f"beta3 must be a number in [0, 1), got {beta3!r}")
+    try:
+        lower, upper = (float(b) for b in scale_bounds)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale_bounds must be a pair (lower, upper), got {scale_bounds!r}") from None
+    if not 0.0 < lower <= upper < float("inf"):
+        raise ValueError(f"scale_bounds must satisfy 0 < lower <= upper < inf, got {scale_bounds!r}")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    for name, value, choices in (("cluster_on", cluster_on, CLUSTER_ON), ("assignment", assignment, ASSIGNMENTS),
+                                 ("backend", backend, BACKENDS)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    for name, value in (("exact_limit", exact_limit), ("sample_size", sample_size)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return lower, upper
+
+
+class SGG(Optimizer):
+    """Wrap a base optimizer so that each layer's step is scaled per momentum cluster.
+
+    Every ``recluster_interval`` steps, each eligible layer's statistic (the
+    base optimizer's first moment) is split into ``n_clusters`` groups by 1-D
+    k-means on its magnitude; each group's scale moves (EMA ``beta3``) toward
+    the ratio of the model-wide median absolute deviation to the group's own,
+    clamped to ``scale_bounds``. Every step multiplies the base optimizer's
+    per-element step by its group's scale. Before the first re-clustering, and
+    always with ``n_clusters=1``, SGG is the base optimizer exactly.
+
+    ``param_groups`` and ``state`` are the base optimizer's own objects, so LR
+    schedulers, gradient clipping and checkpointing see a normal optimizer.
+    """
+
+    def __init__(self, optimizer: Optimizer, n_clusters: int = 3, recluster_interval: int = 500,
+                 beta3: float = 0.99, scale_bounds: tuple[float, float] = (0.1, 10.0), eps: float = 1e-8, *,
+                 cluster_on: str = "abs", assignment: str = "frozen", backend: str = "torch",
+                 exact_limit: int = 2**22, sample_size: int = 2**20, seed: int = 0):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"SGG wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, SGG):
+            raise TypeError("SGG cannot wrap another SGG")
+        self.scale_bounds = _validate(n_clusters, recluster_interval, beta3, scale_bounds, eps, cluster_on,
+                                      assignment, backend, exact_limit, sample_size)
+        self.n_clusters, self.recluster_interval, self.beta3, self.eps = n_clusters, recluster_interval, beta3, eps
+        self.cluster_on, self.assignment, self.backend = cluster_on, assignment, backend
+        self.exact_limit, self.sample_size, self.seed = exact_limit, sample_size, seed
+        self.optimizer = optimizer
+        self._steps = _steps_for(optimizer)
+        for group in optimizer.param_groups:
+            self._check_group(group)
+        self._wrapping = True
+        # Optimizer.__init__ installs the hooks and step accounting that LR
+        # schedulers rely on; the groups and state are then the base's own.
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self._wrapping = False
+        self.param_groups, self.state, self.defaults = optimizer.param_groups, optimizer.state, optimizer.defaults
+        self._layers: dict[Tensor, dict[str, Tensor]] = {}
+        self._sgg_step = 0
+        self.global_mda: float | None = None
+
+    # ----------------------------------------------------------------- public API
+    def cluster_ids(self, p: Tensor) -> Tensor | None:
+        """Cluster id of every element of ``p`` (LongTensor shaped like ``p``).
+
+        None before the first re-clustering of ``p`` or when ``p`` is not grouped.
+        """
+        layer = self._layers.get(p)
+        if layer is None or not _eligible(p):
+            return None
+        if self.assignment == "frozen":
+            return layer["cluster_ids"].long()
+        statistic = self._current_statistic(p)
+        if statistic is None:
+            return None
+        return F.assign_clusters(self._clustered_value(statistic.float()), layer["thresholds"]).long()
+
+    def cluster_scales(self, p: Tensor) -> Tensor | None:
+        """The ``n_clusters`` scales of ``p`` (ones until its first re-clustering); None if not grouped."""
+        if not _eligible(p):
+            return None
+        layer = self._layers.get(p)
+        if layer is None:
+            return torch.ones(self.n_clusters, device=p.device)
+        return layer["cluster_scales"].clone()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sgg_step += 1
+        recluster = self.n_clusters > 1 and self._sgg_step % self.recluster_interval == 0
+        if not recluster and self.global_mda is None:
+            self.optimizer.step()  # every scale is still 1: this *is* the SGG step
+        elif self._steps is None:
+            self._generic_step(recluster)
+        else:
+            self._split_step(recluster)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self._wrapping:  # called by Optimizer.__init__ on the base's own groups
+            return super().add_param_group(param_group)
+        self._check_group(param_group)
+        self.optimizer.add_param_group(param_group)
+        self._check_group(self.optimizer.param_groups[-1])
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict plus an ``"sgg"`` entry of tensors and numbers."""
+        state_dict = self.optimizer.state_dict()
+        index = {p: i for i, p in enumerate(self._all_params())}
+        state_dict["sgg"] = {
+            "step": self._sgg_step,
+            "global_mda": self.global_mda,
+            "n_clusters": self.n_clusters,
+            "assignment": self.assignment,
+            "layers": {index[p]: dict(layer) for p, layer in self._layers.items() if p in index},
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        sgg = state_dict.pop("sgg", None)
+        if sgg is not None:
+            if sgg["n_clusters"] != self.n_clusters:
+                raise ValueError(f"state dict was saved with n_clusters={sgg['n_clusters']}, "
+                                 f"this SGG has n_clusters={self.n_clusters}")
+            if sgg["assignment"] != self.assignment:
+                raise ValueError(f"state dict was saved with assignment={sgg['assignment']!r}, "
+                                 f"this SGG has assignment={self.assignment!r}")
+        self.optimizer.load_state_dict(state_dict)
+        # The base optimizer replaces its groups and state objects on load.
+        self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state
+        if sgg is None:
+            warnings.warn("state dict has no 'sgg' entry (saved by the base optimizer): "
+                          "SGG starts its clustering afresh", stacklevel=2)
+            self._layers, self._sgg_step, self.global_mda = {}, 0, None
+            return
+        params = self._all_params()
+        self._layers = {
+            params[int(i)]: {key: t.to(params[int(i)].device) for key, t in layer.items()}
+            for i, layer in sgg["layers"].items()
+        }
+        self._sgg_step, self.global_mda = int(sgg["step"]), sgg["global_mda"]
+
+    def __repr__(self) -> str:
+        return (f"SGG(n_clusters={self.n_clusters}, recluster_interval={self.recluster_interval}, "
+                f"beta3={self.beta3}, scale_bounds={self.scale_bounds}, eps={self.eps}, "
+                f"cluster_on={self.cluster_on!r}, assignment={self.assignment!r}, backend={self.backend!r})"
+                f" wrapping {self.optimizer!r}")
+
+    # ------------------------------------------------------------------ internals
+    def _check_group(self, group: dict) -> None:
+        if self._steps is not None:
+            self._steps.check_group(group)
+        for p in group["params"]:
+            if torch.is_complex(p):
+                raise ValueError("SGG does not support complex parameters")
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _clustered_value(self, x: Tensor) -> Tensor:
+        # Spec decision: group by magnitude |x| unless cluster_on="signed".
+        return x.abs() if self.cluster_on == "abs" else x
+
+    def _decoupled(self, group: dict) -> bool:
+        return group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
+
+    def _current_statistic(self, p: Tensor) -> Tensor | None:
+        state = self.state.get(p)
+        if not state:
+            return None
+        if self._steps is None:
+            return state.get("exp_avg", state.get("momentum_buffer"))
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        if self._steps is AdafactorSteps and group["beta1"] is None and p.grad is None:
+            return None
+        return self._steps.statistic(group, p, state)
+
+    def _element_scale(self, p: Tensor, statistic: Callable[[], Tensor]) -> Tensor | None:
+        """S_l[C_l(i)] for every element i of p, or None while p has no clusters."""
+        layer = self._layers.get(p)
+        if layer is None:
+            return None
+        if self.assignment == "frozen":
+            ids = layer["cluster_ids"].int()
+        else:
+            ids = F.assign_clusters(self._clustered_value(statistic().float()), layer["thresholds"])
+        return layer["cluster_scales"][ids]
+
+    def _split_step(self, recluster: bool) -> None:
+        steps = self._steps
+        active = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for group, p in active:
+            if p.grad.is_sparse:
+                raise RuntimeError("SGG does not support sparse gradients")
+            steps.moments(group, p, self.state[p], self._decoupled(group))
+        statistics = {p: partial(steps.statistic, group, p, self.state[p]) for group, p in active if _eligible(p)}
+        if recluster:
+            self._recluster(statistics)
+        for group, p in active:
+            scale = self._element_scale(p, statistics[p]) if p in statistics else None
+            steps.apply(group, p, self.state[p], scale)
+
+    def _generic_step(self, recluster: bool) -> None:
+        # Spec: p <- p_before + S[C] * (p_after_base - p_before). The statistic
+        # is the base's exp_avg, else its momentum_buffer, else the step itself.
+        active = [p for g in self.param_groups for p in g["params"] if p.grad is not None and _eligible(p)]
+        before = {p: p.detach().clone() for p in active}
+        self.optimizer.step()
+
+        def statistic(p: Tensor) -> Tensor:
+            state = self.state.get(p, {})
+            for key in ("exp_avg", "momentum_buffer"):
+                if isinstance(state.get(key), Tensor):
+                    return state[key]
+            return p - before[p]
+
+        statistics = {p: partial(statistic, p) for p in active}
+        if recluster:
+            self._recluster(statistics)
+        for p in active:
+            scale = self._element_scale(p, statistics[p])
+            if scale is not None:
+                p.copy_(before[p] + (p - before[p]) * scale)
+
+    def _fit_thresholds(self, values: Tensor, seed: int) -> Tensor:
+        if self.backend == "sklearn":
+            return F.kmeans_1d_sklearn(values, self.n_clusters, seed=seed)
+        return F.kmeans_1d(values, self.n_clusters)
+
+    def _recluster(self, statistics: dict[Tensor, Callable[[], Tensor]]) -> None:
+        """Algorithm 1's re-clustering step over every eligible layer stepped now."""
+        if not statistics:
+            return
+        fitted = {}
+        for index, (p, statistic) in enumerate(statistics.items()):
+            x = statistic().float()
+            mean = x.mean()
+            values = self._clustered_value(x).flatten()
+            dev = (x - mean).abs().flatten()
+            seed = self.seed * 1_000_003 + self._sgg_step * 7919 + index
+            if values.numel() > self.exact_limit:
+                # Large layer: fit centres and estimate medians on a uniform sample.
+                generator = torch.Generator(device=values.device).manual_seed(seed)
+                sample = torch.randint(values.numel(), (self.sample_size,), generator=generator,
+                                       device=values.device)
+                thresholds = self._fit_thresholds(values[sample], seed)
+                ids = F.assign_clusters(values, thresholds)
+                mda, _ = F.cluster_mda(dev[sample], ids[sample], self.n_clusters)
+                counts = torch.bincount(ids.long(), minlength=self.n_clusters)
+            else:
+                thresholds = self._fit_thresholds(values, seed)
+                ids = F.assign_clusters(values, thresholds)
+                mda, counts = F.cluster_mda(dev, ids, self.n_clusters)
+            fitted[p] = (mean, thresholds, ids.to(torch.uint8).view(p.shape), mda, counts)
+
+        def all_deviations():
+            for p, statistic in statistics.items():
+                yield (statistic().float() - fitted[p][0]).abs()
+
+        global_mda = F.pooled_lower_median(all_deviations)
+        for p, (_, thresholds, ids, mda, counts) in fitted.items():
+            layer = self._layers.setdefault(p, {})
+            scales = layer.get("cluster_scales", torch.ones(self.n_clusters, device=p.device))
+            target = F.target_scales(global_mda.to(mda.device), mda, self.scale_bounds, self.eps)
+            layer["cluster_scales"] = F.ema_scales(scales, target, counts, self.beta3)
+            if self.assignment == "frozen":
+                layer["cluster_ids"] = ids
+            else:
+                layer["thresholds"] = thresholds
+        self.global_mda = float(global_mda)

@@ -1,0 +1,42 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Two matrices of different sizes (eligible for SGG), a bias and a norm (never grouped)."""
+
+    def __init__(self, n_in: int = 12, hidden: int = 24, n_out: int = 16):
+        super().__init__()
+        self.fc1 = nn.Linear(n_in, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.fc2 = nn.Linear(hidden, n_out, bias=False)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.norm(self.fc1(x))))
+
+
+def make_net(seed: int = 0, dtype=torch.float32) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet().to(dtype)
+
+
+def batches(n: int, seed: int = 1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 12, generator=g).to(dtype), torch.randn(8, 16, generator=g).to(dtype)) for _ in range(n)]
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x).float(), y.float())
+
+
+def twin(model):
+    return copy.deepcopy(model)
+
+
+@pytest.fixture
+def net():
+    return make_net()

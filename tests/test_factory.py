@@ -1,0 +1,76 @@
+"""build_optimizer: names, defaults, parameter groups and errors."""
+
+import pytest
+import torch
+from transformers.optimization import Adafactor
+
+from conftest import make_net
+from llava_sgg.optim import OPTIMIZER_NAMES, SGG, Lamb, build_optimizer
+
+
+def test_build_an_sgg_optimizer_from_a_model_by_name():
+    model = make_net()
+    opt = build_optimizer(model, "lamb_sgg", lr=2e-5, n_clusters=2, recluster_interval=1000, beta3=0.9)
+    assert isinstance(opt, SGG) and isinstance(opt.optimizer, Lamb)
+    assert (opt.n_clusters, opt.recluster_interval, opt.beta3) == (2, 1000, 0.9)
+    assert opt.param_groups[0]["lr"] == 2e-5 and opt.param_groups[0]["eps"] == 1e-6
+    assert opt.param_groups[0]["clamp_value"] == 10.0
+
+
+@pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("adafactor", Adafactor), ("lamb", Lamb)])
+def test_every_name_builds_its_base_and_its_sgg_version(name, cls):
+    model = make_net()
+    base = build_optimizer(model, name, lr=1e-3)
+    wrapped = build_optimizer(model, f"{name}_sgg", lr=1e-3)
+    assert type(base) is cls and type(wrapped.optimizer) is cls
+    assert set(OPTIMIZER_NAMES) == {"adamw", "adafactor", "lamb", "adamw_sgg", "adafactor_sgg", "lamb_sgg"}
+
+
+def test_paper_defaults():
+    model = make_net()
+    adamw = build_optimizer(model, "adamw", lr=2e-5).param_groups[0]
+    assert adamw["betas"] == (0.9, 0.999) and adamw["eps"] == 1e-8 and adamw["weight_decay"] == 0.0
+    adafactor = build_optimizer(model, "adafactor", lr=2e-5).param_groups[0]
+    assert adafactor["beta1"] is None and adafactor["clip_threshold"] == 1.0
+    assert adafactor["eps"] == (1e-30, 1e-3) and not adafactor["relative_step"] and not adafactor["scale_parameter"]
+    sgg = build_optimizer(model, "adamw_sgg", lr=2e-5)
+    assert (sgg.n_clusters, sgg.recluster_interval, sgg.beta3, sgg.scale_bounds, sgg.eps) == (
+        3, 500, 0.99, (0.1, 10.0), 1e-8)
+
+
+def test_model_weight_decay_skips_biases_and_norms():
+    model = make_net()
+    opt = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.1)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert {id(p) for p in decayed["params"]} == {id(model.fc1.weight), id(model.fc2.weight)}
+    assert {id(p) for p in plain["params"]} == {id(model.fc1.bias), id(model.norm.weight), id(model.norm.bias)}
+
+
+def test_frozen_parameters_are_left_out():
+    model = make_net()
+    model.fc1.requires_grad_(False)
+    opt = build_optimizer(model, "adamw_sgg", lr=1e-3)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert all(p.requires_grad for p in params) and len(params) == 3
+
+
+def test_param_groups_with_their_own_lr_pass_through():
+    model = make_net()
+    groups = [{"params": model.fc1.parameters(), "lr": 2e-5}, {"params": model.fc2.parameters()}]
+    opt = build_optimizer(groups, "adafactor_sgg", lr=2e-4)
+    assert [g["lr"] for g in opt.param_groups] == [2e-5, 2e-4]
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("sgd", {}, "unknown optimizer 'sgd'; choose one of: adamw, adafactor, lamb, adamw_sgg"),
+    ("adamw", {"n_clusters": 3}, "SGG options need a \\*_sgg optimizer name"),
+    ("adamw_sgg", {"betas2": 0.9}, "valid options: lr, "),
+    ("adamw_sgg", {"lr": -1.0}, "lr must be a number >= 0"),
+    ("adamw_sgg", {"lr": 1e-3, "n_clusters": 0}, "n_clusters"),
+    ("lamb_sgg", {"lr": 1e-3, "scale_bounds": (2.0, 1.0)}, "scale_bounds"),
+    ("adafactor", {}, "adafactor needs lr"),
+])
+def test_errors_name_the_problem_and_the_valid_choices(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_optimizer(make_net(), name, **kwargs)
