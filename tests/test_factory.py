@@ -74,3 +74,25 @@ def test_param_groups_with_their_own_lr_pass_through():
 def test_errors_name_the_problem_and_the_valid_choices(name, kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_optimizer(make_net(), name, **kwargs)
+
+
+def _recipe(name):
+    import yaml
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "configs" / "optim" / f"{name}.yaml"
+    return yaml.safe_load(path.read_text())["optimizer"]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZER_NAMES))
+def test_paper_recipe_configs_build(name):
+    recipe = _recipe(name)
+    assert recipe["name"] == name and recipe["lr"] == 2e-5
+    opt = build_optimizer(make_net(), **recipe)
+    if name.endswith("_sgg"):
+        assert opt.recluster_interval == 1000 and opt.beta3 == 0.9
+        assert opt.n_clusters == (2 if name == "lamb_sgg" else 3)
+    group = opt.param_groups[0]
+    assert group["weight_decay"] == 0.0
+    if name.startswith("lamb"):
+        assert (group["eps"], group["clamp_value"]) == (1e-6, 10.0)

@@ -83,6 +83,8 @@ def build_optimizer(model_or_params: nn.Module | Iterable, name: str, *, lr: flo
                          f"valid options: lr, {', '.join(sorted(valid))}")
     if lr is not None and (not isinstance(lr, (int, float)) or lr < 0):
         raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+    # YAML has no tuples: pairs such as betas, eps and scale_bounds arrive as lists.
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     base_kwargs = {**defaults, **{k: v for k, v in kwargs.items() if k in base_keys}}
     if base_name == "adafactor" and lr is None and not base_kwargs["relative_step"]:
         raise ValueError("adafactor needs lr (or relative_step=True for its own schedule)")
