@@ -42,7 +42,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeat):
+def timed(fn, device, repeat, warmup=1):
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeat):
         sync(device)
@@ -106,7 +108,7 @@ def bench_steps(cfg, device, dtype, repeat):
         sgg.step()
         sgg.recluster_interval = 10**9
 
-    results["sgg_recluster_step_s"] = timed(recluster_step, device, max(1, repeat // 2))
+    results["sgg_recluster_step_s"] = timed(recluster_step, device, max(1, repeat // 2), warmup=0)
     results["sgg_scaled_step_s"] = timed(sgg.step, device, repeat)
     results["sgg_scaled_peak_mem_gib"] = peak_memory(sgg.step, device)
     ids_bytes = sum(sgg.state_dict()["sgg"]["layers"][i]["cluster_ids"].numel() for i in range(len(params)))
@@ -118,10 +120,10 @@ def bench_kmeans(cfg, device, repeat):
     rows = []
     for n in cfg["kmeans_sizes"]:
         values = (torch.randn(n, device=device) ** 3).abs()
-        row = {"elements": n, "torch_s": timed(lambda: F.kmeans_1d(values, 3), device, repeat)}
+        row = {"elements": n, "torch_s": timed(lambda: F.kmeans_1d(values, 3), device, repeat)}  # warm-up inside
         if n <= 2**20:
             try:
-                row["sklearn_s"] = timed(lambda: F.kmeans_1d_sklearn(values, 3), device, 1)
+                row["sklearn_s"] = timed(lambda: F.kmeans_1d_sklearn(values, 3), device, 1, warmup=0)
             except ImportError:
                 pass
         rows.append(row)

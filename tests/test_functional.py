@@ -107,3 +107,14 @@ def test_target_scales_and_ema_follow_eq6_and_eq7():
     scales = torch.tensor([1.0, 2.0, 3.0])
     new = F.ema_scales(scales, r, torch.tensor([5, 0, 1]), 0.9)
     assert torch.allclose(new, torch.tensor([0.9 + 0.1 * 10.0, 2.0, 0.9 * 3.0 + 0.1 * 0.25]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_kmeans_quality_over_many_seeds_and_larger_layers(k):
+    for seed in range(8):
+        for name, values in _distributions(5000, seed=1000 * k + seed).items():
+            values = values.astype(np.float32)
+            _, best = optimal_kmeans_1d(values, k)
+            got = sse(values, _labels(values, k))
+            assert got <= best * 1.02, f"{name} seed {seed}: SSE {got} vs optimal {best}"
