@@ -26,6 +26,11 @@ def _scalar(x) -> float:
     return float(x) if isinstance(x, Tensor) else x
 
 
+def first_moment(group: dict, p: Tensor, state: dict) -> Tensor:
+    """The statistic SGG clusters for Adam-like optimizers: exp_avg, not bias-corrected."""
+    return state["exp_avg"]
+
+
 class AdamSteps:
     """torch.optim.Adam / AdamW, mirroring ``torch.optim.adam._single_tensor_adam``."""
 
@@ -55,9 +60,7 @@ class AdamSteps:
         state["exp_avg"].lerp_(grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
-    @staticmethod
-    def statistic(group: dict, p: Tensor, state: dict) -> Tensor:
-        return state["exp_avg"]
+    statistic = staticmethod(first_moment)
 
     @staticmethod
     def apply(group: dict, p: Tensor, state: dict, scale: Tensor | None) -> None:
@@ -189,9 +192,7 @@ class LambSteps:
         state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
-    @staticmethod
-    def statistic(group: dict, p: Tensor, state: dict) -> Tensor:
-        return state["exp_avg"]
+    statistic = staticmethod(first_moment)
 
     @staticmethod
     def apply(group: dict, p: Tensor, state: dict, scale: Tensor | None) -> None:
