@@ -11,7 +11,7 @@ from torch import nn
 from .lamb import Lamb
 from .sgg import SGG
 
-__all__ = ["OPTIMIZER_NAMES", "SGG_OPTIONS", "build_optimizer", "param_groups_weight_decay"]
+__all__ = ["OPTIMIZER_NAMES", "SGG_OPTIONS", "build_optimizer", "check_optimizer_options", "param_groups_weight_decay"]
 
 
 def _adafactor():
@@ -58,6 +58,33 @@ def _base_options(cls) -> set[str]:
     return {n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "params")}
 
 
+def check_optimizer_options(name: str, options: dict) -> tuple[str, type, bool, dict]:
+    """Validate an optimizer name and its options without building it.
+
+    Returns (base name, base class, whether SGG wraps it, options with YAML lists
+    turned into tuples). Used by build_optimizer and by config validation, so a
+    bad key fails before any model is loaded.
+    """
+    if not isinstance(name, str) or name.lower() not in OPTIMIZER_NAMES:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZER_NAMES)}")
+    name = name.lower()
+    base_name, wrap = (name[: -len("_sgg")], True) if name.endswith("_sgg") else (name, False)
+    cls = _BASES[base_name][0]()
+    base_keys = _base_options(cls) - {"lr"}
+    valid = base_keys | (set(SGG_OPTIONS) if wrap else set())
+    unknown = sorted(set(options) - valid - {"lr"})
+    if unknown:
+        hint = " (SGG options need a *_sgg optimizer name)" if set(unknown) & set(SGG_OPTIONS) else ""
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for optimizer {name!r}{hint}; "
+                         f"valid options: lr, {', '.join(sorted(valid))}")
+    lr = options.get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0):
+        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+    # YAML has no tuples: pairs such as betas, eps and scale_bounds arrive as lists.
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    return base_name, cls, wrap, options
+
+
 def build_optimizer(model_or_params: nn.Module | Iterable, name: str, *, lr: float | None = None,
                     **kwargs) -> torch.optim.Optimizer:
     """Build ``name`` (one of :data:`OPTIMIZER_NAMES`) over a model or parameters.
@@ -67,25 +94,10 @@ def build_optimizer(model_or_params: nn.Module | Iterable, name: str, *, lr: flo
     projector group can carry its own ``lr``). ``*_sgg`` names wrap the base in
     :class:`SGG` and also take its options (``sgg_eps`` for SGG's eps).
     """
-    if not isinstance(name, str) or name.lower() not in OPTIMIZER_NAMES:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZER_NAMES)}")
-    name = name.lower()
-    base_name, wrap = (name[: -len("_sgg")], True) if name.endswith("_sgg") else (name, False)
-    make_cls, defaults = _BASES[base_name]
-    cls = make_cls()
-
+    base_name, cls, wrap, kwargs = check_optimizer_options(name, {**kwargs, "lr": lr})
+    lr = kwargs.pop("lr")
     base_keys = _base_options(cls) - {"lr"}
-    valid = base_keys | (set(SGG_OPTIONS) if wrap else set())
-    unknown = sorted(set(kwargs) - valid)
-    if unknown:
-        hint = " (SGG options need a *_sgg optimizer name)" if set(unknown) & set(SGG_OPTIONS) else ""
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for optimizer {name!r}{hint}; "
-                         f"valid options: lr, {', '.join(sorted(valid))}")
-    if lr is not None and (not isinstance(lr, (int, float)) or lr < 0):
-        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-    # YAML has no tuples: pairs such as betas, eps and scale_bounds arrive as lists.
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    base_kwargs = {**defaults, **{k: v for k, v in kwargs.items() if k in base_keys}}
+    base_kwargs = {**_BASES[base_name][1], **{k: v for k, v in kwargs.items() if k in base_keys}}
     if base_name == "adafactor" and lr is None and not base_kwargs["relative_step"]:
         raise ValueError("adafactor needs lr (or relative_step=True for its own schedule)")
     if lr is not None:

@@ -1,0 +1,297 @@
+"""LLaVA's instruction data: loading with every problem reported, and the SFT dataset.
+
+The file format is official LLaVA's (``llava_v1_5_mix665k.json``): a JSON list,
+or JSON Lines with one sample per line, of
+
+    {"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
+                       {"from": "gpt", "value": "The bus in the image is white and red."}, ...]}
+
+``image`` is optional (text-only samples, e.g. ShareGPT). Official LLaVA reads it
+unchecked and fails, or silently trains at loss 0, hours into a run; here the
+whole file is checked, and every sample tokenized, before training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .conversation import get_template
+from .errors import DataError
+from .image import IMAGE_ASPECT_RATIOS, load_image, process_image
+from .tokenization import EncodedConversation, check_tokenizer, encode_conversation, move_image_to_front
+
+__all__ = ["LlavaSFTDataset", "Sample", "load_llava_json"]
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("human", "gpt")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One validated sample: (human, gpt) turns as in the file, and where it came from."""
+
+    id: str | int
+    turns: tuple[tuple[str, str], ...]
+    image: str | None
+    where: str  # "train.jsonl:58" (file and line) or "train.json[57]" (file and 0-based list index)
+
+    @property
+    def name(self) -> str:
+        """How errors name the sample: file, line or index, and id."""
+        return f"{self.where} (id {self.id!r})"
+
+
+def _read_records(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
+    """(where, record) for every sample in a JSON list or a JSON Lines file, and per-line syntax problems."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the data file ({e.strerror or e})") from e
+
+    if path.suffix.lower() == ".jsonl":
+        records, problems = [], []
+        for lineno, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path}:{lineno}", json.loads(line.decode("utf-8"))))
+            except UnicodeDecodeError as e:
+                problems.append(f"{path}:{lineno}: not UTF-8 (byte {e.start + 1} of the line)")
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{lineno}: invalid JSON at column {e.colno}: {e.msg}")
+        return records, problems
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = " (one sample per line is JSON Lines: name the file .jsonl)" if e.msg == "Extra data" else ""
+        raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}{hint}") from e
+    if not isinstance(data, list):
+        raise DataError(f"{path}: the top level must be a list of samples, got a JSON {type(data).__name__}")
+    return [(f"{path}[{i}]", record) for i, record in enumerate(data)], []
+
+
+def _parse_sample(record, where: str, image_token: str) -> tuple[Sample | None, list[str]]:
+    """A :class:`Sample` from one record, or None and every problem found in it."""
+    if not isinstance(record, dict):
+        return None, [f"{where}: a sample must be a JSON object, got {type(record).__name__}"]
+    problems = []
+    sample_id = record.get("id")
+    id_ok = isinstance(sample_id, (str, int)) and not isinstance(sample_id, bool) and sample_id != ""
+    name = f"{where} (id {sample_id!r})" if id_ok else where
+
+    def problem(message):
+        problems.append(f"{name}: {message}")
+
+    if "id" not in record:
+        problem("missing 'id'")
+    elif not id_ok:
+        problem(f"'id' must be a non-empty string or an integer, got {sample_id!r}")
+
+    image = record.get("image")
+    if "image" in record and not (isinstance(image, str) and image.strip()):
+        problem(f"'image' must be a path relative to the image folder (leave the key out for a text-only "
+                f"sample), got {image!r}")
+
+    turns = record.get("conversations")
+    if "conversations" not in record:
+        problem("missing 'conversations'")
+        return None, problems
+    if not isinstance(turns, list) or not turns:
+        problem(f"'conversations' must be a non-empty list of turns, got {turns!r:.80}")
+        return None, problems
+
+    values = []
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            problem(f"turn {j + 1} must be an object with 'from' and 'value', got {turn!r:.80}")
+            return None, problems
+        role, value, expected = turn["from"], turn["value"], ROLES[j % 2]
+        if role not in ROLES:
+            problem(f"turn {j + 1}: 'from' must be 'human' or 'gpt', got {role!r}")
+            return None, problems
+        if role != expected:
+            problem(f"turn {j + 1} is from {role!r} where {expected!r} was expected: turns must alternate "
+                    "human, gpt, human, gpt, ... starting with human")
+            return None, problems
+        if not isinstance(value, str):
+            problem(f"turn {j + 1} ({role}): 'value' must be a string, got {type(value).__name__}")
+        elif not value.strip():
+            # Official get_prompt() drops the separator after an empty message, gluing turns together.
+            problem(f"turn {j + 1} ({role}) is empty")
+        values.append(value if isinstance(value, str) else "")
+    if len(values) % 2:
+        problem(f"the last turn (turn {len(values)}) is from 'human'; a conversation must end with a 'gpt' answer")
+
+    placeholders = sum(v.count(image_token) for v in values)
+    if "image" in record and placeholders != 1:
+        problem(f"has an image but {placeholders} {image_token!r} placeholders; exactly one is needed")
+    if "image" not in record and placeholders:
+        problem(f"has {placeholders} {image_token!r} placeholder(s) but no 'image'")
+    for j in range(1, len(values), 2):
+        if image_token in values[j]:
+            problem(f"turn {j + 1} (gpt) contains {image_token!r}; the placeholder belongs in a human turn")
+
+    if problems:
+        return None, problems
+    pairs = tuple((values[j], values[j + 1]) for j in range(0, len(values), 2))
+    return Sample(sample_id, pairs, image, where), []
+
+
+def load_llava_json(path: str | os.PathLike, *, image_token: str = "<image>") -> list[Sample]:
+    """Every sample of a LLaVA JSON list (or ``.jsonl`` file), validated.
+
+    Checks that turns alternate human/gpt starting with human and ending with
+    gpt, that no turn is empty, that ids are present and unique, and that a
+    sample with an ``image`` has exactly one ``image_token`` placeholder (in a
+    human turn) and one without has none. Every problem in the file is
+    collected and raised as one :class:`DataError` (count, then the first 20,
+    each naming file, line or index, and id); nothing is dropped silently.
+    """
+    path = Path(path)
+    records, problems = _read_records(path)
+    samples, seen = [], {}
+    for where, record in records:
+        sample, found = _parse_sample(record, where, image_token)
+        problems += found
+        if sample is None:
+            continue
+        first = seen.setdefault(str(sample.id), sample)
+        if first is not sample:
+            problems.append(f"{sample.name}: duplicate id; first used at {first.where}")
+        samples.append(sample)
+    if problems:
+        raise DataError.from_problems(f"{path} ({len(records)} samples)", problems)
+    if not samples:
+        raise DataError(f"{path}: no samples")
+    return samples
+
+
+class LlavaSFTDataset(Dataset):
+    """LLaVA-v1.5 supervised fine-tuning samples: token ids, labels and the image.
+
+    At construction the file is loaded and validated (:func:`load_llava_json`),
+    every image file is checked to exist, and every sample is tokenized, so a bad
+    sample stops the run before training rather than during it. ``validate=False``
+    skips the image check and the tokenization (for a file already checked);
+    ``lengths`` are then an estimate (words, plus ``num_image_tokens``).
+
+    An item is ``{"input_ids", "labels", "pixel_values" (only with an image), "id"}``.
+    ``num_image_tokens`` comes from the model config (576 for LLaVA-1.5's CLIP
+    ViT-L/14 at 336 px); ``image_aspect_ratio`` is ``"pad"`` (LLaVA-1.5),
+    ``"crop"`` or ``"resize"`` (see :mod:`llava_sgg.data.image`).
+    """
+
+    def __init__(self, data_path: str | os.PathLike, image_folder: str | os.PathLike | None, tokenizer,
+                 image_processor=None, *, num_image_tokens: int, model_max_length: int,
+                 image_token: str = "<image>", image_aspect_ratio: str = "pad", template: str = "vicuna_v1",
+                 validate: bool = True):
+        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"unknown image_aspect_ratio {image_aspect_ratio!r}; "
+                             f"choose one of: {', '.join(IMAGE_ASPECT_RATIOS)}")
+        if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
+            raise ValueError(f"num_image_tokens must be a positive integer, got {num_image_tokens!r}")
+        if not isinstance(model_max_length, int) or model_max_length < 1:
+            raise ValueError(f"model_max_length must be a positive integer, got {model_max_length!r}")
+        self.template = get_template(template)
+        self.image_token_id = check_tokenizer(tokenizer, image_token)
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.num_image_tokens, self.model_max_length = num_image_tokens, model_max_length
+        self.image_token, self.image_aspect_ratio = image_token, image_aspect_ratio
+
+        self.samples = load_llava_json(data_path, image_token=image_token)
+        n_images = sum(s.image is not None for s in self.samples)
+        if n_images and (self.image_folder is None or image_processor is None):
+            raise ValueError(f"{data_path}: {n_images} samples have images; pass image_folder and image_processor")
+        if validate:
+            self._check_images_exist(data_path)
+            self._lengths = self._tokenize_all(data_path)
+        else:
+            self._lengths = [sum(len(v.split()) for turn in s.turns for v in turn)
+                             + (num_image_tokens if s.image else 0) for s in self.samples]
+
+    def _image_path(self, sample: Sample) -> Path:
+        return self.image_folder / sample.image
+
+    def _check_images_exist(self, data_path) -> None:
+        missing = [f"{s.name}: image not found: {self._image_path(s)}" for s in self.samples
+                   if s.image is not None and not self._image_path(s).is_file()]
+        if missing:
+            raise DataError.from_problems(f"{data_path}: {len(missing)} missing image files under "
+                                          f"{self.image_folder}", missing)
+
+    def _encode(self, sample: Sample) -> EncodedConversation:
+        turns = move_image_to_front(sample.turns, self.image_token) if sample.image else sample.turns
+        try:
+            return encode_conversation(turns, self.tokenizer, model_max_length=self.model_max_length,
+                                       num_image_tokens=self.num_image_tokens, image_token=self.image_token,
+                                       template=self.template)
+        except DataError as e:
+            raise DataError(f"{sample.name}: {e}") from e
+
+    def _tokenize_all(self, data_path) -> list[int]:
+        lengths, problems, truncated = [], [], 0
+        for sample in tqdm(self.samples, desc=f"Tokenizing {Path(data_path).name}", unit=" samples"):
+            try:
+                encoded = self._encode(sample)
+            except DataError as e:
+                problems.append(str(e))
+                lengths.append(0)
+                continue
+            lengths.append(len(encoded.input_ids))
+            truncated += encoded.truncated
+        if problems:
+            raise DataError.from_problems(f"{data_path}: {len(problems)} samples cannot be trained on", problems)
+        if truncated:
+            # As officially, a truncated answer is trained up to the cut (without its EOS).
+            logger.warning("%s: %d of %d samples are longer than model_max_length=%d and are truncated",
+                           data_path, truncated, len(self.samples), self.model_max_length)
+        return lengths
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per sample, image tokens included, after truncation."""
+        return list(self._lengths)
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """``lengths`` with text-only samples negative, for :class:`ModalityLengthGroupedSampler`.
+
+        Official LLaVA counts words here and leaves the image out; tokens are
+        what memory and padding are made of.
+        """
+        return [n if s.image is not None else -n for n, s in zip(self._lengths, self.samples)]
+
+    def __getitem__(self, i: int) -> dict:
+        sample = self.samples[i]
+        encoded = self._encode(sample)
+        item = {"input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
+                "labels": torch.tensor(encoded.labels, dtype=torch.long), "id": sample.id}
+        if sample.image is not None:
+            path = self._image_path(sample)
+            try:
+                image = load_image(path)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise DataError(f"{sample.name}: cannot read image {path}: {e}") from e
+            item["pixel_values"] = process_image(image, self.image_processor, self.image_aspect_ratio)
+        return item

@@ -1,0 +1,215 @@
+"""Compose LLaVA-v1.5 from its three parts on transformers' native LlavaForConditionalGeneration.
+
+The vision tower (HF CLIP, open_clip converted to HF CLIP, or a config), the
+`mlp2x_gelu` connector (LlavaMultiModalProjector: Linear, GELU, Linear) and a
+Llama-architecture decoder are assembled into one HF Llava model, so every
+checkpoint this project writes is a plain transformers checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    CLIPImageProcessor,
+    CLIPVisionModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    LlamaForCausalLM,
+)
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from . import tiny
+
+TINY = "tiny"
+OPEN_CLIP_PREFIX = "open_clip:"
+PROJECTOR_TYPES = ("mlp2x_gelu",)
+QUANTIZATIONS = (None, "8bit", "4bit")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SPEC_FILE = "llava_sgg_model.json"
+
+
+class ModelError(ValueError):
+    """A model part that cannot be found or does not fit."""
+
+
+@dataclass
+class ModelConfig:
+    """Where each part of LLaVA comes from. Paths are local folders or ids already in the HF cache."""
+
+    vision_tower: str = "openai/clip-vit-large-patch14-336"  # HF CLIP | "open_clip:<model>[/<pretrained>]" | "tiny"
+    language_model: str = "lmsys/vicuna-7b-v1.5"  # Llama-architecture causal LM | "tiny"
+    gguf_file: str | None = None  # load the decoder from this GGUF file inside language_model's folder
+    mm_projector: str | None = None  # stage-1 projector: mm_projector.bin (official release) or .safetensors
+    mm_projector_type: str = "mlp2x_gelu"
+    vision_feature_layer: int = -2
+    image_token: str = "<image>"
+    quantization: str | None = None  # None | "8bit" | "4bit" (nf4), for the decoder only
+    torch_dtype: str = "float32"
+    local_files_only: bool = True  # never reach for the hub unless asked
+
+    def __post_init__(self):
+        if self.mm_projector_type not in PROJECTOR_TYPES:
+            raise ModelError(f"mm_projector_type must be one of {PROJECTOR_TYPES}, got {self.mm_projector_type!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ModelError(f"quantization must be one of none, 8bit, 4bit; got {self.quantization!r}")
+        if self.torch_dtype not in DTYPES:
+            raise ModelError(f"torch_dtype must be one of {', '.join(DTYPES)}; got {self.torch_dtype!r}")
+
+
+def _hub_kwargs(cfg: ModelConfig) -> dict:
+    return {"local_files_only": cfg.local_files_only}
+
+
+def _missing(part: str, name: str, error: Exception) -> ModelError:
+    return ModelError(f"{part} {name!r} could not be loaded: not a local folder and not in the Hugging Face cache "
+                      f"(local_files_only={True}). ({type(error).__name__}: {error})")
+
+
+def load_vision_tower(cfg: ModelConfig) -> tuple[CLIPVisionModel, CLIPImageProcessor]:
+    name = cfg.vision_tower
+    if name == TINY:
+        config = tiny.tiny_vision_config()
+        processor = CLIPImageProcessor(size={"shortest_edge": config.image_size},
+                                       crop_size={"height": config.image_size, "width": config.image_size})
+        return CLIPVisionModel(config), processor
+    if name.startswith(OPEN_CLIP_PREFIX):
+        from .open_clip_tower import clip_vision_from_open_clip
+
+        return clip_vision_from_open_clip(name[len(OPEN_CLIP_PREFIX):])
+    try:
+        tower = CLIPVisionModel.from_pretrained(name, **_hub_kwargs(cfg))
+        processor = CLIPImageProcessor.from_pretrained(name, **_hub_kwargs(cfg))
+    except (OSError, ValueError) as error:
+        raise _missing("vision_tower", name, error) from error
+    return tower, processor
+
+
+def load_language_model(cfg: ModelConfig):
+    """The decoder and its tokenizer, the decoder quantized when asked."""
+    name = cfg.language_model
+    if name == TINY:
+        if cfg.quantization:
+            raise ModelError("a quantized decoder is loaded from a checkpoint: save the tiny decoder first")
+        return LlamaForCausalLM(tiny.tiny_text_config()), tiny.tiny_tokenizer()
+    kwargs = {**_hub_kwargs(cfg), "dtype": DTYPES[cfg.torch_dtype]}
+    if cfg.gguf_file:
+        kwargs["gguf_file"] = cfg.gguf_file
+    if cfg.quantization:
+        kwargs["quantization_config"] = quantization_config(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **{k: v for k, v in kwargs.items()
+                                                           if k in ("local_files_only", "gguf_file")})
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as error:
+        raise _missing("language_model", name, error) from error
+    if not (hasattr(model, "model") and hasattr(model, "lm_head")):
+        raise ModelError(f"language_model {name!r} ({type(model).__name__}) is not a decoder with .model and .lm_head")
+    return model, tokenizer
+
+
+def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig:
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = DTYPES[cfg.torch_dtype] if cfg.torch_dtype != "float32" else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def _ensure_image_token(tokenizer, decoder, image_token: str) -> int:
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
+    if tokenizer.pad_token is None:
+        # LLaVA v1 pads with unk (Vicuna has no pad token); else fall back to EOS.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    old = decoder.get_input_embeddings().num_embeddings
+    if len(tokenizer) > old:
+        # New rows (the image token) start at the mean of the old ones, deterministically, so a
+        # LoRA base rebuilt from its spec at load time is the base that was trained.
+        decoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for embedding in {decoder.get_input_embeddings(), decoder.get_output_embeddings()}:
+                if embedding is not None:
+                    embedding.weight[old:] = embedding.weight[:old].mean(dim=0)
+    return tokenizer.convert_tokens_to_ids(image_token)
+
+
+def load_mm_projector(projector: LlavaMultiModalProjector, path: str | os.PathLike) -> None:
+    """Load LLaVA's stage-1 projector (keys model.mm_projector.{0,2}.{weight,bias}) into the connector."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"mm_projector file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    renamed = {}
+    for key, value in state.items():
+        short = key.split("mm_projector.")[-1]  # accept model.mm_projector.0.weight and mm_projector.0.weight
+        index, _, leaf = short.partition(".")
+        target = {"0": "linear_1", "2": "linear_2"}.get(index)
+        if "mm_projector." not in key or target is None:
+            raise ModelError(f"{path}: unexpected key {key!r}; expected model.mm_projector.{{0,2}}.{{weight,bias}}")
+        renamed[f"{target}.{leaf}"] = value
+    expected = {name: p.shape for name, p in projector.state_dict().items()}
+    if set(renamed) != set(expected):
+        raise ModelError(f"{path}: keys {sorted(renamed)} do not match the connector's {sorted(expected)}")
+    for name, value in renamed.items():
+        if value.shape != expected[name]:
+            raise ModelError(f"{path}: {name} has shape {tuple(value.shape)}, the connector needs "
+                             f"{tuple(expected[name])} (vision or decoder size differs from the projector's)")
+    projector.load_state_dict({k: v.to(projector.linear_1.weight.dtype) for k, v in renamed.items()})
+
+
+def build_llava(cfg: ModelConfig):
+    """Assemble (model, processor). The vision tower is frozen; connector and decoder are trainable."""
+    tower, image_processor = load_vision_tower(cfg)
+    decoder, tokenizer = load_language_model(cfg)
+    image_token_id = _ensure_image_token(tokenizer, decoder, cfg.image_token)
+    vision_config = tower.config
+    num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision_config.to_dict(), text_config=decoder.config.to_dict(), image_token_id=image_token_id,
+        projector_hidden_act="gelu", vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy="default",  # drop CLS, as LLaVA's "patch" features
+        image_seq_length=num_patches, multimodal_projector_bias=True,
+        tie_word_embeddings=getattr(decoder.config, "tie_word_embeddings", False),
+    )
+    dtype = DTYPES[cfg.torch_dtype]
+    # Build the shell without allocating, then put the loaded parts in (composition, not a fork).
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = tower.to(dtype).requires_grad_(False)
+    model.model.language_model = decoder.model
+    model.lm_head = decoder.lm_head
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)
+    if getattr(decoder, "hf_quantizer", None) is not None:
+        model.hf_quantizer = decoder.hf_quantizer
+        model.is_quantized = True
+        model.config.quantization_config = decoder.config.quantization_config
+    if cfg.mm_projector:
+        load_mm_projector(model.model.multi_modal_projector, cfg.mm_projector)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=vision_config.patch_size, vision_feature_select_strategy="default",
+                               image_token=cfg.image_token, num_additional_image_tokens=1)
+    return model, processor
+
+
+def save_spec(cfg: ModelConfig, folder: str | os.PathLike) -> None:
+    Path(folder, SPEC_FILE).write_text(json.dumps(asdict(cfg), indent=1))
+
+
+def read_spec(folder: str | os.PathLike) -> ModelConfig:
+    data = json.loads(Path(folder, SPEC_FILE).read_text())
+    known = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in data.items() if k in known})

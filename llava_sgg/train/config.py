@@ -1,0 +1,236 @@
+"""Run configuration: YAML files -> dataclasses, validated once here.
+
+A run config has four sections, ``model``, ``data``, ``train`` and ``optimizer``.
+Files compose: a file may list others under ``include:`` (paths relative to
+it, merged first), several ``--config`` files merge in order, ``--optim FILE``
+replaces the optimizer section, and ``--set section.key=value`` overrides last
+(the value is parsed as YAML). Unknown keys are errors that name the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..model.builder import ModelConfig, ModelError
+from ..optim import check_optimizer_options
+
+MODES = ("full", "lora", "qlora")
+ASPECT_RATIOS = ("pad", "resize", "crop")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the file and key."""
+
+
+@dataclass
+class DataConfig:
+    data_path: str = ""  # LLaVA JSON / JSONL
+    image_folder: str = ""  # image paths in the data are relative to this folder
+    image_aspect_ratio: str = "pad"  # pad | resize | crop
+    model_max_length: int = 2048
+    template: str = "vicuna_v1"
+    group_by_modality_length: bool = True
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/llava-sgg"
+    mode: str = "full"  # full | lora | qlora
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    mm_projector_lr: float | None = None  # None: the optimizer's lr
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    gradient_checkpointing: bool = True
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    logging_steps: int = 1
+    save_steps: int = 50000
+    save_total_limit: int = 1
+    seed: int = 42
+    dataloader_num_workers: int = 0
+    report_to: str = "none"
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "last" for the newest in output_dir
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "adamw", "lr": 2e-5})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `2e-5` (no dot) as a string; learning rates are written that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = _yaml(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file is a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _check_keys(data: dict, origin: str) -> None:
+    for section, values in data.items():
+        if section == "optimizer":
+            if not isinstance(values, dict):
+                raise ConfigError(f"{origin}: optimizer must be a mapping")
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(f"{origin}: unknown section {section!r}; valid: include, "
+                              f"{', '.join(SECTIONS)}, optimizer")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping")
+        valid = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        for key in values:
+            if key not in valid:
+                raise ConfigError(f"{origin}: unknown key {section}.{key}; valid keys: {', '.join(valid)}")
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if key == "optimizer":
+            out[key] = dict(value)  # an optimizer section replaces the whole previous one
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_file(path: str | Path, _seen: tuple = ()) -> dict:
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: include cycle through {' -> '.join(map(str, _seen))}")
+    data = _read_yaml(path)
+    includes = data.pop("include", []) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for include in includes:
+        merged = _merge(merged, load_file(path.parent / include, _seen + (path,)))
+    _check_keys(data, str(path))
+    return _merge(merged, data)
+
+
+def parse_override(text: str) -> dict:
+    """``section.key=value`` -> {section: {key: value}} with the value parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.max_steps=10")
+    try:
+        value = _yaml(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None
+    override = {parts[0]: {parts[1]: value}}
+    if parts[0] != "optimizer":
+        _check_keys(override, f"--set {text}")
+    return override
+
+
+def build_run_config(data: dict, origin: str = "config") -> RunConfig:
+    """Turn a merged mapping into a validated RunConfig."""
+    _check_keys(data, origin)
+    try:
+        model = ModelConfig(**data.get("model", {}))
+    except ModelError as error:
+        raise ConfigError(f"{origin}: model: {error}") from None
+    cfg = RunConfig(model=model, data=DataConfig(**data.get("data", {})), train=TrainConfig(**data.get("train", {})),
+                    optimizer=dict(data.get("optimizer", RunConfig().optimizer)))
+    _validate(cfg, origin)
+    return cfg
+
+
+def _validate(cfg: RunConfig, origin: str) -> None:
+    t, d = cfg.train, cfg.data
+    if t.mode not in MODES:
+        raise ConfigError(f"{origin}: train.mode must be one of {', '.join(MODES)}; got {t.mode!r}")
+    if t.mode == "qlora" and cfg.model.quantization is None:
+        raise ConfigError(f"{origin}: train.mode=qlora needs model.quantization 8bit or 4bit")
+    if t.mode != "qlora" and cfg.model.quantization is not None:
+        raise ConfigError(f"{origin}: model.quantization={cfg.model.quantization} trains only in train.mode=qlora")
+    if d.image_aspect_ratio not in ASPECT_RATIOS:
+        raise ConfigError(f"{origin}: data.image_aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}")
+    positive = {"train.per_device_train_batch_size": t.per_device_train_batch_size,
+                "train.gradient_accumulation_steps": t.gradient_accumulation_steps, "train.lora_r": t.lora_r,
+                "data.model_max_length": d.model_max_length, "train.logging_steps": t.logging_steps,
+                "train.save_steps": t.save_steps}
+    for key, value in positive.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{origin}: {key} must be an integer >= 1, got {value!r}")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"{origin}: train.warmup_ratio must be in [0, 1), got {t.warmup_ratio!r}")
+    if t.mm_projector_lr is not None and not (isinstance(t.mm_projector_lr, (int, float)) and t.mm_projector_lr >= 0):
+        raise ConfigError(f"{origin}: train.mm_projector_lr must be a number >= 0 or null")
+    if not 0 <= t.lora_dropout < 1:
+        raise ConfigError(f"{origin}: train.lora_dropout must be in [0, 1)")
+    options = dict(cfg.optimizer)
+    name = options.pop("name", None)
+    if name is None:
+        raise ConfigError(f"{origin}: optimizer.name is required")
+    try:
+        check_optimizer_options(name, options)
+    except ValueError as error:
+        raise ConfigError(f"{origin}: optimizer: {error}") from None
+
+
+def load_run_config(configs: list[str], optim: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    if not configs:
+        raise ConfigError("give at least one --config file")
+    merged: dict = {}
+    for path in configs:
+        merged = _merge(merged, load_file(path))
+    if optim is not None:
+        optim_data = load_file(optim)
+        if set(optim_data) != {"optimizer"}:
+            raise ConfigError(f"{optim}: an --optim file holds only an optimizer section")
+        merged = _merge(merged, optim_data)
+    for text in overrides or []:
+        override = parse_override(text)
+        if "optimizer" in override:
+            merged.setdefault("optimizer", {}).update(override["optimizer"])
+        else:
+            merged = _merge(merged, override)
+    return build_run_config(merged, origin=", ".join(configs))

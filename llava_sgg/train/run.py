@@ -1,0 +1,126 @@
+"""One fine-tuning run: model preparation per mode, the dataset, the Trainer, and the outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import yaml
+from torch import nn
+from transformers import TrainingArguments, set_seed
+
+from ..model.builder import build_llava, save_spec
+from .config import RunConfig
+from .trainer import PROJECTOR, LlavaTrainer
+
+
+def decoder_linear_names(model: nn.Module) -> list[str]:
+    """Every Linear of the decoder (LoRA targets, as LLaVA's find_all_linear_names; lm_head excluded)."""
+    decoder = model.model.language_model
+    prefix = "model.language_model."
+    return sorted(prefix + name for name, module in decoder.named_modules() if isinstance(module, nn.Linear))
+
+
+def prepare_model(cfg: RunConfig):
+    """(model, processor) ready to train in cfg.train.mode; the vision tower is always frozen."""
+    model, processor = build_llava(cfg.model)
+    t = cfg.train
+    if t.mode == "full":
+        return model, processor
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if t.mode == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, bias="none",
+                      target_modules=decoder_linear_names(model), modules_to_save=[PROJECTOR],
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    if t.gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings still need grads to flow to LoRA layers
+    return model, processor
+
+
+def _version_dependent(t) -> dict:
+    """TrainingArguments names that changed across the transformers versions we support."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a ratio) ...
+    out = {"warmup_ratio": t.warmup_ratio} if "warmup_ratio" in names else {"warmup_steps": t.warmup_ratio}
+    # ... and later renamed gradient checkpointing to activation checkpointing.
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    out[prefix] = t.gradient_checkpointing
+    out[f"{prefix}_kwargs"] = {"use_reentrant": False}
+    return out
+
+
+def training_arguments(cfg: RunConfig) -> TrainingArguments:
+    t = cfg.train
+    return TrainingArguments(**_version_dependent(t),
+        output_dir=t.output_dir, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=cfg.optimizer.get("lr", 2e-5),
+        lr_scheduler_type=t.lr_scheduler_type, max_grad_norm=t.max_grad_norm,
+        bf16=t.bf16, logging_steps=t.logging_steps,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit, seed=t.seed,
+        data_seed=t.seed, dataloader_num_workers=t.dataloader_num_workers, report_to=t.report_to,
+        remove_unused_columns=False,
+    )
+
+
+def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
+    from ..data import DataCollatorForLlava, LlavaSFTDataset
+
+    set_seed(cfg.train.seed)
+    model, processor = prepare_model(cfg)
+    config = model.config
+    d = cfg.data
+    dataset = LlavaSFTDataset(d.data_path, d.image_folder, processor.tokenizer, processor.image_processor,
+                              num_image_tokens=config.image_seq_length, image_token=cfg.model.image_token,
+                              image_aspect_ratio=d.image_aspect_ratio, model_max_length=d.model_max_length,
+                              template=d.template)
+    trainer = LlavaTrainer(
+        model=model, args=training_arguments(cfg), train_dataset=dataset,
+        data_collator=DataCollatorForLlava(processor.tokenizer.pad_token_id),
+        optimizer_config=cfg.optimizer, mm_projector_lr=cfg.train.mm_projector_lr,
+        modality_lengths=dataset.modality_lengths if d.group_by_modality_length else None,
+    )
+    return trainer, processor
+
+
+def save_outputs(trainer: LlavaTrainer, processor, cfg: RunConfig) -> Path:
+    """HF checkpoint (or PEFT adapter + connector), processor, base-model spec, run config, loss plot."""
+    output = Path(cfg.train.output_dir)
+    trainer.save_model(str(output))
+    # Trainer also pickles its TrainingArguments there; the run is recorded as YAML instead,
+    # so the output folder holds nothing that needs unpickling.
+    (output / "training_args.bin").unlink(missing_ok=True)
+    processor.save_pretrained(output)
+    save_spec(cfg.model, output)
+    (output / "llava_sgg_run.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    history = [row for row in trainer.state.log_history if "loss" in row]
+    (output / "loss_history.json").write_text(json.dumps(history, indent=1))
+    if history:
+        plot_loss(history, output / "loss_curve.png", title=f"{cfg.train.mode} / {cfg.optimizer['name']}")
+    return output
+
+
+def plot_loss(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([row["step"] for row in history], [row["loss"] for row in history], marker=".")
+    ax.set(xlabel="step", ylabel="training loss", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train(cfg: RunConfig) -> Path:
+    trainer, processor = build_trainer(cfg)
+    resume = cfg.train.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    return save_outputs(trainer, processor, cfg)

@@ -1,0 +1,79 @@
+"""transformers' Trainer, with the optimizer from build_optimizer and LLaVA's modality-grouped sampling.
+
+Everything else (the loop, accumulation, clipping, mixed precision, logging,
+checkpointing, resuming, multi-GPU launch) is Trainer's own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+from transformers import LlavaForConditionalGeneration, Trainer
+
+from ..optim import build_optimizer
+
+PROJECTOR = "multi_modal_projector"
+
+
+def llava_param_groups(model: nn.Module, lr: float, weight_decay: float, mm_projector_lr: float | None) -> list[dict]:
+    """Trainable parameters grouped by (projector or not) x (decayed or not).
+
+    LLaVA trains the connector at its own learning rate (mm_projector_lr);
+    biases and norm weights never get weight decay.
+    """
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        projector = PROJECTOR in name and mm_projector_lr is not None
+        decay = p.ndim >= 2 and not name.endswith(".bias")
+        groups.setdefault((projector, decay), []).append(p)
+    return [{"params": params, "lr": mm_projector_lr if projector else lr,
+             "weight_decay": weight_decay if decay else 0.0}
+            for (projector, decay), params in sorted(groups.items())]
+
+
+class LlavaTrainer(Trainer):
+    """Trainer whose optimizer is any :func:`build_optimizer` name, SGG ones included."""
+
+    def __init__(self, *args, optimizer_config: dict, mm_projector_lr: float | None = None,
+                 modality_lengths: list[int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.optimizer_config = dict(optimizer_config)
+        self.mm_projector_lr = mm_projector_lr
+        self.modality_lengths = modality_lengths
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            options = dict(self.optimizer_config)
+            name = options.pop("name")
+            lr = options.pop("lr", self.args.learning_rate)
+            weight_decay = options.pop("weight_decay", 0.0)
+            groups = llava_param_groups(model or self.model, lr, weight_decay, self.mm_projector_lr)
+            self.optimizer = build_optimizer(groups, name, lr=lr, **options)
+        return self.optimizer
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # transformers writes Llava checkpoints in the legacy key layout (language_model.model.*)
+        # and maps them back in from_pretrained, but Trainer's resume loads the raw state dict
+        # with strict=False, so a full-model resume would silently keep the fresh weights.
+        # Load through from_pretrained instead, and insist on every key.
+        model = model if model is not None else self.model
+        folder = Path(resume_from_checkpoint)
+        plain = isinstance(model, LlavaForConditionalGeneration) and not self.is_deepspeed_enabled \
+            and not self.is_fsdp_enabled
+        if not (plain and (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        loaded = LlavaForConditionalGeneration.from_pretrained(folder, dtype=model.dtype)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.modality_lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        from ..data import ModalityLengthGroupedSampler
+
+        # As the official LLaVA trainer: megabatches span every rank and accumulation step.
+        return ModalityLengthGroupedSampler(
+            self.modality_lengths, batch_size=self.args.train_batch_size,
+            world_size=self.args.world_size * self.args.gradient_accumulation_steps, seed=self.args.seed)

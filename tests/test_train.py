@@ -1,0 +1,200 @@
+"""Training LLaVA end to end on tiny parts: every mode with every optimizer, outputs, resume, merge."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava_sgg.model.builder import ModelConfig, ModelError, build_llava, load_mm_projector
+from llava_sgg.model.loading import load_trained, merge_lora
+from llava_sgg.optim import OPTIMIZER_NAMES
+from llava_sgg.train.config import ConfigError, build_run_config, load_run_config
+from llava_sgg.train.run import build_trainer, save_outputs, train
+from train_fixtures import make_dataset, make_parts, tiny_run
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava")
+    return make_parts(root), make_dataset(root)
+
+
+def _optimizer(name: str) -> dict:
+    options = {"name": name, "lr": 1e-3}
+    if name.endswith("_sgg"):
+        options.update(recluster_interval=1, beta3=0.5)  # the scaled path runs from step 1
+    return options
+
+
+def _snapshot(model):
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_one_training_step_in_every_mode_with_every_optimizer(assets, tmp_path, mode, name):
+    parts, data = assets
+    trainer, _ = build_trainer(tiny_run(parts, data, tmp_path, mode, _optimizer(name)))
+    model = trainer.model
+    before = _snapshot(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    after = _snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and changed <= trainable, sorted(changed - trainable)[:5]
+    assert not any("vision_tower" in n for n in changed)
+    assert any("multi_modal_projector" in n for n in changed)
+    if mode == "full":
+        assert any("language_model" in n for n in changed)
+    else:
+        assert all("lora_" in n or "multi_modal_projector" in n for n in changed)
+        assert any("lora_" in n for n in changed)
+    if name.endswith("_sgg"):
+        assert trainer.optimizer.optimizer.global_mda is not None
+
+
+def test_projector_gets_its_own_learning_rate(assets, tmp_path):
+    parts, data = assets
+    trainer, _ = build_trainer(tiny_run(parts, data, tmp_path, "lora", {"name": "lamb_sgg", "lr": 2e-4},
+                                        mm_projector_lr=2e-5))
+    optimizer = trainer.create_optimizer()
+    by_lr = {}
+    names = {p: n for n, p in trainer.model.named_parameters()}
+    for group in optimizer.param_groups:
+        by_lr.setdefault(group["lr"], set()).update(names[p] for p in group["params"])
+    assert set(by_lr) == {2e-4, 2e-5}
+    assert all("multi_modal_projector" in n for n in by_lr[2e-5])
+    assert all("lora_" in n for n in by_lr[2e-4])
+
+
+def _logits(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_saved_output_loads_back_by_path_with_identical_logits(assets, tmp_path, mode):
+    parts, data = assets
+    cfg = tiny_run(parts, data, tmp_path / "out", mode, _optimizer("adamw_sgg"), max_steps=2)
+    trainer, processor = build_trainer(cfg)
+    trainer.train()
+    output = save_outputs(trainer, processor, cfg)
+    assert (output / "loss_curve.png").is_file()
+    assert list(output.glob("*.safetensors")) and not list(output.glob("*.bin"))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    loaded, loaded_processor = load_trained(output)
+    torch.testing.assert_close(_logits(loaded, batch), _logits(trainer.model, batch), rtol=0, atol=0)
+    assert loaded_processor.tokenizer.convert_tokens_to_ids("<image>") == trainer.model.config.image_token_id
+    if mode == "lora":
+        merged_folder = merge_lora(output, tmp_path / "merged")
+        from transformers import LlavaForConditionalGeneration
+
+        merged = LlavaForConditionalGeneration.from_pretrained(merged_folder)
+        torch.testing.assert_close(_logits(merged, batch), _logits(loaded, batch), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_resume_from_checkpoint_continues_the_same_run(assets, tmp_path, mode):
+    parts, data = assets
+    optimizer = {"name": "adamw_sgg", "lr": 1e-3, "recluster_interval": 2, "beta3": 0.5}
+    straight = tiny_run(parts, data, tmp_path / "a", mode, optimizer, max_steps=4, save_steps=2,
+                        save_total_limit=3, per_device_train_batch_size=1)
+    trainer_a, _ = build_trainer(straight)
+    trainer_a.train()
+    losses_a = [row["loss"] for row in trainer_a.state.log_history if "loss" in row]
+
+    resumed = tiny_run(parts, data, tmp_path / "b", mode, optimizer, max_steps=4, save_steps=2,
+                       save_total_limit=3, per_device_train_batch_size=1,
+                       resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    trainer_b, _ = build_trainer(resumed)
+    trainer_b.train(resume_from_checkpoint=resumed.train.resume_from_checkpoint)
+    losses_b = [row["loss"] for row in trainer_b.state.log_history if "loss" in row]
+    assert losses_b[-2:] == pytest.approx(losses_a[-2:], rel=1e-6)
+    for (n, p), q in zip(trainer_a.model.named_parameters(), trainer_b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=n)
+    sgg_a, sgg_b = trainer_a.optimizer.optimizer, trainer_b.optimizer.optimizer
+    assert sgg_a.global_mda == pytest.approx(sgg_b.global_mda)
+
+
+def test_stage1_projector_loads_into_the_connector(tmp_path):
+    model, _ = build_llava(ModelConfig(vision_tower="tiny", language_model="tiny"))
+    projector = model.model.multi_modal_projector
+    state = {"model.mm_projector.0.weight": torch.randn_like(projector.linear_1.weight),
+             "model.mm_projector.0.bias": torch.randn_like(projector.linear_1.bias),
+             "model.mm_projector.2.weight": torch.randn_like(projector.linear_2.weight),
+             "model.mm_projector.2.bias": torch.randn_like(projector.linear_2.bias)}
+    torch.save(state, tmp_path / "mm_projector.bin")
+    load_mm_projector(projector, tmp_path / "mm_projector.bin")
+    assert torch.equal(projector.linear_1.weight, state["model.mm_projector.0.weight"])
+    assert torch.equal(projector.linear_2.bias, state["model.mm_projector.2.bias"])
+    state["model.mm_projector.0.weight"] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "bad.bin")
+    with pytest.raises(ModelError, match="bad.bin: linear_1.weight has shape"):
+        load_mm_projector(projector, tmp_path / "bad.bin")
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="language_model '/nowhere/vicuna'"):
+        build_llava(ModelConfig(vision_tower="tiny", language_model="/nowhere/vicuna"))
+    with pytest.raises(ModelError, match="mm_projector file"):
+        build_llava(ModelConfig(vision_tower="tiny", language_model="tiny", mm_projector=str(tmp_path / "x.bin")))
+
+
+def test_config_files_compose_and_unknown_keys_are_errors(tmp_path):
+    cfg = load_run_config([str(ROOT / "configs" / "llava_v1_5_7b_lora.yaml")],
+                          optim=str(ROOT / "configs" / "optim" / "lamb_sgg.yaml"),
+                          overrides=["optimizer.lr=2e-4", "train.max_steps=3"])
+    assert cfg.train.mode == "lora" and cfg.train.lora_r == 128 and cfg.train.mm_projector_lr == 2e-5
+    assert cfg.optimizer["name"] == "lamb_sgg" and cfg.optimizer["lr"] == 2e-4 and cfg.optimizer["n_clusters"] == 2
+    assert cfg.model.vision_tower == "openai/clip-vit-large-patch14-336" and cfg.train.max_steps == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  learning_rate: 1e-3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key train.learning_rate; valid keys: output_dir"):
+        load_run_config([str(bad)])
+    with pytest.raises(ConfigError, match="unknown key data.path"):
+        load_run_config([str(ROOT / "configs" / "llava_v1_5_7b_full.yaml")], overrides=["data.path=x"])
+    with pytest.raises(ConfigError, match="optimizer: unknown option"):
+        load_run_config([str(ROOT / "configs" / "llava_v1_5_7b_full.yaml")], overrides=["optimizer.n_clusters=3"])
+    with pytest.raises(ConfigError, match="qlora needs model.quantization"):
+        build_run_config({"train": {"mode": "qlora"}})
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  mode: [full\n")
+    with pytest.raises(ConfigError, match="broken.yaml:3"):
+        load_run_config([str(broken)])
+
+
+def _tiny_config_file(tmp_path, assets) -> Path:
+    import yaml
+
+    parts, data = assets
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {**parts, "torch_dtype": "float32", "mm_projector": None},
+        "data": {**data, "model_max_length": 128},
+        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "lora_r": 4, "lora_alpha": 8,
+                  "gradient_checkpointing": False, "bf16": False, "warmup_ratio": 0.0},
+    }))
+    return path
+
+
+@pytest.mark.parametrize("script, optim", [("finetune_full.sh", "adamw_sgg"), ("finetune_lora.sh", "lamb_sgg"),
+                                           ("finetune_qlora.sh", "adafactor_sgg")])
+def test_finetune_scripts_train_a_tiny_model_end_to_end(assets, tmp_path, script, optim):
+    tiny = _tiny_config_file(tmp_path, assets)
+    env = {"NGPUS": "0", "GLOBAL_BATCH": "4", "PER_DEVICE": "2", "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    result = subprocess.run(["bash", str(ROOT / "scripts" / script), str(ROOT / "configs" / "optim" / f"{optim}.yaml"),
+                             "--config", str(tiny), "--set", "optimizer.recluster_interval=1"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = tmp_path / "out"
+    assert (output / "llava_sgg_run.yaml").is_file() and (output / "loss_curve.png").is_file()
+    model, _ = load_trained(output)
+    assert model is not None
