@@ -1,5 +1,6 @@
 """Training LLaVA end to end on tiny parts: every mode with every optimizer, outputs, resume, merge."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,8 @@ def test_finetune_scripts_train_a_tiny_model_end_to_end(assets, tmp_path, script
     env = {"NGPUS": "0", "GLOBAL_BATCH": "4", "PER_DEVICE": "2", "PATH": "/usr/bin:/bin",
            "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    if "PYTHONPATH" in os.environ:  # machines where the package runs from a source tree
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     result = subprocess.run(["bash", str(ROOT / "scripts" / script), str(ROOT / "configs" / "optim" / f"{optim}.yaml"),
                              "--config", str(tiny), "--set", "optimizer.recluster_interval=1"],
                             capture_output=True, text=True, env=env, timeout=300)
