@@ -75,8 +75,9 @@ def test_projector_gets_its_own_learning_rate(assets, tmp_path):
 
 def _logits(model, batch):
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        return model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits.cpu()
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -90,13 +91,14 @@ def test_saved_output_loads_back_by_path_with_identical_logits(assets, tmp_path,
     assert list(output.glob("*.safetensors")) and not list(output.glob("*.bin"))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     loaded, loaded_processor = load_trained(output)
+    loaded.to(trainer.model.device)
     torch.testing.assert_close(_logits(loaded, batch), _logits(trainer.model, batch), rtol=0, atol=0)
     assert loaded_processor.tokenizer.convert_tokens_to_ids("<image>") == trainer.model.config.image_token_id
     if mode == "lora":
         merged_folder = merge_lora(output, tmp_path / "merged")
         from transformers import LlavaForConditionalGeneration
 
-        merged = LlavaForConditionalGeneration.from_pretrained(merged_folder)
+        merged = LlavaForConditionalGeneration.from_pretrained(merged_folder).to(trainer.model.device)
         torch.testing.assert_close(_logits(merged, batch), _logits(loaded, batch), rtol=1e-4, atol=1e-4)
 
 
