@@ -203,3 +203,20 @@ def test_finetune_scripts_train_a_tiny_model_end_to_end(assets, tmp_path, script
     assert (output / "llava_sgg_run.yaml").is_file() and (output / "loss_curve.png").is_file()
     model, _ = load_trained(output)
     assert model is not None
+
+
+@pytest.mark.parametrize("mode, quantization", [("full", None), ("lora", None), ("qlora", "4bit")])
+def test_gradient_checkpointing_bf16_and_accumulation(assets, tmp_path, mode, quantization):
+    parts, data = assets
+    cfg = tiny_run(parts, data, tmp_path, mode, _optimizer("lamb_sgg"), gradient_checkpointing=True, bf16=True,
+                   gradient_accumulation_steps=2, max_steps=2)
+    if quantization:
+        cfg.model.quantization = quantization
+    trainer, _ = build_trainer(cfg)
+    before = _snapshot(trainer.model)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert trainer.state.global_step == 2
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach().float())]
+    assert any("multi_modal_projector" in n for n in changed)
+    assert trainer.model.is_gradient_checkpointing

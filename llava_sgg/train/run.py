@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
 import yaml
 from torch import nn
 from transformers import TrainingArguments, set_seed
@@ -65,6 +66,7 @@ def training_arguments(cfg: RunConfig) -> TrainingArguments:
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit, seed=t.seed,
         data_seed=t.seed, dataloader_num_workers=t.dataloader_num_workers, report_to=t.report_to,
         remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),  # lets bf16 run on a CPU-only machine
     )
 
 
