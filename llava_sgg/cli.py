@@ -34,6 +34,72 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_answers(path: str):
+    import torch
+
+    from .model.loading import load_trained
+
+    model, processor = load_trained(path)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    return model, processor
+
+
+def _generation_options(args) -> dict:
+    return {"template": args.conv_mode, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature, "image_aspect_ratio": args.image_aspect_ratio}
+
+
+def _answer(args: argparse.Namespace) -> int:
+    from .evaluation.generate import question_prompts, write_answers
+
+    prompts = question_prompts(args.question_file, args.image_folder, num_chunks=args.num_chunks,
+                               chunk_idx=args.chunk_idx)
+    model, processor = _load_for_answers(args.model)
+    path = write_answers(model, processor, prompts, args.answers_file, model_id=Path(args.model).name,
+                         **_generation_options(args))
+    print(f"wrote {path}")
+    return 0
+
+
+def _answer_mmbench(args: argparse.Namespace) -> int:
+    from .evaluation.generate import mmbench_prompts, write_answers
+
+    prompts = mmbench_prompts(args.question_file, all_rounds=args.all_rounds, lang=args.lang,
+                              num_chunks=args.num_chunks, chunk_idx=args.chunk_idx)
+    model, processor = _load_for_answers(args.model)
+    path = write_answers(model, processor, prompts, args.answers_file, model_id=Path(args.model).name,
+                         **_generation_options(args))
+    print(f"wrote {path}")
+    return 0
+
+
+def _answer_merge(args: argparse.Namespace) -> int:
+    from .evaluation.generate import merge_answer_files
+
+    print(f"wrote {merge_answer_files(args.inputs, args.output)}")
+    return 0
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="an output folder of `llava-sgg train` or any HF Llava folder")
+    parser.add_argument("--answers-file", required=True)
+    parser.add_argument("--conv-mode", default="vicuna_v1", help="conversation template")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the official evaluations")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-aspect-ratio", default="pad", choices=["pad", "resize", "crop"])
+    parser.add_argument("--num-chunks", type=int, default=1, help="split the questions for several GPUs")
+    parser.add_argument("--chunk-idx", type=int, default=0)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    run_demo(args.output, quick=args.quick, cache=args.cache)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -54,6 +120,35 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True, help="folder for the merged checkpoint")
     merge.set_defaults(func=_merge)
 
+    answer = commands.add_parser("answer", help="answer a LLaVA question jsonl (resumes an existing answers file)")
+    _add_generation_arguments(answer)
+    answer.add_argument("--question-file", required=True, help="jsonl of {question_id, image, text, category}")
+    answer.add_argument("--image-folder", default=".", help="image paths are relative to it")
+    answer.set_defaults(func=_answer)
+
+    mmbench = commands.add_parser("answer-mmbench", help="answer the official MMBench / MMBench-CN TSV")
+    _add_generation_arguments(mmbench)
+    mmbench.add_argument("--question-file", required=True, help="the official TSV (base64 images)")
+    mmbench.add_argument("--all-rounds", action="store_true", help="ask each question once per option rotation")
+    mmbench.add_argument("--lang", default="en", choices=["en", "cn"], help="cn: the Chinese answer instruction")
+    mmbench.set_defaults(func=_answer_mmbench)
+
+    merge_answers = commands.add_parser("answer-merge", help="concatenate chunk answer files")
+    merge_answers.add_argument("inputs", nargs="+")
+    merge_answers.add_argument("--output", required=True)
+    merge_answers.set_defaults(func=_answer_merge)
+
+    from .evaluation.registry import add_score_commands
+
+    score = commands.add_parser("score", help="score answers with a benchmark's official rules")
+    add_score_commands(score.add_subparsers(dest="benchmark", required=True))
+
+    demo = commands.add_parser("demo", help="offline: fine-tune a small LLaVA with AdamW and AdamW+SGG, evaluate, report")
+    demo.add_argument("--quick", action="store_true", help="a seconds-long version on tiny parts (used by the tests)")
+    demo.add_argument("--output", default="runs/demo", help="folder for models, answers, metrics, report and plots")
+    demo.add_argument("--cache", default=None, help="cache for data and model copies (default ~/.cache/llava-sgg)")
+    demo.set_defaults(func=_demo)
+
     example = commands.add_parser(
         "sgg-example", help="train a badly scaled toy network with each base optimizer and its SGG version")
     example.add_argument("--output", default="runs/sgg-example", help="folder for the plots and JSON")
@@ -68,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        result = args.func(args)
+        return result if isinstance(result, int) else 0  # scorers return their metrics
     except ValueError as error:  # ConfigError, DataError, ModelError: the message names the file and key
         print(f"llava-sgg {args.command}: {error}", file=sys.stderr)
         return 2

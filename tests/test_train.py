@@ -227,3 +227,14 @@ def test_gradient_checkpointing_bf16_and_accumulation(assets, tmp_path, mode, qu
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach().float())]
     assert any("multi_modal_projector" in n for n in changed)
     assert trainer.model.is_gradient_checkpointing
+
+
+def test_loss_on_trained_positions_only_equals_the_models_loss(assets, tmp_path):
+    parts, data = assets
+    trainer, _ = build_trainer(tiny_run(parts, data, tmp_path, "full"))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    model = trainer.model.eval()
+    with torch.no_grad():
+        expected = model(**batch).loss
+        got = trainer.compute_loss(model, batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -19,18 +19,18 @@ class AnswerFileError(ValueError):
     """An answers / questions / annotations file that cannot be scored as it is."""
 
 
-def _ids(ids: Iterable) -> str:
+def format_ids(ids: Iterable) -> str:
+    """The first SHOWN ids of a list, for an error message."""
     ids = list(ids)
     listed = ", ".join(map(repr, ids[:SHOWN]))
     return listed + (f", ... ({len(ids) - SHOWN} more)" if len(ids) > SHOWN else "")
 
 
-def read_jsonl(path: str | os.PathLike, *, id_key: str = "question_id") -> dict:
-    """{id: record} from a jsonl file; malformed lines and duplicated ids are errors naming lines and ids."""
-    path = Path(path)
+def _parse_jsonl(path: Path, required: tuple[str, ...]) -> tuple[list[dict], list[str]]:
+    """(records, problems): every line that is a JSON object with the required keys, and what is wrong with the rest."""
     if not path.is_file():
         raise AnswerFileError(f"{path} does not exist")
-    records, problems, duplicates = {}, [], []
+    records, problems = [], []
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -40,18 +40,52 @@ def read_jsonl(path: str | os.PathLike, *, id_key: str = "question_id") -> dict:
             except json.JSONDecodeError as error:
                 problems.append(f"line {line_number}: not JSON ({error.msg})")
                 continue
-            if not isinstance(record, dict) or id_key not in record:
-                problems.append(f"line {line_number}: no {id_key!r}")
+            absent = [key for key in required if not isinstance(record, dict) or key not in record]
+            if absent:
+                problems.append(f"line {line_number}: no {', '.join(map(repr, absent))}")
                 continue
-            key = record[id_key]
-            if key in records:
-                duplicates.append(key)
-            records[key] = record
-    if duplicates:
-        problems.append(f"{len(duplicates)} duplicated {id_key}(s): {_ids(duplicates)}")
+            records.append(record)
+    return records, problems
+
+
+def _raise(path: Path, problems: list[str]) -> None:
     if problems:
         raise AnswerFileError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems[:SHOWN]))
+
+
+def read_jsonl(path: str | os.PathLike, *, id_key: str = "question_id") -> dict:
+    """{id: record} from a jsonl file; malformed lines and duplicated ids are errors naming lines and ids."""
+    path = Path(path)
+    lines, problems = _parse_jsonl(path, (id_key,))
+    records, duplicates = {}, []
+    for record in lines:
+        key = record[id_key]
+        if key in records:
+            duplicates.append(key)
+        records[key] = record
+    if duplicates:
+        problems.append(f"{len(duplicates)} duplicated {id_key}(s): {format_ids(duplicates)}")
+    _raise(path, problems)
     return records
+
+
+def read_jsonl_records(path: str | os.PathLike, *, required: tuple[str, ...] = ("question_id",)) -> list[dict]:
+    """Records of a jsonl file in order, ids not necessarily unique (LLaVA's TextVQA answers use the image id)."""
+    path = Path(path)
+    records, problems = _parse_jsonl(path, required)
+    _raise(path, problems)
+    return records
+
+
+def read_json(path: str | os.PathLike):
+    """A whole JSON file (annotations, problems.json, ...); missing or malformed is an AnswerFileError."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnswerFileError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise AnswerFileError(f"{path}: not JSON ({error.msg}, line {error.lineno})") from None
 
 
 def match_ids(answers: dict, expected: Iterable, *, path: str | os.PathLike, allow_extra: bool = False) -> None:
@@ -62,11 +96,19 @@ def match_ids(answers: dict, expected: Iterable, *, path: str | os.PathLike, all
     extra = [key for key in answers if key not in expected_set]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} of {len(expected)} question ids have no answer: {_ids(missing)}")
+        problems.append(f"{len(missing)} of {len(expected)} question ids have no answer: {format_ids(missing)}")
     if extra and not allow_extra:
-        problems.append(f"{len(extra)} answer ids are not in the questions: {_ids(extra)}")
+        problems.append(f"{len(extra)} answer ids are not in the questions: {format_ids(extra)}")
     if problems:
         raise AnswerFileError(f"{path}: " + "; ".join(problems))
+
+
+def answer_texts(answers: dict, *, path: str | os.PathLike) -> dict:
+    """{id: text} of an answers dict (LLaVA's `text` field); records without a string `text` are errors."""
+    bad = [key for key, record in answers.items() if not isinstance(record.get("text"), str)]
+    if bad:
+        raise AnswerFileError(f"{path}: {len(bad)} answer(s) without a text string: {format_ids(bad)}")
+    return {key: record["text"] for key, record in answers.items()}
 
 
 def write_metrics(metrics: dict, path: str | os.PathLike) -> Path:
@@ -75,3 +117,31 @@ def write_metrics(metrics: dict, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=1, sort_keys=False))
     return path
+
+
+def metrics_path(answers: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
+    """Where a scorer writes its metrics: `output`, else `<answers stem>_metrics.json` next to the answers."""
+    if output is not None:
+        return Path(output)
+    answers = Path(answers)
+    return answers.with_name(answers.stem + "_metrics.json")
+
+
+def format_metrics(metrics: dict, *, digits: int = 2) -> str:
+    """A two-column table of a scorer's metrics; nested dicts become dotted names, lists are counted."""
+    rows = []
+
+    def add(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                add(f"{prefix}.{key}" if prefix else str(key), inner)
+        elif isinstance(value, float):
+            rows.append((prefix, f"{value:.{digits}f}"))
+        elif isinstance(value, (list, tuple)):
+            rows.append((prefix, f"[{len(value)} items]"))
+        else:
+            rows.append((prefix, str(value)))
+
+    add("", metrics)
+    width = max((len(name) for name, _ in rows), default=0)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

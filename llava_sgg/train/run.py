@@ -28,6 +28,7 @@ def prepare_model(cfg: RunConfig):
     model, processor = build_llava(cfg.model)
     t = cfg.train
     if t.mode == "full":
+        model.model.vision_tower.requires_grad_(t.unfreeze_mm_vision_tower)
         return model, processor
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 

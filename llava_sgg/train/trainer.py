@@ -14,6 +14,7 @@ from transformers import LlavaForConditionalGeneration, Trainer
 from ..optim import build_optimizer
 
 PROJECTOR = "multi_modal_projector"
+IGNORE_INDEX = -100
 
 
 def llava_param_groups(model: nn.Module, lr: float, weight_decay: float, mm_projector_lr: float | None) -> list[dict]:
@@ -53,6 +54,26 @@ class LlavaTrainer(Trainer):
             groups = llava_param_groups(model or self.model, lr, weight_decay, self.mm_projector_lr)
             self.optimizer = build_optimizer(groups, name, lr=lr, **options)
         return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The causal LM loss, with logits computed only where a trained token follows.
+
+        LLaVA trains on answers only; the LM head over a 32k-50k vocabulary at every
+        other position is most of the head's time and memory for nothing. Same value
+        as the model's own loss: summed token cross-entropy over the trained tokens,
+        divided by their count (across accumulation steps when Trainer gives it).
+        """
+        labels = inputs["labels"]
+        targets = labels[:, 1:]
+        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+        logits = outputs.logits
+        kept = targets[:, keep].to(logits.device)
+        loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), kept.reshape(-1),
+                                           ignore_index=IGNORE_INDEX, reduction="sum")
+        count = num_items_in_batch if num_items_in_batch is not None else (kept != IGNORE_INDEX).sum()
+        loss = loss / count
+        return (loss, outputs) if return_outputs else loss
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # transformers writes Llava checkpoints in the legacy key layout (language_model.model.*)

@@ -1,0 +1,211 @@
+"""Answer generation in LLaVA's formats: question jsonl in, answer jsonl out.
+
+As the official ``model_vqa_loader.py`` / ``model_vqa_mmbench.py``: the question
+gets ``<image>\\n`` in front when it has an image, the conversation template
+wraps it, decoding is greedy at temperature 0; here prompts are batched with
+left padding, the work splits into chunks for several GPUs, and an answers file
+that already holds some ids is resumed, not rewritten.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from ..data import load_image, process_image, render_prompt
+from .answers import AnswerFileError, read_jsonl_records
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+OPTION_LETTER = "Answer with the option's letter from the given choices directly."
+OPTION_LETTER_CN = "请直接回答选项字母。"
+OPTION_CHARS = "ABCD"
+
+
+@dataclass
+class Prompt:
+    """One generation request: the question text (without <image>), an optional image, what to record."""
+
+    question_id: object
+    text: str
+    image: Image.Image | None = None
+    record: dict = field(default_factory=dict)  # extra fields written to the answer line
+
+
+def get_chunk(items: Sequence, num_chunks: int, chunk_idx: int) -> list:
+    """The official split: ``num_chunks`` consecutive chunks of ceil(len / num_chunks)."""
+    if not 0 <= chunk_idx < num_chunks:
+        raise ValueError(f"chunk_idx must be in [0, {num_chunks}), got {chunk_idx}")
+    size = math.ceil(len(items) / num_chunks)
+    return list(items[chunk_idx * size:(chunk_idx + 1) * size])
+
+
+def encode_prompt(prompt: Prompt, tokenizer, *, image_token: str, num_image_tokens: int, template: str) -> list[int]:
+    question = prompt.text.replace(image_token, "").strip() if prompt.image is not None else prompt.text
+    if prompt.image is not None:
+        question = f"{image_token}\n{question}"
+    ids = tokenizer(render_prompt(question, eos=tokenizer.eos_token, template=template))["input_ids"]
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
+    expanded = []
+    for token in ids:  # the model expects one placeholder per image patch feature
+        expanded.extend([token] * num_image_tokens if token == image_id else [token])
+    return expanded
+
+
+@torch.no_grad()
+def generate(model, processor, prompts: Sequence[Prompt], *, template: str = "vicuna_v1", batch_size: int = 8,
+             max_new_tokens: int = 128, temperature: float = 0.0, image_aspect_ratio: str = "pad",
+             progress: bool = True, desc: str = "answering") -> Iterator[tuple[Prompt, str, str]]:
+    """Yield (prompt, rendered prompt text, answer) for each prompt, in order, in left-padded batches."""
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    config = model.config
+    image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
+    device = next(model.parameters()).device
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    model.eval()
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        encoded = [encode_prompt(p, tokenizer, image_token=image_token, num_image_tokens=config.image_seq_length,
+                                 template=template) for p in batch]
+        width = max(map(len, encoded))
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+        images = [process_image(p.image, image_processor, image_aspect_ratio) for p in batch if p.image is not None]
+        kwargs = {"pixel_values": torch.stack(images).to(device, dtype)} if images else {}
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling, **kwargs)
+        for prompt, ids, row in zip(batch, encoded, output[:, width:]):
+            text = tokenizer.decode(row, skip_special_tokens=True).strip()
+            yield prompt, tokenizer.decode(ids, skip_special_tokens=False), text
+        bar.update(len(batch))
+    bar.close()
+
+
+def question_key(record: dict):
+    """What identifies an answer for resuming: the id, the round (MMBench), and the question text."""
+    return record["question_id"], record.get("round_id"), record["prompt"]
+
+
+def _done_ids(answers_file: Path, key=question_key) -> set:
+    if not answers_file.is_file():
+        return set()
+    done = set()
+    with answers_file.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                done.add(key(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise AnswerFileError(f"{answers_file}:{number}: not an answer line; fix or remove it to resume") from None
+    return done
+
+
+def write_answers(model, processor, prompts: Sequence[Prompt], answers_file: str | os.PathLike, *,
+                  model_id: str, key=question_key, **generate_kwargs) -> Path:
+    """Append answers for the prompts not yet in ``answers_file`` (resumable), in LLaVA's answer format."""
+    answers_file = Path(answers_file)
+    answers_file.parent.mkdir(parents=True, exist_ok=True)
+    done = _done_ids(answers_file, key)
+    todo = [p for p in prompts if key({"question_id": p.question_id, **p.record, "prompt": p.text}) not in done]
+    with answers_file.open("a", encoding="utf-8") as handle:
+        for prompt, rendered, text in generate(model, processor, todo, **generate_kwargs):
+            record = {"question_id": prompt.question_id, **prompt.record, "prompt": prompt.text, "text": text,
+                      "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+    return answers_file
+
+
+def question_prompts(question_file: str | os.PathLike, image_folder: str | os.PathLike, *, num_chunks: int = 1,
+                     chunk_idx: int = 0) -> list[Prompt]:
+    """Prompts from LLaVA's question jsonl ({question_id, image?, text, category?}).
+
+    Ids need not be unique (LLaVA's MME file gives both questions of an image its
+    path); a (question_id, text) pair must be.
+    """
+    records = read_jsonl_records(question_file, required=("question_id", "text"))
+    seen = set()
+    for record in records:
+        key = (record["question_id"], record["text"])
+        if key in seen:
+            raise AnswerFileError(f"{question_file}: question {key[0]!r} with the same text appears twice")
+        seen.add(key)
+    prompts = []
+    for record in get_chunk(records, num_chunks, chunk_idx):
+        image = None
+        if record.get("image"):
+            path = Path(image_folder, record["image"])
+            try:
+                image = load_image(path)
+            except OSError as error:
+                raise AnswerFileError(f"{question_file}: question {record['question_id']!r}: image {path} "
+                                      f"cannot be read ({error})") from None
+        prompts.append(Prompt(record["question_id"], record["text"], image))
+    return prompts
+
+
+def _present(value) -> bool:
+    return value is not None and str(value).strip() not in ("", "nan", "NaN", "None")
+
+
+def mmbench_prompts(tsv_file: str | os.PathLike, *, all_rounds: bool = False, lang: str = "en",
+                    num_chunks: int = 1, chunk_idx: int = 0) -> list[Prompt]:
+    """Prompts from the official MMBench TSV, as ``model_vqa_mmbench.py --single-pred-prompt``.
+
+    Hint, question, then "A. ..." lines; with ``all_rounds`` each question is asked
+    once per rotation of its options (circular evaluation).
+    """
+    import csv
+
+    csv.field_size_limit(1 << 30)  # base64 images
+    with open(tsv_file, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    suffix = OPTION_LETTER_CN if lang == "cn" else OPTION_LETTER
+    prompts = []
+    for row in get_chunk(rows, num_chunks, chunk_idx):
+        options = [row[c] for c in OPTION_CHARS if _present(row.get(c))]
+        option_chars = list(OPTION_CHARS[:len(options)])
+        image = Image.open(io.BytesIO(base64.b64decode(row["image"]))).convert("RGB")
+        for round_id in range(len(options) if all_rounds else 1):
+            question = row["question"]
+            if _present(row.get("hint")):
+                question = row["hint"] + "\n" + question
+            for char, option in zip(OPTION_CHARS, options):
+                question += f"\n{char}. {option}"
+            # Recorded as the official script does: the round, the rotated options and letters.
+            prompts.append(Prompt(int(row["index"]), f"{question}\n{suffix}", image,
+                                  {"round_id": round_id, "options": list(options), "option_char": list(option_chars)}))
+            options, option_chars = options[1:] + options[:1], option_chars[1:] + option_chars[:1]
+    return prompts
+
+
+def merge_answer_files(paths: Iterable[str | os.PathLike], output: str | os.PathLike) -> Path:
+    """Concatenate chunk answer files; a duplicated (question_id, round_id, prompt) is an error."""
+    seen, lines = set(), []
+    for path in paths:
+        for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            key = question_key(record)
+            if key in seen:
+                raise AnswerFileError(f"{path}:{number}: question {key[0]!r} answered twice across chunks")
+            seen.add(key)
+            lines.append(line)
+    output = Path(output)
+    output.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return output

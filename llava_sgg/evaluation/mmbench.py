@@ -1,0 +1,386 @@
+"""MMBench and MMBench-CN: circular accuracy, per category, and the test-set submission table.
+
+Inputs are the official TSV (index, question, hint, A-D, answer, category,
+l2-category, split, image as base64, ...) and the answers jsonl of LLaVA's
+``model_vqa_mmbench.py``: {"question_id": index, "round_id"/"round_idx", "text",
+"options", "option_char", "answer_id", ...}. MMBench-CN is the same code on the
+Chinese TSV.
+
+Circular evaluation (CircularEval, the MMBench paper) comes in two layouts, both
+handled and combinable:
+
+* the official TSV holds every rotation as its own row, row ``i + k * 1e6`` being
+  rotation ``k`` of question ``i`` with its own ``answer`` letter (VLMEvalKit groups
+  rows by ``index % 1e6``);
+* LLaVA's ``--all-rounds`` asks each row once per rotation: in round ``r`` the
+  letter at position ``k`` shows the row's option ``(k + r) % n``, so a predicted
+  letter is mapped back to the row's own lettering before it is compared.
+
+A question counts correct circularly only if every answer of its group is.
+Single-round accuracy scores round 0 of the main rows (``index < 1e6``) alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+from .answers import (AnswerFileError, format_ids, format_metrics, metrics_path, read_jsonl_records,
+                      write_metrics)
+
+__all__ = ["OPTION_LETTERS", "MMBenchQuestion", "read_mmbench_tsv", "mmbench_questions", "parse_option",
+           "score_mmbench", "submission_table", "write_submission", "add_arguments", "run"]
+
+OPTION_LETTERS = ("A", "B", "C", "D")  # LLaVA's all_options
+CIRCULAR_OFFSET = 1_000_000  # rotation k of question i is row i + k * 1e6 in the official TSV
+# pandas.read_table's default NA strings: LLaVA reads the TSV with pandas, so an option
+# spelled like one of these is NaN there, and LLaVA stops listing options at it.
+PANDAS_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                       "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+# Columns LLaVA's convert_mmbench_for_submission.py drops before inserting `prediction` as column 7.
+NOT_SUBMITTED = ("hint", "category", "source", "image", "comment", "l2-category")
+SUBMISSION_PREDICTION_COLUMN = 6
+# VLMEvalKit's can_infer_option: these answers refuse, and count as wrong whatever else they say.
+REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+            "I'm sorry, but without the image provided", "Cannot determine the answer")
+UNPARSEABLE_NOTE = ("unparseable answers (no option letter or option text found by VLMEvalKit's rules, "
+                    "no GPT fallback) count as wrong")
+
+
+@dataclass(frozen=True)
+class MMBenchQuestion:
+    index: int
+    options: tuple[str, ...]  # option texts in the row's own order: A, B, ...
+    answer: str | None  # None on the test split
+    category: str | None
+    l2_category: str | None
+    split: str | None
+
+    @property
+    def main_index(self) -> int:
+        return self.index % CIRCULAR_OFFSET
+
+
+@dataclass(frozen=True)
+class _Judged:
+    index: int
+    round: int
+    text: str
+    shown_letter: str | None  # the letter as displayed in this round; None when unparseable
+    letter: str | None  # mapped back to the row's own lettering
+    correct: bool | None  # None without ground truth
+
+
+def _is_na(value) -> bool:
+    return value is None or value in PANDAS_NA
+
+
+@contextmanager
+def _large_csv_fields():
+    # Base64 images are far longer than the csv module's default 128 KiB field limit.
+    previous = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def read_mmbench_tsv(path) -> list[dict[str, str]]:
+    """The rows of an MMBench TSV as ``{column: text}``; ragged rows are errors naming their lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnswerFileError(f"{path} does not exist")
+    rows, ragged = [], []
+    with _large_csv_fields(), path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        if not reader.fieldnames:
+            raise AnswerFileError(f"{path}: empty file, no header")
+        for row in reader:
+            if None in row or None in row.values():
+                ragged.append(reader.line_num)
+                continue
+            rows.append(row)
+    if ragged:
+        raise AnswerFileError(f"{path}: {len(ragged)} row(s) with a different number of fields than the header, "
+                              f"ending on line(s) {format_ids(ragged)}")
+    for column in ("index", "question", "A", "B"):
+        if column not in reader.fieldnames:
+            raise AnswerFileError(f"{path}: no {column!r} column (columns: {', '.join(reader.fieldnames)})")
+    return rows
+
+
+def _options(row: dict[str, str]) -> tuple[tuple[str, ...], list[str]]:
+    """LLaVA's get_options: A, B, ... up to the first absent one; a present option after a gap is reported."""
+    options, after_gap = [], []
+    for letter in OPTION_LETTERS:
+        value = row.get(letter)
+        if _is_na(value):
+            after_gap = [later for later in OPTION_LETTERS[len(options) + 1:] if not _is_na(row.get(later))]
+            break
+        options.append(value)
+    return tuple(options), after_gap
+
+
+def mmbench_questions(rows: list[dict[str, str]], *, source="questions") -> dict[int, MMBenchQuestion]:
+    """{index: question} from TSV rows; bad indices, options and answer letters are errors naming the rows."""
+    questions, problems = {}, defaultdict(list)
+    for row in rows:
+        try:
+            index = int(row["index"])
+        except ValueError:
+            problems["index is not an integer"].append(row["index"])
+            continue
+        if index in questions:
+            problems["duplicated index"].append(index)
+            continue
+        options, after_gap = _options(row)
+        if len(options) < 2:
+            problems["fewer than 2 options"].append(index)
+        if after_gap:
+            problems["an option after an empty one"].append(index)
+        answer = row.get("answer")
+        answer = None if _is_na(answer) else answer.strip()
+        if answer is not None and answer not in OPTION_LETTERS[:len(options)]:
+            problems["answer letter not among the row's options"].append(index)
+        questions[index] = MMBenchQuestion(
+            index=index, options=options, answer=answer,
+            category=None if _is_na(row.get("category")) else row["category"],
+            l2_category=None if _is_na(row.get("l2-category")) else row["l2-category"],
+            split=None if _is_na(row.get("split")) else row["split"])
+    orphans = [i for i in questions if i >= CIRCULAR_OFFSET and i % CIRCULAR_OFFSET not in questions]
+    if orphans:
+        problems[f"rotated row without its main row (index % {CIRCULAR_OFFSET})"].extend(orphans)
+    with_answer = sum(q.answer is not None for q in questions.values())
+    if 0 < with_answer < len(questions):
+        problems["no answer while other rows have one"].extend(i for i, q in questions.items() if q.answer is None)
+    if problems:
+        raise AnswerFileError(f"{source}: " + "; ".join(f"{len(ids)} row(s) with {what}: {format_ids(ids)}"
+                                                       for what, ids in problems.items()))
+    return questions
+
+
+def parse_option(text: str, options: dict[str, str]) -> str | None:
+    """The option letter a free-text answer picks among ``options`` ({letter: option text}), or None.
+
+    VLMEvalKit's rule-based matching (``can_infer``) without its GPT fallback: once
+    ``.()[],:;!*#{}`` are blanked, exactly one option letter standing alone as a token
+    (which covers "B", "B. dog", "(B)", "Answer: B"); failing that, exactly one option's
+    text inside the lower-cased answer, if the answer is at most twice as long as all
+    option texts together. An answer naming several letters ("A or B") is unparseable
+    unless the option texts settle it. Newer VLMEvalKit also wants the letter among the
+    last 4 tokens; the rule of LLaVA-1.5's time, kept here, does not.
+    """
+    text = str(text)
+    if any(refusal in text for refusal in REFUSALS):
+        return None
+    tokens = re.sub(r"[.()\[\],:;!*#{}]", " ", text).split()
+    named = [letter for letter in options if letter in tokens]
+    if len(named) == 1:
+        return named[0]
+    if not named and "Z" in tokens:  # VLMEvalKit's explicit "none of these"
+        return None
+    lowered = text.lower()
+    if len(lowered) > 2 * sum(len(option) for option in options.values()):
+        return None
+    matched = [letter for letter, option in options.items() if option.lower() in lowered]
+    return matched[0] if len(matched) == 1 else None
+
+
+def _round_of(record: dict) -> object:
+    # LLaVA's model_vqa_mmbench.py writes "round_id"; "round_idx" is accepted as well.
+    return record.get("round_id", record.get("round_idx", 0))
+
+
+def _question_index(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _judge(questions: dict[int, MMBenchQuestion], answers, *, source) -> dict[tuple[int, int], _Judged]:
+    answers = list(answers)
+    problems = defaultdict(list)
+    records = {}
+    for record in answers:
+        index = _question_index(record.get("question_id"))
+        if index is None or index not in questions:
+            problems["question_id not in the TSV"].append(record.get("question_id"))
+            continue
+        n = len(questions[index].options)
+        round_ = _round_of(record)
+        if isinstance(round_, bool) or not isinstance(round_, int) or not 0 <= round_ < n:
+            problems["round not an integer in 0..n_options-1"].append(f"{index} round {round_!r}")
+            continue
+        if (index, round_) in records:
+            problems["duplicated (question_id, round)"].append(f"{index} round {round_}")
+            continue
+        if "text" not in record:
+            problems["no 'text'"].append(f"{index} round {round_}")
+            continue
+        shown = [OPTION_LETTERS[(k + round_) % n] for k in range(n)]
+        option_char = record.get("option_char")
+        if option_char is not None and list(option_char) != shown:
+            problems["option_char not the rotation of the TSV's options for its round"].append(
+                f"{index} round {round_}")
+            continue
+        if record.get("options") is not None and len(record["options"]) != n:
+            problems["a number of options different from the TSV's"].append(f"{index} round {round_}")
+            continue
+        records[index, round_] = record
+    all_rounds = any(round_ > 0 for _, round_ in records)
+    expected = [(index, round_) for index, question in questions.items()
+                for round_ in (range(len(question.options)) if all_rounds else (0,))]
+    missing = [f"{index} round {round_}" if all_rounds else index
+               for index, round_ in expected if (index, round_) not in records]
+    if missing:
+        problems["no answer" + (" (answers of several rounds need every round)" if all_rounds else "")] = missing
+    if problems:
+        raise AnswerFileError(f"{source}: " + "; ".join(f"{len(ids)} answer(s) with {what}: {format_ids(ids)}"
+                                                       for what, ids in problems.items()))
+
+    judged = {}
+    for (index, round_), record in sorted(records.items()):
+        question = questions[index]
+        n = len(question.options)
+        shown = {OPTION_LETTERS[k]: question.options[(k + round_) % n] for k in range(n)}
+        shown_letter = parse_option(record["text"], shown)
+        letter = None if shown_letter is None else OPTION_LETTERS[(OPTION_LETTERS.index(shown_letter) + round_) % n]
+        correct = None if question.answer is None else letter == question.answer
+        judged[index, round_] = _Judged(index, round_, str(record["text"]), shown_letter, letter, correct)
+    return judged
+
+
+def _accuracy(hits: list[bool]) -> float:
+    return 100.0 * sum(hits) / len(hits)
+
+
+def score_mmbench(rows: list[dict[str, str]], answers, *, benchmark: str = "mmbench",
+                  source: str = "answers") -> dict:
+    """Metrics of LLaVA MMBench answers against the TSV rows (see the module docstring).
+
+    ``answers`` are answer records (dicts); accuracies are percentages, None on a
+    split without ground truth (the MMBench test set: upload ``submission_table``).
+    """
+    questions = mmbench_questions(rows)
+    judged = _judge(questions, answers, source=source)
+    main = [q for q in questions.values() if q.index < CIRCULAR_OFFSET]
+    group = defaultdict(list)
+    for item in judged.values():
+        group[item.index % CIRCULAR_OFFSET].append(item.correct)
+    unparseable = [[item.index, item.round] for item in judged.values() if item.shown_letter is None]
+    metrics = {
+        "benchmark": benchmark,
+        "questions": len(main),
+        "rows": len(questions),
+        "answers": len(judged),
+        "circular": any(len(group[q.index]) > 1 for q in main),
+        "unparseable": len(unparseable),
+        "unparseable_ids": unparseable,
+        "note": UNPARSEABLE_NOTE,
+    }
+    if not any(q.answer is not None for q in questions.values()):
+        metrics.update(circular_accuracy=None, single_round_accuracy=None,
+                       note=UNPARSEABLE_NOTE + "; the TSV has no answers (test split): upload the submission file")
+        return metrics
+
+    def summary(subset: list[MMBenchQuestion]) -> dict:
+        return {"questions": len(subset),
+                "circular_accuracy": _accuracy([all(group[q.index]) for q in subset]) if metrics["circular"] else None,
+                "single_round_accuracy": _accuracy([judged[q.index, 0].correct for q in subset])}
+
+    metrics.update({key: value for key, value in summary(main).items() if key != "questions"})
+    for key, attribute in (("per_category", "category"), ("per_l2_category", "l2_category"), ("per_split", "split")):
+        buckets = defaultdict(list)
+        for question in main:
+            if getattr(question, attribute) is not None:
+                buckets[getattr(question, attribute)].append(question)
+        if buckets:
+            metrics[key] = {name: summary(subset) for name, subset in sorted(buckets.items())}
+    return metrics
+
+
+def submission_table(rows: list[dict[str, str]], answers, *,
+                     source: str = "answers") -> tuple[list[str], list[list[str]]]:
+    """LLaVA's convert_mmbench_for_submission.py table: (header, rows).
+
+    The TSV's columns less hint, category, source, image, comment, l2-category, with
+    ``prediction`` inserted as the 7th column: the round-0 option letter, or the raw
+    answer text where no letter could be parsed (so the MMBench server's own
+    matching still sees it).
+    """
+    questions = mmbench_questions(rows)
+    judged = _judge(questions, answers, source=source)
+    header = [column for column in rows[0] if column not in NOT_SUBMITTED] if rows else ["index"]
+    position = min(SUBMISSION_PREDICTION_COLUMN, len(header))
+    header.insert(position, "prediction")
+    table = []
+    for row in rows:
+        item = judged[int(row["index"]), 0]
+        values = [row[column] for column in row if column not in NOT_SUBMITTED]
+        values.insert(position, item.letter if item.letter is not None else item.text)
+        table.append(values)
+    return header, table
+
+
+def write_submission(header: list[str], table: list[list[str]], path) -> list[Path]:
+    """Write the submission as TSV, and as the .xlsx LLaVA uploads when openpyxl is installed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(table)
+    written = [path]
+    if find_spec("openpyxl") is not None:
+        from openpyxl import Workbook
+
+        workbook = Workbook()
+        sheet = workbook.active
+        sheet.append(header)
+        for values in table:
+            sheet.append([int(value) if column == "index" else value for column, value in zip(header, values)])
+        workbook.save(path.with_suffix(".xlsx"))
+        written.append(path.with_suffix(".xlsx"))
+    return written
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, benchmark: str = "mmbench") -> None:
+    parser.add_argument("--questions", required=True, metavar="TSV",
+                        help="the official MMBench (or MMBench-CN) TSV, e.g. mmbench_dev_20230712.tsv")
+    parser.add_argument("--answers", required=True, metavar="JSONL",
+                        help="answers of LLaVA's model_vqa_mmbench.py (one or all rounds)")
+    parser.add_argument("--output", metavar="JSON", help="metrics file (default: <answers>_metrics.json)")
+    parser.add_argument("--submission", metavar="TSV",
+                        help="write the upload table here (default for a TSV without answers: "
+                             "<answers>_submission.tsv, plus .xlsx when openpyxl is installed)")
+    parser.set_defaults(benchmark=benchmark)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Score, print a table, write the metrics JSON (and the submission table when asked or on test)."""
+    answers_path = Path(args.answers)
+    rows = read_mmbench_tsv(args.questions)
+    answers = read_jsonl_records(answers_path, required=("question_id", "text"))  # ids repeat across rounds
+    metrics = score_mmbench(rows, answers, benchmark=getattr(args, "benchmark", "mmbench"), source=str(answers_path))
+    submission = args.submission
+    if submission is None and metrics["single_round_accuracy"] is None:
+        submission = answers_path.with_name(answers_path.stem + "_submission.tsv")
+    print(format_metrics(metrics))
+    if metrics["unparseable"]:
+        print(f"{metrics['unparseable']} unparseable answer(s), counted wrong, as [question_id, round]: "
+              + format_ids(metrics["unparseable_ids"]))
+    if submission is not None:
+        for written in write_submission(*submission_table(rows, answers, source=str(answers_path)), submission):
+            print(f"wrote {written}")
+    print(f"wrote {write_metrics(metrics, metrics_path(answers_path, args.output))}")
+    return metrics
