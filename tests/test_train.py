@@ -232,8 +232,9 @@ def test_gradient_checkpointing_bf16_and_accumulation(assets, tmp_path, mode, qu
 def test_loss_on_trained_positions_only_equals_the_models_loss(assets, tmp_path):
     parts, data = assets
     trainer, _ = build_trainer(tiny_run(parts, data, tmp_path, "full"))
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     model = trainer.model.eval()
+    batch = {k: v.to(model.device) for k, v in trainer.data_collator([trainer.train_dataset[i]
+                                                                       for i in range(4)]).items()}
     with torch.no_grad():
         expected = model(**batch).loss
         got = trainer.compute_loss(model, batch)
