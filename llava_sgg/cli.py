@@ -74,6 +74,18 @@ def _answer_mmbench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _answer_sqa(args: argparse.Namespace) -> int:
+    from .evaluation.generate import science_prompts, write_answers
+
+    prompts = science_prompts(args.question_file, args.image_folder, single_pred_prompt=not args.no_single_pred_prompt,
+                              num_chunks=args.num_chunks, chunk_idx=args.chunk_idx)
+    model, processor = _load_for_answers(args.model)
+    path = write_answers(model, processor, prompts, args.answers_file, model_id=Path(args.model).name,
+                         **_generation_options(args))
+    print(f"wrote {path}")
+    return 0
+
+
 def _answer_merge(args: argparse.Namespace) -> int:
     from .evaluation.generate import merge_answer_files
 
@@ -132,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     mmbench.add_argument("--all-rounds", action="store_true", help="ask each question once per option rotation")
     mmbench.add_argument("--lang", default="en", choices=["en", "cn"], help="cn: the Chinese answer instruction")
     mmbench.set_defaults(func=_answer_mmbench)
+
+    sqa = commands.add_parser("answer-sqa", help="answer ScienceQA (LLaVA's conversation-format question file)")
+    _add_generation_arguments(sqa)
+    sqa.add_argument("--question-file", required=True, help="llava_test_CQM-A.json")
+    sqa.add_argument("--image-folder", default=".", help="image paths are relative to it")
+    sqa.add_argument("--no-single-pred-prompt", action="store_true",
+                     help="do not append the option-letter instruction")
+    sqa.set_defaults(func=_answer_sqa)
 
     merge_answers = commands.add_parser("answer-merge", help="concatenate chunk answer files")
     merge_answers.add_argument("inputs", nargs="+")

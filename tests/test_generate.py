@@ -106,3 +106,23 @@ def test_mmbench_prompts_follow_the_official_layout_and_rotate(tmp_path):
     assert prompts[1].text.splitlines()[2:5] == ["A. 5", "B. 9", "C. 3"]
     assert [p.record["option_char"] for p in prompts] == [["A", "B", "C"], ["B", "C", "A"], ["C", "A", "B"]]
     assert mmbench_prompts(path, lang="cn")[0].text.endswith("请直接回答选项字母。")
+
+
+def test_science_qa_prompts_as_the_single_prediction_script(tmp_path):
+    from llava_sgg.evaluation.generate import science_prompts
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "1.png")
+    samples = [{"id": "1", "image": "1.png", "conversations": [
+                   {"from": "human", "value": "<image>\nContext: a map.\nWhich is north?\nOptions: (A) up (B) down"},
+                   {"from": "gpt", "value": "A"}]},
+               {"id": "2", "conversations": [{"from": "human", "value": "Which is hot?\nOptions: (A) ice (B) fire"}]}]
+    path = tmp_path / "llava_test_CQM-A.json"
+    path.write_text(json.dumps(samples))
+    prompts = science_prompts(path, tmp_path)
+    assert [p.question_id for p in prompts] == ["1", "2"]
+    assert prompts[0].image is not None and prompts[1].image is None
+    assert prompts[0].text == ("Context: a map.\nWhich is north?\nOptions: (A) up (B) down\n"
+                               "Answer with the option's letter from the given choices directly.")
+    path.write_text("[{")
+    with pytest.raises(AnswerFileError, match="llava_test_CQM-A.json:1"):
+        science_prompts(path, tmp_path)

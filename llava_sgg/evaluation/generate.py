@@ -209,3 +209,36 @@ def merge_answer_files(paths: Iterable[str | os.PathLike], output: str | os.Path
     output = Path(output)
     output.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return output
+
+
+def science_prompts(question_file: str | os.PathLike, image_folder: str | os.PathLike, *,
+                    single_pred_prompt: bool = True, num_chunks: int = 1, chunk_idx: int = 0) -> list[Prompt]:
+    """Prompts from LLaVA's ScienceQA file (``llava_test_CQM-A.json``, conversation format), as
+    ``model_vqa_science.py --single-pred-prompt``: the first human turn, <image> moved to the
+    front when the problem has an image, the option-letter instruction appended.
+    """
+    path = Path(question_file)
+    try:
+        samples = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise AnswerFileError(f"{path}:{error.lineno}: not JSON ({error.msg})") from None
+    if not isinstance(samples, list):
+        raise AnswerFileError(f"{path}: expected a JSON list of samples")
+    prompts = []
+    for index, sample in enumerate(get_chunk(samples, num_chunks, chunk_idx)):
+        try:
+            question = sample["conversations"][0]["value"].replace("<image>", "").strip()
+            qid = sample["id"]
+        except (KeyError, IndexError, TypeError):
+            raise AnswerFileError(f"{path}: sample {index} has no id or no first conversation turn") from None
+        image = None
+        if sample.get("image"):
+            image_path = Path(image_folder, sample["image"])
+            try:
+                image = load_image(image_path)
+            except OSError as error:
+                raise AnswerFileError(f"{path}: sample {qid!r}: image {image_path} cannot be read ({error})") from None
+        if single_pred_prompt:
+            question = f"{question}\n{OPTION_LETTER}"
+        prompts.append(Prompt(qid, question, image))
+    return prompts
