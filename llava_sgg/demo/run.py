@@ -38,6 +38,7 @@ class DemoSettings:
     lr: float
     mm_projector_lr: float
     sgg: dict = field(default_factory=lambda: {"n_clusters": 3, "recluster_interval": 25, "beta3": 0.9})
+    mode: str = "full"  # full, or lora (LoRA on the decoder; tower and connector trained fully)
     eval_batch_size: int = 32
     max_new_tokens: int = 8
     seed: int = 0
@@ -48,8 +49,8 @@ class DemoSettings:
 VISION = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
           "image_size": 48, "patch_size": 16}
 FULL = DemoSettings(data=DemoDataConfig(canvas=48, grid=3, digit_size=16, train_scenes=800, eval_scenes=60),
-                    decoder_layers=4, vision=VISION, steps=200, batch_size=4, lr=5e-4, mm_projector_lr=1e-3,
-                    sgg={"n_clusters": 3, "recluster_interval": 50, "beta3": 0.9})
+                    decoder_layers=4, vision=VISION, steps=400, batch_size=4, lr=1e-3, mm_projector_lr=1e-3,
+                    sgg={"n_clusters": 3, "recluster_interval": 50, "beta3": 0.9}, mode="lora")
 QUICK = DemoSettings(data=DemoDataConfig(train_scenes=16, eval_scenes=6), decoder_layers=0,
                      vision={**VISION, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2},
                      steps=2, batch_size=4, lr=1e-3, mm_projector_lr=1e-3,
@@ -111,7 +112,8 @@ def run_config(settings: DemoSettings, vision: Path, language_model: Path, data,
         "model": {"vision_tower": str(vision), "language_model": str(language_model)},
         "data": {"data_path": str(data.train_json), "image_folder": str(data.image_folder),
                  "model_max_length": 256, "image_aspect_ratio": "pad"},
-        "train": {"output_dir": str(output), "mode": "full", "unfreeze_mm_vision_tower": True,
+        "train": {"output_dir": str(output), "mode": settings.mode, "unfreeze_mm_vision_tower": True,
+                  "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
                   "max_steps": settings.steps, "per_device_train_batch_size": settings.batch_size,
                   "mm_projector_lr": settings.mm_projector_lr, "warmup_ratio": 0.03, "gradient_checkpointing": False,
                   "bf16": False, "logging_steps": 1, "save_steps": 10**6, "seed": settings.seed,
@@ -271,7 +273,7 @@ def write_report(output: Path, settings: DemoSettings, rows, runs, seconds: floa
         "Model: CLIP ViT built from config (no pretrained CLIP can be installed offline; trained here with the "
         "connector), `mlp2x_gelu` connector, decoder SmolLM2-135M-Instruct"
         + (f" (its first {settings.decoder_layers} of 30 decoder layers)" if settings.decoder_layers else "")
-        + ". Full fine-tuning; both runs start from the same weights and see the same batches.", "",
+        + f". Mode {settings.mode}; both runs start from the same weights and see the same batches.", "",
         f"Data: {settings.data.train_scenes} training scenes, {settings.data.eval_scenes} evaluation scenes of "
         "scikit-learn handwritten digits (disjoint source scans), evaluation files in the official POPE, GQA, "
         "MMBench (circular, all option rotations) and MME formats, scored by `llava-sgg score`.", "",

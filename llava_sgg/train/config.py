@@ -52,7 +52,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     bf16: bool = False
     gradient_checkpointing: bool = True
-    unfreeze_mm_vision_tower: bool = False  # train the vision tower too (full mode only; LLaVA keeps it frozen)
+    unfreeze_mm_vision_tower: bool = False  # train the vision tower too (LLaVA-v1.5 keeps it frozen)
     lora_r: int = 128
     lora_alpha: int = 256
     lora_dropout: float = 0.05
@@ -192,8 +192,6 @@ def _validate(cfg: RunConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: train.mode=qlora needs model.quantization 8bit or 4bit")
     if t.mode != "qlora" and cfg.model.quantization is not None:
         raise ConfigError(f"{origin}: model.quantization={cfg.model.quantization} trains only in train.mode=qlora")
-    if t.unfreeze_mm_vision_tower and t.mode != "full":
-        raise ConfigError(f"{origin}: train.unfreeze_mm_vision_tower needs train.mode=full")
     if d.image_aspect_ratio not in ASPECT_RATIOS:
         raise ConfigError(f"{origin}: data.image_aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}")
     positive = {"train.per_device_train_batch_size": t.per_device_train_batch_size,

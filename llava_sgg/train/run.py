@@ -35,8 +35,10 @@ def prepare_model(cfg: RunConfig):
     if t.mode == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The connector (and the tower, when unfrozen) train fully and are saved with the adapter.
+    trained_fully = [PROJECTOR] + (["vision_tower"] if t.unfreeze_mm_vision_tower else [])
     lora = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, bias="none",
-                      target_modules=decoder_linear_names(model), modules_to_save=[PROJECTOR],
+                      target_modules=decoder_linear_names(model), modules_to_save=trained_fully,
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     if t.gradient_checkpointing:
