@@ -50,40 +50,36 @@ def _generation_options(args) -> dict:
             "temperature": args.temperature, "image_aspect_ratio": args.image_aspect_ratio}
 
 
-def _answer(args: argparse.Namespace) -> int:
-    from .evaluation.generate import question_prompts, write_answers
+def _write_answers(args: argparse.Namespace, prompts) -> int:
+    from .evaluation.generate import write_answers
 
-    prompts = question_prompts(args.question_file, args.image_folder, num_chunks=args.num_chunks,
-                               chunk_idx=args.chunk_idx)
     model, processor = _load_for_answers(args.model)
     path = write_answers(model, processor, prompts, args.answers_file, model_id=Path(args.model).name,
                          **_generation_options(args))
     print(f"wrote {path}")
     return 0
+
+
+def _answer(args: argparse.Namespace) -> int:
+    from .evaluation.generate import question_prompts
+
+    return _write_answers(args, question_prompts(args.question_file, args.image_folder, num_chunks=args.num_chunks,
+                                                 chunk_idx=args.chunk_idx))
 
 
 def _answer_mmbench(args: argparse.Namespace) -> int:
-    from .evaluation.generate import mmbench_prompts, write_answers
+    from .evaluation.generate import mmbench_prompts
 
-    prompts = mmbench_prompts(args.question_file, all_rounds=args.all_rounds, lang=args.lang,
-                              num_chunks=args.num_chunks, chunk_idx=args.chunk_idx)
-    model, processor = _load_for_answers(args.model)
-    path = write_answers(model, processor, prompts, args.answers_file, model_id=Path(args.model).name,
-                         **_generation_options(args))
-    print(f"wrote {path}")
-    return 0
+    return _write_answers(args, mmbench_prompts(args.question_file, all_rounds=args.all_rounds, lang=args.lang,
+                                                num_chunks=args.num_chunks, chunk_idx=args.chunk_idx))
 
 
 def _answer_sqa(args: argparse.Namespace) -> int:
-    from .evaluation.generate import science_prompts, write_answers
+    from .evaluation.generate import science_prompts
 
-    prompts = science_prompts(args.question_file, args.image_folder, single_pred_prompt=not args.no_single_pred_prompt,
-                              num_chunks=args.num_chunks, chunk_idx=args.chunk_idx)
-    model, processor = _load_for_answers(args.model)
-    path = write_answers(model, processor, prompts, args.answers_file, model_id=Path(args.model).name,
-                         **_generation_options(args))
-    print(f"wrote {path}")
-    return 0
+    return _write_answers(args, science_prompts(args.question_file, args.image_folder,
+                                                single_pred_prompt=not args.no_single_pred_prompt,
+                                                num_chunks=args.num_chunks, chunk_idx=args.chunk_idx))
 
 
 def _answer_merge(args: argparse.Namespace) -> int:

@@ -99,6 +99,14 @@ def question_key(record: dict):
     return record["question_id"], record.get("round_id"), record["prompt"]
 
 
+def _question_image(folder, relative: str, source, question_id) -> Image.Image:
+    path = Path(folder, relative)
+    try:
+        return load_image(path)
+    except OSError as error:
+        raise AnswerFileError(f"{source}: question {question_id!r}: image {path} cannot be read ({error})") from None
+
+
 def _done_ids(answers_file: Path, key=question_key) -> set:
     if not answers_file.is_file():
         return set()
@@ -146,14 +154,8 @@ def question_prompts(question_file: str | os.PathLike, image_folder: str | os.Pa
         seen.add(key)
     prompts = []
     for record in get_chunk(records, num_chunks, chunk_idx):
-        image = None
-        if record.get("image"):
-            path = Path(image_folder, record["image"])
-            try:
-                image = load_image(path)
-            except OSError as error:
-                raise AnswerFileError(f"{question_file}: question {record['question_id']!r}: image {path} "
-                                      f"cannot be read ({error})") from None
+        image = _question_image(image_folder, record["image"], question_file, record["question_id"]) \
+            if record.get("image") else None
         prompts.append(Prompt(record["question_id"], record["text"], image))
     return prompts
 
@@ -231,13 +233,7 @@ def science_prompts(question_file: str | os.PathLike, image_folder: str | os.Pat
             qid = sample["id"]
         except (KeyError, IndexError, TypeError):
             raise AnswerFileError(f"{path}: sample {index} has no id or no first conversation turn") from None
-        image = None
-        if sample.get("image"):
-            image_path = Path(image_folder, sample["image"])
-            try:
-                image = load_image(image_path)
-            except OSError as error:
-                raise AnswerFileError(f"{path}: sample {qid!r}: image {image_path} cannot be read ({error})") from None
+        image = _question_image(image_folder, sample["image"], path, qid) if sample.get("image") else None
         if single_pred_prompt:
             question = f"{question}\n{OPTION_LETTER}"
         prompts.append(Prompt(qid, question, image))
