@@ -313,3 +313,15 @@ def test_each_config_has_its_own_folder_and_eval_set(tmp_path, built):
 def test_bad_configs_are_rejected(change, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         DemoDataConfig(**change)
+
+
+def test_max_turns_bounds_the_questions_per_training_scene(tmp_path):
+    import json
+
+    from llava_sgg.demo.data import DemoDataConfig, build_demo_data
+
+    data = build_demo_data(tmp_path, DemoDataConfig(train_scenes=30, eval_scenes=4, max_turns=6), progress=False)
+    turns = [len(s["conversations"]) // 2 for s in json.loads(data.train_json.read_text())]
+    assert max(turns) <= 6 and max(turns) > 3
+    with pytest.raises(ValueError, match="max_turns"):
+        DemoDataConfig(max_turns=7)

@@ -102,9 +102,12 @@ class DemoDataConfig:
     train_scenes: int = 600
     eval_scenes: int = 120
     eval_fraction_of_digits: float = 0.2   # share of the 1797 source digits reserved for eval scenes
+    max_turns: int = 3          # question-answer turns per training scene: 1..max_turns, distinct types
 
     def __post_init__(self):
         problems = []
+        if not 1 <= self.max_turns <= 6:
+            problems.append(f"max_turns must be in [1, 6] (six question types), got {self.max_turns}")
         if self.grid not in POSITION_NAMES:
             problems.append(f"grid must be one of {sorted(POSITION_NAMES)} (cells need names), got {self.grid}")
         elif not 1 <= self.digit_size <= self.canvas // self.grid:
@@ -321,11 +324,10 @@ TRAIN_QUESTIONS: dict[str, Callable] = {
     "count": _ask_count, "count_check": _ask_count_check, "presence": _ask_presence, "position": _ask_position,
     "listing": _ask_listing, "multiple_choice": _ask_multiple_choice,
 }
-MAX_TURNS = 3
 
 
 def _train_sample(scene: Scene, config: DemoDataConfig, rng) -> dict:
-    kinds = rng.choice(list(TRAIN_QUESTIONS), size=int(rng.integers(1, MAX_TURNS + 1)), replace=False)
+    kinds = rng.choice(list(TRAIN_QUESTIONS), size=int(rng.integers(1, config.max_turns + 1)), replace=False)
     conversations = []
     for j, kind in enumerate(kinds):
         prompt, answer = TRAIN_QUESTIONS[str(kind)](scene, config, rng)
