@@ -65,8 +65,8 @@ def encode_prompt(prompt: Prompt, tokenizer, *, image_token: str, num_image_toke
 @torch.no_grad()
 def generate(model, processor, prompts: Sequence[Prompt], *, template: str = "vicuna_v1", batch_size: int = 8,
              max_new_tokens: int = 128, temperature: float = 0.0, image_aspect_ratio: str = "pad",
-             progress: bool = True, desc: str = "answering") -> Iterator[tuple[Prompt, str, str]]:
-    """Yield (prompt, rendered prompt text, answer) for each prompt, in order, in left-padded batches."""
+             progress: bool = True, desc: str = "answering") -> Iterator[tuple[Prompt, str]]:
+    """Yield (prompt, answer) for each prompt, in order, in left-padded batches."""
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     config = model.config
     image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
@@ -87,9 +87,8 @@ def generate(model, processor, prompts: Sequence[Prompt], *, template: str = "vi
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling, **kwargs)
-        for prompt, ids, row in zip(batch, encoded, output[:, width:]):
-            text = tokenizer.decode(row, skip_special_tokens=True).strip()
-            yield prompt, tokenizer.decode(ids, skip_special_tokens=False), text
+        for prompt, row in zip(batch, output[:, width:]):
+            yield prompt, tokenizer.decode(row, skip_special_tokens=True).strip()
         bar.update(len(batch))
     bar.close()
 
@@ -130,7 +129,7 @@ def write_answers(model, processor, prompts: Sequence[Prompt], answers_file: str
     done = _done_ids(answers_file, key)
     todo = [p for p in prompts if key({"question_id": p.question_id, **p.record, "prompt": p.text}) not in done]
     with answers_file.open("a", encoding="utf-8") as handle:
-        for prompt, rendered, text in generate(model, processor, todo, **generate_kwargs):
+        for prompt, text in generate(model, processor, todo, **generate_kwargs):
             record = {"question_id": prompt.question_id, **prompt.record, "prompt": prompt.text, "text": text,
                       "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -69,9 +69,10 @@ def _hub_kwargs(cfg: ModelConfig) -> dict:
     return {"local_files_only": cfg.local_files_only}
 
 
-def _missing(part: str, name: str, error: Exception) -> ModelError:
-    return ModelError(f"{part} {name!r} could not be loaded: not a local folder and not in the Hugging Face cache "
-                      f"(local_files_only={True}). ({type(error).__name__}: {error})")
+def _missing(part: str, name: str, cfg: ModelConfig, error: Exception) -> ModelError:
+    where = "not a local folder and not in the Hugging Face cache" if cfg.local_files_only else "not found"
+    return ModelError(f"{part} {name!r} could not be loaded: {where} "
+                      f"(local_files_only={cfg.local_files_only}). ({type(error).__name__}: {error})")
 
 
 def load_vision_tower(cfg: ModelConfig) -> tuple[CLIPVisionModel, CLIPImageProcessor]:
@@ -89,7 +90,7 @@ def load_vision_tower(cfg: ModelConfig) -> tuple[CLIPVisionModel, CLIPImageProce
         tower = CLIPVisionModel.from_pretrained(name, **_hub_kwargs(cfg))
         processor = CLIPImageProcessor.from_pretrained(name, **_hub_kwargs(cfg))
     except (OSError, ValueError) as error:
-        raise _missing("vision_tower", name, error) from error
+        raise _missing("vision_tower", name, cfg, error) from error
     return tower, processor
 
 
@@ -110,7 +111,7 @@ def load_language_model(cfg: ModelConfig):
                                                            if k in ("local_files_only", "gguf_file")})
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as error:
-        raise _missing("language_model", name, error) from error
+        raise _missing("language_model", name, cfg, error) from error
     if not (hasattr(model, "model") and hasattr(model, "lm_head")):
         raise ModelError(f"language_model {name!r} ({type(model).__name__}) is not a decoder with .model and .lm_head")
     return model, tokenizer

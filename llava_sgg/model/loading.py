@@ -17,7 +17,10 @@ def is_adapter_folder(path: str | os.PathLike) -> bool:
     return Path(path, ADAPTER_CONFIG).is_file()
 
 
-def load_trained(path: str | os.PathLike, *, quantization: str | None | type(...) = ...):
+KEEP = "keep"  # load_trained(quantization=KEEP): use the quantization recorded in the spec
+
+
+def load_trained(path: str | os.PathLike, *, quantization: str | None = KEEP):
     """(model, processor) from a full HF Llava folder or a LoRA folder written by `llava-sgg train`.
 
     A LoRA folder holds the adapter, the trained connector and the spec of its
@@ -35,7 +38,7 @@ def load_trained(path: str | os.PathLike, *, quantization: str | None | type(...
     from peft import PeftModel
 
     spec = read_spec(path)
-    if quantization is not ...:
+    if quantization != KEEP:
         spec = dataclasses.replace(spec, quantization=quantization)
     base, _ = build_llava(spec)
     return PeftModel.from_pretrained(base, path), processor
