@@ -108,6 +108,44 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    output = Path(args.output)
+    if args.what == "optim":
+        bench.run_optim(args.params, args.optimizers.split(","), args.steps, args.device, output)
+    elif args.what == "cluster":
+        bench.run_cluster(args.elements, args.n_clusters, args.device, output)
+    else:
+        bench.run_train(args.optimizers.split(","), args.steps, args.text_tokens, output, tiny=args.tiny)
+    return 0
+
+
+def _add_bench(commands) -> None:
+    from .bench import OPTIMIZERS, PARAM_SETS
+
+    bench = commands.add_parser("bench", help="benchmark optimizer steps, SGG's re-clustering, a LLaVA step")
+    kinds = bench.add_subparsers(dest="what", required=True)
+    optim = kinds.add_parser("optim", help="time each optimizer's step side by side on one set of parameters")
+    optim.add_argument("--params", choices=sorted(PARAM_SETS), default="1b",
+                       help="1b: LLaMA-1B shapes (1.34B); 7b-lora: LLaVA-7B's LoRA r=128 matrices; tiny: CPU")
+    optim.add_argument("--optimizers", default="adamw,adamw_sgg", help=f"comma-separated, of: {','.join(OPTIMIZERS)}")
+    optim.add_argument("--steps", type=int, default=20, help="timed steps per optimizer (median reported)")
+    optim.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    cluster = kinds.add_parser("cluster", help="one re-clustering of one layer: default backend vs sklearn")
+    cluster.add_argument("--elements", type=int, default=2048 * 5461, help="layer size (default: a 1B MLP matrix)")
+    cluster.add_argument("--n-clusters", type=int, default=3)
+    cluster.add_argument("--device", default=None, help="default: cpu")
+    train = kinds.add_parser("train", help="LLaVA-7B-shaped LoRA steps (random weights, bf16) per optimizer")
+    train.add_argument("--optimizers", default="adamw,adamw_sgg")
+    train.add_argument("--steps", type=int, default=20)
+    train.add_argument("--text-tokens", type=int, default=300)
+    train.add_argument("--tiny", action="store_true", help="tiny model parts instead of the 7B shapes")
+    for parser in (optim, cluster, train):
+        parser.add_argument("--output", default="runs/bench", help="folder for the JSON report")
+        parser.set_defaults(func=_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -173,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                          choices=["adamw", "adafactor", "lamb"], help="base optimizers to compare")
     example.add_argument("--seed", type=int, default=0)
     example.set_defaults(func=_sgg_example)
+
+    _add_bench(commands)
     return parser
 
 

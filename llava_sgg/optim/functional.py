@@ -15,6 +15,10 @@ from torch import Tensor
 
 __all__ = [
     "assign_clusters",
+    "assign_ids",
+    "deviation_median",
+    "kmeans_1d_rows",
+    "rows_cluster_mda",
     "cluster_mda",
     "ema_scales",
     "kmeans_1d",
@@ -225,3 +229,213 @@ def ema_scales(scales: Tensor, target: Tensor, counts: Tensor, beta3: float) -> 
     """Eq. 7: S <- beta3 * S + (1 - beta3) * r; an empty cluster keeps its scale."""
     updated = beta3 * scales + (1 - beta3) * target.to(scales.dtype)
     return torch.where(counts.to(scales.device) > 0, updated, scales)
+
+
+# ---------------------------------------------------------------------------
+# Batched re-clustering: every layer of one work size at once, on its device.
+#
+# A layer's work set (all its values, or a uniform sample of a large layer) is
+# one row of a [L, n] tensor, sorted once by *signed* value. With prefix sums
+# of f(x) and x^2 along the sorted rows, everything the re-clustering needs is
+# a searchsorted away, whether clusters are intervals of |x| (two index ranges
+# of the signed order) or of x (one range): the k-means cost of any threshold
+# pair, each cluster's size, and how many of its elements lie within t of the
+# layer mean (an index window), which gives its exact median by bisection on t.
+# No host synchronisation, a fixed number of launches per group of layers.
+
+
+def _stats_below(xs: Tensor, p1: Tensor, p2: Tensor, t: Tensor, signed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Count, sum of f(x) and sum of x^2 over {f(x) <= t} for every row and query t [L, Q]."""
+    hi = torch.searchsorted(xs, t.contiguous(), right=True)
+    lo = torch.zeros_like(hi) if signed else torch.minimum(torch.searchsorted(xs, (-t).contiguous()), hi)
+    count = (hi - lo).to(p1.dtype)
+    return count, p1.gather(1, hi) - p1.gather(1, lo), p2.gather(1, hi) - p2.gather(1, lo)
+
+
+def _partition_sse(xs, p1, p2, thresholds, signed):
+    """Per-row SSE and cluster (count, sum) of the partition given by [L, K-1] thresholds."""
+    L = xs.shape[0]
+    inf = xs.new_full((L, 1), float("inf"))
+    bounds = torch.cat([-inf, thresholds, inf], dim=1)
+    count, s1, s2 = _stats_below(xs, p1, p2, bounds, signed)
+    count, s1, s2 = count.diff(dim=1), s1.diff(dim=1), s2.diff(dim=1)
+    sse = (s2 - s1 * s1 / count.clamp(min=1)).clamp(min=0).sum(dim=1)
+    return sse, count, s1
+
+
+def kmeans_1d_rows(xs: Tensor, n_clusters: int, *, signed: bool = False, grid: int = DEFAULT_GRID,
+                   exact_size: int = EXACT_SIZE, lloyd_iters: int = 10) -> Tensor:
+    """Thresholds [L, K-1] of a near-optimal 1-D k-means of f(x) for every row of sorted ``xs`` [L, n].
+
+    f = |x| unless ``signed``. The same dynamic programme as :func:`kmeans_1d`,
+    over candidate thresholds rather than split positions: every value of a
+    row with at most ``exact_size`` values (the exact optimum), else ``grid``
+    values spaced by rank and as many spaced by value; then ``lloyd_iters``
+    Lloyd steps, each kept only where it lowers no row's SSE. Thresholds are
+    the midpoints between neighbouring centres.
+    """
+    L, n = xs.shape
+    if n_clusters == 1:
+        return xs.new_zeros(L, 0)
+    f = xs if signed else xs.abs()
+    zero = torch.zeros(L, 1, dtype=torch.float64, device=xs.device)
+    p1 = torch.cat([zero, f.double().cumsum(1)], dim=1)
+    p2 = torch.cat([zero, xs.double().square().cumsum(1)], dim=1)
+    if n <= exact_size:
+        candidates = f
+    else:
+        by_rank = f[:, torch.linspace(0, n - 1, grid + 1, device=xs.device).round().long()]
+        lo, hi = f.min(dim=1, keepdim=True).values, f.max(dim=1, keepdim=True).values
+        by_value = lo + (hi - lo) * torch.linspace(0, 1, grid + 1, device=xs.device)
+        candidates = torch.cat([by_rank, by_value], dim=1)
+    inf = xs.new_full((L, 1), float("inf"))
+    bounds = torch.cat([-inf, candidates.sort(dim=1).values, inf], dim=1)
+    count, s1, s2 = _stats_below(xs, p1, p2, bounds, signed)
+    # cost[l, i, j]: SSE of one cluster holding the values in (bounds[i], bounds[j]].
+    dc = count[:, None, :] - count[:, :, None]
+    d1 = s1[:, None, :] - s1[:, :, None]
+    cost = ((s2[:, None, :] - s2[:, :, None]) - d1 * d1 / dc.clamp(min=1)).clamp(min=0)
+    g = bounds.shape[1]
+    upper = torch.ones(g, g, dtype=torch.bool, device=xs.device).triu(1)
+    cost = cost.masked_fill(~upper, float("inf"))
+    best, choices = cost[:, 0, :], []
+    for _ in range(n_clusters - 1):
+        best, arg = (best[:, :, None] + cost).min(dim=1)
+        choices.append(arg)
+    j = torch.full((L, 1), g - 1, device=xs.device, dtype=torch.long)
+    picked = []
+    for arg in reversed(choices):
+        j = arg.gather(1, j)
+        picked.append(j)
+    thresholds = bounds.gather(1, torch.cat(picked[::-1], dim=1))
+
+    best_sse, cnt, sums = _partition_sse(xs, p1, p2, thresholds, signed)
+    for _ in range(max(lloyd_iters, 1)):
+        centres = sums / cnt.clamp(min=1)
+        candidate = ((centres[:, :-1] + centres[:, 1:]) / 2).to(xs.dtype)
+        sse, new_cnt, new_sums = _partition_sse(xs, p1, p2, candidate, signed)
+        ok = (cnt > 0).all(dim=1) & (new_cnt > 0).all(dim=1) & (sse <= best_sse)
+        ok = ok & (candidate.diff(dim=1) >= 0).all(dim=1) if n_clusters > 2 else ok
+        thresholds = torch.where(ok[:, None], candidate, thresholds)
+        best_sse = torch.where(ok, sse, best_sse)
+        cnt = torch.where(ok[:, None], new_cnt, cnt)
+        sums = torch.where(ok[:, None], new_sums, sums)
+    return thresholds
+
+
+def _cluster_ranges(xs: Tensor, thresholds: Tensor, signed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Index ranges [a1, b1) and [a2, b2) of the sorted rows holding each cluster's elements, each [L, K]."""
+    L, n = xs.shape
+    inf = xs.new_full((L, 1), float("inf"))
+    upper = torch.cat([thresholds, inf], dim=1)  # t_c
+    pos_hi = torch.searchsorted(xs, upper.contiguous(), right=True)
+    if signed:
+        pos_lo = torch.cat([torch.zeros_like(pos_hi[:, :1]), pos_hi[:, :-1]], dim=1)
+        empty = torch.zeros_like(pos_hi)
+        return empty, empty, pos_lo, pos_hi
+    zero = torch.searchsorted(xs, xs.new_zeros(L, 1))  # first x >= 0
+    pos_lo = torch.cat([zero, torch.searchsorted(xs, thresholds.contiguous(), right=True)], dim=1)
+    neg_lo = torch.searchsorted(xs, (-upper).contiguous())
+    neg_hi = torch.cat([zero, torch.searchsorted(xs, (-thresholds).contiguous())], dim=1)
+    pos_lo = torch.minimum(pos_lo, pos_hi)
+    neg_lo = torch.minimum(neg_lo, neg_hi)
+    return neg_lo, neg_hi, pos_lo, pos_hi
+
+
+def rows_cluster_mda(xs: Tensor, mean: Tensor, thresholds: Tensor, *, signed: bool = False
+                     ) -> tuple[Tensor, Tensor]:
+    """Lower median of |x - mean| in each cluster, and each cluster's size, for sorted rows ``xs``.
+
+    Returns ([L, K] float32 medians, [L, K] counts); an empty cluster gets
+    median 0. Exact: a bisection over the float32 bit patterns of t finds the
+    smallest t with at least k+1 of the cluster's elements inside
+    [mean - t, mean + t] (an index window of the sorted row), k = (count-1)//2.
+    """
+    neg_lo, neg_hi, pos_lo, pos_hi = _cluster_ranges(xs, thresholds, signed)
+    counts = (neg_hi - neg_lo) + (pos_hi - pos_lo)
+    need = (counts - 1) // 2 + 1
+    mean = mean.to(xs.dtype)[:, None]
+    lo = torch.zeros_like(counts)
+    hi = torch.full_like(counts, 0x7F800000)  # bit pattern of +inf
+    for _ in range(31):
+        mid = (lo + hi) // 2
+        t = mid.to(torch.int32).view(torch.float32).to(xs.dtype)
+        w_lo = torch.searchsorted(xs, (mean - t).contiguous())
+        w_hi = torch.searchsorted(xs, (mean + t).contiguous(), right=True)
+        inside = ((torch.minimum(neg_hi, w_hi) - torch.maximum(neg_lo, w_lo)).clamp(min=0)
+                  + (torch.minimum(pos_hi, w_hi) - torch.maximum(pos_lo, w_lo)).clamp(min=0))
+        enough = inside >= need
+        hi = torch.where(enough, mid, hi)
+        lo = torch.where(enough, lo, mid + 1)
+    medians = hi.to(torch.int32).view(torch.float32)
+    return torch.where(counts > 0, medians, torch.zeros_like(medians)), counts
+
+
+def assign_ids(x: Tensor, thresholds: Tensor, *, signed: bool = False) -> Tensor:
+    """uint8 cluster ids shaped like ``x``: one pass on a GPU, the torch ops elsewhere."""
+    from .fused import BLOCK, available, triton_cdiv
+
+    values = x.detach()
+    if available(values) and values.is_contiguous():
+        from .kernels import assign_kernel
+
+        ids = torch.empty(values.shape, dtype=torch.uint8, device=values.device)
+        thr = thresholds.float().contiguous() if thresholds.numel() else values.new_zeros(1, dtype=torch.float32)
+        assign_kernel[(triton_cdiv(values.numel(), BLOCK),)](values, thr, ids, values.numel(),
+                                                             K=thresholds.numel() + 1, ABS=not signed, BLOCK=BLOCK)
+        return ids
+    values = values.float()
+    return assign_clusters(values if signed else values.abs(), thresholds.float()).to(torch.uint8)
+
+
+# Bit fields of the deviation's float32 pattern, high first: 11 + 10 + 10 bits.
+_LEVELS = ((31, 20, 2048), (20, 10, 1024), (10, 0, 1024))
+
+
+def _deviation_histogram(x: Tensor, mean: Tensor, prefix: Tensor, level: tuple[int, int, int],
+                         out: Tensor) -> None:
+    match_shift, shift, nbins = level
+    if available_gpu(x):
+        from .fused import BLOCK, triton_cdiv
+        from .kernels import deviation_histogram_kernel
+
+        iters = 16
+        deviation_histogram_kernel[(triton_cdiv(x.numel(), iters * BLOCK),)](
+            x, mean, prefix, out, x.numel(), MATCH_SHIFT=match_shift, SHIFT=shift, NBINS=nbins, BLOCK=BLOCK,
+            ITERS=iters)
+        return
+    bits = _float_bits((x.float() - mean).abs()).flatten()
+    keep = (bits >> match_shift) == prefix
+    out += torch.bincount((bits[keep] >> shift) & (nbins - 1), minlength=nbins)
+
+
+def available_gpu(x: Tensor) -> bool:
+    from .fused import available
+
+    return available(x) and x.is_contiguous() and x.dtype == torch.float32
+
+
+def deviation_median(tensors: list[Tensor], means: list[Tensor]) -> Tensor:
+    """Exact lower median of |x - mean| pooled over all elements of all ``tensors`` (0-d float32).
+
+    Three passes, each a histogram of one bit field of the deviations among
+    those matching the bits chosen so far; the rank bookkeeping stays on the
+    device (no host synchronisation). The histograms are plain counts, so a
+    sharded model can sum them across ranks before each choice.
+    """
+    device = tensors[0].device
+    total = sum(t.numel() for t in tensors)
+    if not total:
+        raise ValueError("deviation_median needs at least one value")
+    rank = torch.tensor((total - 1) // 2, device=device)  # 0-based rank of the lower median
+    prefix = torch.zeros((), dtype=torch.int32, device=device)
+    means = [m.float().reshape(1) for m in means]
+    for level in _LEVELS:
+        hist = torch.zeros(level[2], dtype=torch.long, device=device)
+        for x, mean in zip(tensors, means):
+            _deviation_histogram(x, mean, prefix, level, hist)
+        cum = hist.cumsum(0)
+        b = torch.searchsorted(cum, rank.reshape(1), right=True)[0]
+        rank = rank - torch.where(b > 0, cum[(b - 1).clamp(min=0)], torch.zeros_like(rank))
+        prefix = (prefix << (level[0] - level[1])) | b.to(torch.int32)
+    return prefix.view(torch.float32)

@@ -11,6 +11,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
+from . import fused
 from .steps import LambSteps
 
 __all__ = ["Lamb"]
@@ -45,6 +46,7 @@ class Lamb(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        fused_items: dict[torch.device, list] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -52,6 +54,11 @@ class Lamb(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("Lamb does not support sparse gradients")
                 state = self.state[p]
+                if fused.supports(LambSteps, group, p):  # a CUDA device with Triton: two passes per tensor
+                    fused_items.setdefault(p.device, []).append((group, p, state, None))
+                    continue
                 LambSteps.moments(group, p, state)
                 LambSteps.apply(group, p, state, scale=None)
+        for items in fused_items.values():
+            fused.fused_steps(LambSteps, items, decoupled=None)
         return loss

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
+from . import fused as fused_steps
 from .lamb import Lamb
 from .steps import AdafactorSteps, AdamSteps, LambSteps
 
@@ -53,7 +54,9 @@ def _is_int(x) -> bool:
 
 
 def _validate(n_clusters, recluster_interval, beta3, scale_bounds, eps, cluster_on, assignment, backend,
-              exact_limit, sample_size) -> tuple[float, float]:
+              exact_limit, sample_size, fused) -> tuple[float, float]:
+    if not isinstance(fused, bool):
+        raise ValueError(f"fused must be True or False, got {fused!r}")
     if not _is_int(n_clusters) or not 1 <= n_clusters <= MAX_CLUSTERS:
         raise ValueError(f"n_clusters must be an integer in [1, {MAX_CLUSTERS}], got {n_clusters!r}")
     if not _is_int(recluster_interval) or recluster_interval < 1:
@@ -96,16 +99,17 @@ class SGG(Optimizer):
     def __init__(self, optimizer: Optimizer, n_clusters: int = 3, recluster_interval: int = 500,
                  beta3: float = 0.99, scale_bounds: tuple[float, float] = (0.1, 10.0), eps: float = 1e-8, *,
                  cluster_on: str = "abs", assignment: str = "frozen", backend: str = "torch",
-                 exact_limit: int = 2**22, sample_size: int = 2**20, seed: int = 0):
+                 exact_limit: int = 2**22, sample_size: int = 2**20, seed: int = 0, fused: bool = True):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"SGG wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, SGG):
             raise TypeError("SGG cannot wrap another SGG")
         self.scale_bounds = _validate(n_clusters, recluster_interval, beta3, scale_bounds, eps, cluster_on,
-                                      assignment, backend, exact_limit, sample_size)
+                                      assignment, backend, exact_limit, sample_size, fused)
         self.n_clusters, self.recluster_interval, self.beta3, self.eps = n_clusters, recluster_interval, beta3, eps
         self.cluster_on, self.assignment, self.backend = cluster_on, assignment, backend
         self.exact_limit, self.sample_size, self.seed = exact_limit, sample_size, seed
+        self.fused = fused
         self.optimizer = optimizer
         self._steps = _steps_for(optimizer)
         for group in optimizer.param_groups:
@@ -255,9 +259,28 @@ class SGG(Optimizer):
             ids = F.assign_clusters(self._clustered_value(statistic().float()), layer["thresholds"])
         return layer["cluster_scales"][ids]
 
+    def _scale_source(self, p: Tensor) -> fused_steps.ScaleSource | None:
+        layer = self._layers.get(p) if _eligible(p) else None
+        if layer is None:
+            return None
+        if self.assignment == "frozen":
+            return fused_steps.ScaleSource(layer["cluster_scales"], ids=layer["cluster_ids"])
+        return fused_steps.ScaleSource(layer["cluster_scales"], thresholds=layer["thresholds"],
+                                       abs=self.cluster_on == "abs")
+
     def _split_step(self, recluster: bool) -> None:
         steps = self._steps
         active = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if self.fused and not recluster:
+            # Between re-clusterings: one fused pass per tensor where a kernel covers it.
+            by_device: dict[torch.device, list] = {}
+            for group, p in active:
+                if fused_steps.supports(steps, group, p):
+                    by_device.setdefault(p.device, []).append((group, p, self.state[p], self._scale_source(p)))
+            for items in by_device.values():
+                fused_steps.fused_steps(steps, items, self._decoupled)
+            done = {id(p) for items in by_device.values() for _, p, _, _ in items}
+            active = [(g, p) for g, p in active if id(p) not in done]
         for group, p in active:
             if p.grad.is_sparse:
                 raise RuntimeError("SGG does not support sparse gradients")
@@ -291,49 +314,68 @@ class SGG(Optimizer):
             if scale is not None:
                 p.copy_(before[p] + (p - before[p]) * scale)
 
-    def _fit_thresholds(self, values: Tensor, seed: int) -> Tensor:
+    def _fit_thresholds(self, rows: Tensor) -> Tensor:
+        """[L, K-1] thresholds for sorted work rows [L, n]."""
+        signed = self.cluster_on == "signed"
         if self.backend == "sklearn":
-            return F.kmeans_1d_sklearn(values, self.n_clusters, seed=seed)
-        return F.kmeans_1d(values, self.n_clusters)
+            return torch.stack([F.kmeans_1d_sklearn(row if signed else row.abs(), self.n_clusters) for row in rows])
+        return F.kmeans_1d_rows(rows, self.n_clusters, signed=signed)
+
+    # Rows of one work size are stacked and sorted together, at most this many values at a time.
+    ROWS_BATCH_ELEMENTS = 2**27
 
     def _recluster(self, statistics: dict[Tensor, Callable[[], Tensor]]) -> None:
-        """Algorithm 1's re-clustering step over every eligible layer stepped now."""
+        """Algorithm 1's re-clustering step over every eligible layer stepped now.
+
+        Each layer's work set (all its values, or a uniform sample above
+        ``exact_limit``) is a row; rows of one size are sorted together and
+        clustered, and their group medians found, in one batch
+        (:func:`.functional.kmeans_1d_rows`, :func:`.functional.rows_cluster_mda`).
+        Every element then gets its id in one pass, and the model-wide median is
+        exact over all elements (:func:`.functional.deviation_median`).
+        """
         if not statistics:
             return
-        fitted = {}
-        for index, (p, statistic) in enumerate(statistics.items()):
-            x = statistic().float()
-            mean = x.mean()
-            values = self._clustered_value(x).flatten()
-            dev = (x - mean).abs().flatten()
-            seed = self.seed * 1_000_003 + self._sgg_step * 7919 + index
-            if values.numel() > self.exact_limit:
-                # Large layer: fit centres and estimate medians on a uniform sample.
-                generator = torch.Generator(device=values.device).manual_seed(seed)
-                sample = torch.randint(values.numel(), (self.sample_size,), generator=generator,
-                                       device=values.device)
-                thresholds = self._fit_thresholds(values[sample], seed)
-                ids = F.assign_clusters(values, thresholds)
-                mda, _ = F.cluster_mda(dev[sample], ids[sample], self.n_clusters)
-                counts = torch.bincount(ids.long(), minlength=self.n_clusters)
-            else:
-                thresholds = self._fit_thresholds(values, seed)
-                ids = F.assign_clusters(values, thresholds)
-                mda, counts = F.cluster_mda(dev, ids, self.n_clusters)
-            fitted[p] = (mean, thresholds, ids.to(torch.uint8).view(p.shape), mda, counts)
-
-        def all_deviations():
-            for p, statistic in statistics.items():
-                yield (statistic().float() - fitted[p][0]).abs()
-
-        global_mda = F.pooled_lower_median(all_deviations)
-        for p, (_, thresholds, ids, mda, counts) in fitted.items():
+        params = list(statistics)
+        values = [statistics[p]().detach().float().reshape(-1).contiguous() for p in params]
+        means = [x.mean() for x in values]
+        signed = self.cluster_on == "signed"
+        by_size: dict[tuple[torch.device, int], list[int]] = {}
+        for i, x in enumerate(values):
+            size = x.numel() if x.numel() <= self.exact_limit else self.sample_size
+            by_size.setdefault((x.device, size), []).append(i)
+        thresholds, mda, counts = [None] * len(params), [None] * len(params), [None] * len(params)
+        for (_, size), members in by_size.items():
+            per_batch = max(1, self.ROWS_BATCH_ELEMENTS // size)
+            for start in range(0, len(members), per_batch):
+                batch = members[start:start + per_batch]
+                rows = torch.stack([self._work_row(values[i], i) for i in batch]).sort(dim=1).values
+                fitted = self._fit_thresholds(rows)
+                medians, sizes = F.rows_cluster_mda(rows, torch.stack([means[i] for i in batch]), fitted,
+                                                    signed=signed)
+                for j, i in enumerate(batch):
+                    thresholds[i], mda[i], counts[i] = fitted[j], medians[j], sizes[j]
+        global_mda = F.deviation_median(values, means)
+        for i, (p, x) in enumerate(zip(params, values)):
+            ids = None
+            if self.assignment == "frozen" or x.numel() > self.exact_limit:
+                ids = F.assign_ids(x, thresholds[i], signed=signed)
+            if x.numel() > self.exact_limit:  # sizes of the whole layer, not of its sample
+                counts[i] = torch.bincount(ids, minlength=self.n_clusters)[: self.n_clusters]
             layer = self._layers.setdefault(p, {})
             scales = layer.get("cluster_scales", torch.ones(self.n_clusters, device=p.device))
-            target = F.target_scales(global_mda.to(mda.device), mda, self.scale_bounds, self.eps)
-            layer["cluster_scales"] = F.ema_scales(scales, target, counts, self.beta3)
+            target = F.target_scales(global_mda.to(mda[i].device), mda[i], self.scale_bounds, self.eps)
+            layer["cluster_scales"] = F.ema_scales(scales, target, counts[i], self.beta3)
             if self.assignment == "frozen":
-                layer["cluster_ids"] = ids
+                layer["cluster_ids"] = ids.view(p.shape)
             else:
-                layer["thresholds"] = thresholds
+                layer["thresholds"] = thresholds[i]
         self.global_mda = float(global_mda)
+
+    def _work_row(self, x: Tensor, index: int) -> Tensor:
+        """All of a layer's values, or above ``exact_limit`` a seeded uniform sample of them."""
+        if x.numel() <= self.exact_limit:
+            return x
+        seed = self.seed * 1_000_003 + self._sgg_step * 7919 + index
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        return x[torch.randint(x.numel(), (self.sample_size,), generator=generator, device=x.device)]

@@ -41,13 +41,17 @@ class AdamSteps:
                 raise ValueError(f"SGG supports Adam/AdamW with {flag}=False only (got {flag}=True)")
 
     @staticmethod
-    def moments(group: dict, p: Tensor, state: dict, decoupled: bool) -> None:
+    def init_state(group: dict, p: Tensor, state: dict) -> None:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @classmethod
+    def moments(cls, group: dict, p: Tensor, state: dict, decoupled: bool) -> None:
         if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["amsgrad"]:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            cls.init_state(group, p, state)
         grad = -p.grad if group["maximize"] else p.grad
         beta1, beta2 = (_scalar(b) for b in group["betas"])
         lr, weight_decay = _scalar(group["lr"]), group["weight_decay"]
@@ -116,7 +120,8 @@ class AdafactorSteps:
         return update.div_((cls._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
 
     @classmethod
-    def moments(cls, group: dict, p: Tensor, state: dict, decoupled: bool = False) -> None:
+    def init_state(cls, group: dict, p: Tensor, state: dict) -> None:
+        """transformers' state on the first step; on later steps its tensors follow the gradient's dtype."""
         grad = cls._grad(p)
         shape = grad.shape
         factored, first_moment = grad.ndim >= 2, group["beta1"] is not None
@@ -134,6 +139,12 @@ class AdafactorSteps:
             for key in ("exp_avg", "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
                 if key in state:
                     state[key] = state[key].to(grad)
+
+    @classmethod
+    def moments(cls, group: dict, p: Tensor, state: dict, decoupled: bool = False) -> None:
+        cls.init_state(group, p, state)
+        grad = cls._grad(p)
+        factored, first_moment = grad.ndim >= 2, group["beta1"] is not None
         state["step"] += 1
         state["RMS"] = cls._rms(p.float() if p.dtype in (torch.float16, torch.bfloat16) else p)
         beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
@@ -181,11 +192,15 @@ class LambSteps:
         pass
 
     @staticmethod
-    def moments(group: dict, p: Tensor, state: dict, decoupled: bool = False) -> None:
+    def init_state(group: dict, p: Tensor, state: dict) -> None:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @classmethod
+    def moments(cls, group: dict, p: Tensor, state: dict, decoupled: bool = False) -> None:
         if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            cls.init_state(group, p, state)
         beta1, beta2 = group["betas"]
         grad = p.grad
         state["step"] += 1

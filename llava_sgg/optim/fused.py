@@ -1,0 +1,209 @@
+"""Fused GPU steps: each base optimizer's update with SGG's per-element scale, one pass per tensor.
+
+:mod:`.steps` is the reference: ``moments`` then ``apply``, a dozen torch ops
+per tensor. On a CUDA device with Triton the functions here do the same
+arithmetic in the kernels of :mod:`.kernels`, reading every tensor once; the
+cluster id of an element is read as one byte (frozen ids) or re-derived from
+the K-1 thresholds inside the kernel (dynamic ids), so the scale costs at most
+one extra byte per element. Anything these kernels do not cover (CPU tensors,
+amsgrad, Adafactor with a first moment or on non-matrix tensors, sparse
+gradients) takes the reference path, which the CPU test suite runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from torch import Tensor
+
+from .steps import AdafactorSteps, AdamSteps, LambSteps
+
+__all__ = ["ScaleSource", "available", "supports", "fused_steps"]
+
+BLOCK = 2048
+TILE_ROWS, TILE_COLS = 32, 128
+
+
+@cache
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        from . import kernels  # noqa: F401
+    except Exception:  # no Triton, or a Triton that cannot build here
+        return False
+    return True
+
+
+def available(t: Tensor) -> bool:
+    """Whether the fused kernels can run on ``t``'s device."""
+    return t.is_cuda and _triton_ok()
+
+
+@dataclass
+class ScaleSource:
+    """Where a layer's per-element scale comes from: frozen uint8 ids, or thresholds on the statistic."""
+
+    scales: Tensor
+    ids: Tensor | None = None
+    thresholds: Tensor | None = None
+    abs: bool = True
+
+
+def supports(steps, group: dict, p: Tensor) -> bool:
+    """Whether ``p`` can take the fused step of ``steps`` (else the caller runs the reference path)."""
+    if not available(p) or p.grad is None or p.grad.is_sparse or not p.is_contiguous() \
+            or not p.grad.is_contiguous():
+        return False
+    if steps is AdamSteps:
+        return not group["amsgrad"]
+    if steps is LambSteps:
+        return True
+    if steps is AdafactorSteps:
+        return p.ndim == 2 and group["beta1"] is None
+    return False
+
+
+def _scale_args(source: ScaleSource | None, device) -> tuple:
+    """(mode, ids, scales, thresholds, K, abs) for the kernels; unused pointers get a dummy tensor."""
+    from .kernels import DYNAMIC, FROZEN, NO_SCALE
+
+    if source is None:
+        dummy = torch.empty(1, device=device)
+        return NO_SCALE, dummy, dummy, dummy, 1, True
+    k = source.scales.numel()
+    if source.ids is not None:
+        return FROZEN, source.ids, source.scales, source.scales, k, source.abs
+    thresholds = source.thresholds.float() if source.thresholds.numel() else source.scales
+    return DYNAMIC, source.scales, source.scales, thresholds, k, source.abs
+
+
+def fused_steps(steps, items: list[tuple[dict, Tensor, dict, ScaleSource | None]], decoupled) -> None:
+    """One fused step of every (group, p, state, scale source) in ``items`` (all on a CUDA device)."""
+    if steps is AdamSteps:
+        _adam(items, decoupled)
+    elif steps is LambSteps:
+        _lamb(items)
+    elif steps is AdafactorSteps:
+        _adafactor(items)
+    else:
+        raise ValueError(f"no fused step for {steps!r}")
+
+
+def _scalar(x) -> float:
+    return float(x) if isinstance(x, Tensor) else x
+
+
+def _adam(items, decoupled) -> None:
+    from .kernels import adam_kernel
+
+    for group, p, state, _ in items:
+        if not state:
+            AdamSteps.init_state(group, p, state)
+    # Fused/foreach-on-device AdamW keep `step` on the GPU: one launch bumps them all.
+    on_device = [state["step"] for _, _, state, _ in items if state["step"].device.type != "cpu"]
+    if on_device:
+        torch._foreach_add_(on_device, 1.0)
+    for group, p, state, source in items:
+        step_t = state["step"]
+        beta1, beta2 = (_scalar(b) for b in group["betas"])
+        lr = _scalar(group["lr"])
+        if step_t.device.type == "cpu":
+            step_t += 1
+            step = float(step_t)
+            step_size, bc2_sqrt, step_ptr, on_dev = lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, p, False
+        else:
+            step_size, bc2_sqrt, step_ptr, on_dev = 0.0, 1.0, step_t, True
+        mode, ids, scales, thresholds, k, absolute = _scale_args(source, p.device)
+        n = p.numel()
+        adam_kernel[(triton_cdiv(n, BLOCK),)](
+            p, p.grad, state["exp_avg"], state["exp_avg_sq"], ids, scales, thresholds, step_ptr, n,
+            lr, beta1, beta2, group["eps"], group["weight_decay"], -1.0 if group["maximize"] else 1.0,
+            step_size, bc2_sqrt, DECOUPLED=decoupled(group), MODE=mode, K=k, ABS=absolute,
+            STEP_ON_DEVICE=on_dev, BLOCK=BLOCK)
+
+
+def _lamb(items) -> None:
+    from .kernels import lamb_apply_kernel, lamb_moments_kernel
+
+    norms = torch.zeros(len(items), 2, device=items[0][1].device)
+    for i, (group, p, state, _) in enumerate(items):
+        if not state:
+            LambSteps.init_state(group, p, state)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        step = float(state["step"])
+        n = p.numel()
+        lamb_moments_kernel[(triton_cdiv(n, BLOCK),)](
+            p, p.grad, state["exp_avg"], state["exp_avg_sq"], norms[i], n, beta1, beta2, group["eps"],
+            group["weight_decay"], 1 - beta1**step, 1 - beta2**step, BLOCK=BLOCK)
+    for i, (group, p, state, source) in enumerate(items):
+        beta1, beta2 = group["betas"]
+        step = float(state["step"])
+        mode, ids, scales, thresholds, k, absolute = _scale_args(source, p.device)
+        clamp = group["clamp_value"]
+        n = p.numel()
+        lamb_apply_kernel[(triton_cdiv(n, BLOCK),)](
+            p, state["exp_avg"], state["exp_avg_sq"], ids, scales, thresholds, norms[i], n, group["lr"],
+            group["eps"], group["weight_decay"], 1 - beta1**step, 1 - beta2**step,
+            0.0 if clamp is None else clamp, MODE=mode, K=k, ABS=absolute, CLAMP=clamp is not None,
+            BLOCK=BLOCK)
+
+
+def _adafactor(items) -> None:
+    from .kernels import adafactor_apply_kernel, adafactor_norms_kernel, adafactor_sq_sums_kernel
+
+    device = items[0][1].device
+    for group, p, state, _ in items:
+        AdafactorSteps.init_state(group, p, state)
+        state["step"] += 1
+    sizes = [(p.shape[0], p.shape[1]) for _, p, _, _ in items]
+    sq_sums = torch.zeros(sum(r + c for r, c in sizes), device=device).split([x for rc in sizes for x in rc])
+    row_sums, col_sums = list(sq_sums[0::2]), list(sq_sums[1::2])
+    for (group, p, _, _), row, col, (r, c) in zip(items, row_sums, col_sums, sizes):
+        grid = (triton_cdiv(r, TILE_ROWS), triton_cdiv(c, TILE_COLS))
+        adafactor_sq_sums_kernel[grid](p.grad, row, col, r, c, group["eps"][0], BR=TILE_ROWS, BC=TILE_COLS)
+    # The moments of all tensors with one launch per operation (transformers' Adafactor: per tensor).
+    by_rate: dict[float, list[int]] = {}
+    for i, (group, _, state, _) in enumerate(items):
+        by_rate.setdefault(1.0 - math.pow(state["step"], group["decay_rate"]), []).append(i)
+    for beta2t, index in by_rate.items():
+        rows = [items[i][2]["exp_avg_sq_row"] for i in index]
+        cols = [items[i][2]["exp_avg_sq_col"] for i in index]
+        torch._foreach_mul_(rows, beta2t)
+        torch._foreach_mul_(cols, beta2t)
+        torch._foreach_add_(rows, torch._foreach_div([row_sums[i] for i in index], [sizes[i][1] for i in index]),
+                            alpha=1.0 - beta2t)
+        torch._foreach_add_(cols, torch._foreach_div([col_sums[i] for i in index], [sizes[i][0] for i in index]),
+                            alpha=1.0 - beta2t)
+    rows = [state["exp_avg_sq_row"] for _, _, state, _ in items]
+    row_means = torch._foreach_div(torch._foreach_norm(rows, 1), [r for r, _ in sizes])
+    r_factors = torch._foreach_rsqrt(torch._foreach_div(rows, row_means))
+    c_factors = torch._foreach_rsqrt([state["exp_avg_sq_col"] for _, _, state, _ in items])
+    sums = torch.zeros(len(items), 2, device=device)
+    for i, ((group, p, _, _), (r, c)) in enumerate(zip(items, sizes)):
+        grid = (triton_cdiv(r, TILE_ROWS), triton_cdiv(c, TILE_COLS))
+        adafactor_norms_kernel[grid](p.grad, p, r_factors[i], c_factors[i], sums[i], r, c,
+                                     WITH_P=group["scale_parameter"], BR=TILE_ROWS, BC=TILE_COLS)
+    for i, ((group, p, state, source), (r, c)) in enumerate(zip(items, sizes)):
+        lr = group["lr"]
+        if group["relative_step"]:
+            min_step = 1e-6 * state["step"] if group["warmup_init"] else 1e-2
+            lr = min(min_step, 1.0 / math.sqrt(state["step"]))
+        mode, ids, scales, thresholds, k, absolute = _scale_args(source, p.device)
+        grid = (triton_cdiv(r, TILE_ROWS), triton_cdiv(c, TILE_COLS))
+        adafactor_apply_kernel[grid](
+            p.grad, p, r_factors[i], c_factors[i], sums[i], ids, scales, thresholds, r, c, r * c, lr,
+            group["weight_decay"], group["clip_threshold"], group["eps"][1], MODE=mode, K=k, ABS=absolute,
+            SCALE_PARAM=group["scale_parameter"], P_NORM=not group["scale_parameter"], BR=TILE_ROWS,
+            BC=TILE_COLS)
+    rms = sums[:, 1].sqrt() / torch.tensor([float(r * c) for r, c in sizes], device=device).sqrt()
+    for (_, _, state, _), value in zip(items, rms.unbind()):
+        state["RMS"] = value
+
+
+def triton_cdiv(n: int, block: int) -> int:
+    return (n + block - 1) // block

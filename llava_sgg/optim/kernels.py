@@ -1,0 +1,206 @@
+"""Triton kernels for SGG's GPU paths: fused optimizer updates and one-pass re-clustering work.
+
+Written by hand because no library fuses SGG's per-element scale S_l[C_l(i)]
+into an optimizer update: torch's fused AdamW, transformers' Adafactor and
+timm's Lamb all step without it, and multiplying afterwards costs a second
+pass over every tensor (the step is memory-bound, so a second pass is a
+second step). Each kernel reads every tensor once and keeps the arithmetic of
+:mod:`.steps` (the reference path), in float32 whatever the storage dtype.
+
+Import this module only where Triton and a CUDA device exist;
+:mod:`.fused` decides that and otherwise runs the reference path.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Scale modes: no scale, frozen uint8 ids, ids re-derived from thresholds.
+NO_SCALE, FROZEN, DYNAMIC = 0, 1, 2
+
+
+@triton.jit
+def _scale_of(stat, ids_ptr, scales_ptr, thr_ptr, offs, mask, MODE: tl.constexpr, K: tl.constexpr,
+              ABS: tl.constexpr):
+    """S[C(i)]: from stored ids, or from the thresholds (id = thresholds strictly below the value)."""
+    if MODE == 1:
+        ids = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32)
+    else:
+        value = tl.abs(stat) if ABS else stat
+        ids = tl.zeros(value.shape, dtype=tl.int32)
+        for j in tl.static_range(K - 1):
+            ids += (value > tl.load(thr_ptr + j)).to(tl.int32)
+    return tl.load(scales_ptr + ids, mask=mask, other=1.0)
+
+
+@triton.jit
+def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, ids_ptr, scales_ptr, thr_ptr, step_ptr, n,
+                lr, beta1, beta2, eps, weight_decay, grad_sign, step_size, bc2_sqrt,
+                DECOUPLED: tl.constexpr, MODE: tl.constexpr, K: tl.constexpr, ABS: tl.constexpr,
+                STEP_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_sign
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    if DECOUPLED:
+        p = p * (1.0 - lr * weight_decay)
+    else:
+        g = g + weight_decay * p
+    m = m + (1.0 - beta1) * (g - m)  # lerp_(grad, 1 - beta1)
+    v = v * beta2 + (1.0 - beta2) * (g * g)
+    if STEP_ON_DEVICE:  # fused/foreach AdamW keeps `step` on the device: no host sync for it
+        step = tl.load(step_ptr)
+        step_size = lr / (1.0 - tl.exp2(step * tl.log2(beta1)))
+        bc2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * tl.log2(beta2)))
+    denom = tl.sqrt_rn(v) / bc2_sqrt + eps
+    update = m
+    if MODE != 0:
+        update = m * _scale_of(m, ids_ptr, scales_ptr, thr_ptr, offs, mask, MODE, K, ABS)
+    p = p - step_size * tl.div_rn(update, denom)
+    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def lamb_moments_kernel(p_ptr, g_ptr, m_ptr, v_ptr, norms_ptr, n, beta1, beta2, eps, weight_decay, bc1, bc2,
+                        BLOCK: tl.constexpr):
+    """Pass 1 of LAMB: moments, and the squared norms of the unscaled update r and of w."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32) * beta1 + (1.0 - beta1) * g
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32) * beta2 + (1.0 - beta2) * (g * g)
+    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+    r = tl.div_rn(m / bc1, tl.sqrt_rn(v / bc2) + eps) + weight_decay * p
+    r = tl.where(mask, r, 0.0)
+    tl.atomic_add(norms_ptr, tl.sum(r * r, axis=0))
+    tl.atomic_add(norms_ptr + 1, tl.sum(p * p, axis=0))
+
+
+@triton.jit
+def lamb_apply_kernel(p_ptr, m_ptr, v_ptr, ids_ptr, scales_ptr, thr_ptr, norms_ptr, n, lr, eps, weight_decay,
+                      bc1, bc2, clamp_value, MODE: tl.constexpr, K: tl.constexpr, ABS: tl.constexpr,
+                      CLAMP: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2 of LAMB: w <- w - lr * trust * S[C] * r, the trust ratio from the unscaled r."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    r = tl.div_rn(m / bc1, tl.sqrt_rn(v / bc2) + eps) + weight_decay * p
+    update_norm = tl.sqrt_rn(tl.load(norms_ptr))
+    weight_norm = tl.sqrt_rn(tl.load(norms_ptr + 1))
+    if CLAMP:
+        weight_norm = tl.minimum(weight_norm, clamp_value)
+    trust = tl.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, 1.0)
+    if MODE != 0:
+        r = r * _scale_of(m, ids_ptr, scales_ptr, thr_ptr, offs, mask, MODE, K, ABS)
+    p = p - lr * (r * trust)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def adafactor_sq_sums_kernel(g_ptr, row_ptr, col_ptr, R, C, eps1, BR: tl.constexpr, BC: tl.constexpr):
+    """Row and column sums of g^2 + eps1 over a [R, C] gradient, one tile per program."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    g = tl.load(g_ptr + rows[:, None].to(tl.int64) * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sq = tl.where(mask, g * g + eps1, 0.0)
+    tl.atomic_add(row_ptr + rows, tl.sum(sq, axis=1), mask=rows < R)
+    tl.atomic_add(col_ptr + cols, tl.sum(sq, axis=0), mask=cols < C)
+
+
+@triton.jit
+def adafactor_norms_kernel(g_ptr, p_ptr, rf_ptr, cf_ptr, sums_ptr, R, C, WITH_P: tl.constexpr,
+                           BR: tl.constexpr, BC: tl.constexpr):
+    """sum(u^2) of u = g * r_factor * c_factor (for the RMS clip), and sum(w^2) when asked."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rf = tl.load(rf_ptr + rows, mask=rows < R, other=0.0)
+    cf = tl.load(cf_ptr + cols, mask=cols < C, other=0.0)
+    u = rf[:, None] * cf[None, :] * g
+    tl.atomic_add(sums_ptr, tl.sum(tl.sum(u * u, axis=1), axis=0))
+    if WITH_P:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.atomic_add(sums_ptr + 1, tl.sum(tl.sum(p * p, axis=1), axis=0))
+
+
+@triton.jit
+def adafactor_apply_kernel(g_ptr, p_ptr, rf_ptr, cf_ptr, sums_ptr, ids_ptr, scales_ptr, thr_ptr, R, C, numel,
+                           lr, weight_decay, clip_threshold, eps2, MODE: tl.constexpr, K: tl.constexpr,
+                           ABS: tl.constexpr, SCALE_PARAM: tl.constexpr, P_NORM: tl.constexpr,
+                           BR: tl.constexpr, BC: tl.constexpr):
+    """w <- w - wd * lr * w - S[C] * lr * u / max(RMS(u) / clip, 1); optionally sum(w^2) before the step."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rf = tl.load(rf_ptr + rows, mask=rows < R, other=0.0)
+    cf = tl.load(cf_ptr + cols, mask=cols < C, other=0.0)
+    if P_NORM:  # RMS(w) before the step, kept in state["RMS"] as transformers does
+        tl.atomic_add(sums_ptr + 1, tl.sum(tl.sum(p * p, axis=1), axis=0))
+    rms = tl.sqrt_rn(tl.load(sums_ptr)) / tl.sqrt_rn(numel.to(tl.float32))
+    u = tl.div_rn(rf[:, None] * cf[None, :] * g, tl.maximum(rms / clip_threshold, 1.0))
+    if SCALE_PARAM:
+        rms_p = tl.sqrt_rn(tl.load(sums_ptr + 1)) / tl.sqrt_rn(numel.to(tl.float32))
+        lr = tl.maximum(eps2, rms_p) * lr
+    step = u * lr
+    if MODE != 0:
+        step = step * _scale_of(u, ids_ptr, scales_ptr, thr_ptr, offs, mask, MODE, K, ABS)
+    p = p + p * (-weight_decay * lr)
+    p = p - step
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def assign_kernel(x_ptr, thr_ptr, ids_ptr, n, K: tl.constexpr, ABS: tl.constexpr, BLOCK: tl.constexpr):
+    """uint8 cluster id of every element: the number of thresholds strictly below f(x)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    value = tl.abs(x) if ABS else x
+    ids = tl.zeros(value.shape, dtype=tl.int32)
+    for j in tl.static_range(K - 1):
+        ids += (value > tl.load(thr_ptr + j)).to(tl.int32)
+    tl.store(ids_ptr + offs, ids.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def deviation_histogram_kernel(x_ptr, mu_ptr, prefix_ptr, hist_ptr, n, MATCH_SHIFT: tl.constexpr,
+                               SHIFT: tl.constexpr, NBINS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Histogram of bit fields of dev = |x - mean| among the elements whose higher bits equal a prefix.
+
+    Non-negative floats order like their int32 bit patterns, so a few such
+    passes (high bits first) find an exact order statistic of any pool of
+    tensors. Each program counts ITERS blocks in registers and adds its counts
+    to the global histogram once, so atomics stay far fewer than elements.
+    """
+    mu = tl.load(mu_ptr)
+    prefix = tl.load(prefix_ptr)
+    counts = tl.zeros((NBINS,), dtype=tl.int32)
+    dropped = 0
+    base = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+    for i in tl.range(ITERS):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        bits = tl.abs(x - mu).to(tl.int32, bitcast=True)
+        keep = mask & ((bits >> MATCH_SHIFT) == prefix)
+        key = tl.where(keep, (bits >> SHIFT) & (NBINS - 1), 0)
+        counts += tl.histogram(key, NBINS)
+        # Elements left out were counted in bin 0: take them back out below.
+        dropped += BLOCK - tl.sum(keep.to(tl.int32), axis=0)
+    counts = counts - tl.where(tl.arange(0, NBINS) == 0, dropped, 0)
+    tl.atomic_add(hist_ptr + tl.arange(0, NBINS), counts.to(tl.int64), mask=counts > 0)

@@ -1,0 +1,171 @@
+"""The batched re-clustering functions and the fused GPU steps, against independent computations.
+
+CPU tests check the batched k-means, cluster medians, pooled median and ids
+(the code every device runs); tests marked for CUDA compare the Triton path
+with the reference path of llava_sgg.optim.steps on the same inputs; a slow
+test runs the Triton kernels on the CPU through Triton's interpreter.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from llava_sgg.optim import Lamb, build_optimizer
+from llava_sgg.optim import functional as F
+from reference import lower_median, optimal_kmeans_1d, sse
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _layers(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(300, generator=g) ** 3, torch.empty(300).exponential_(generator=g) * torch.randn(300).sign(),
+            torch.cat([torch.randn(150, generator=g) * 0.1, 3 + torch.randn(150, generator=g)])]
+
+
+def _ids(x, thresholds, signed=False):
+    values = x.numpy() if signed else np.abs(x.numpy())
+    return (values[:, None] > thresholds.numpy()[None, :]).sum(axis=1)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_kmeans_rows_finds_the_optimal_partition_of_small_layers(k):
+    rows = torch.stack(_layers(0)).sort(dim=1).values
+    thresholds = F.kmeans_1d_rows(rows, k)
+    for row, t in zip(rows, thresholds):
+        values = np.abs(row.numpy())
+        _, best = optimal_kmeans_1d(values, k)
+        assert sse(values, _ids(row, t)) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_kmeans_rows_on_large_layers_is_within_the_spec_bound():
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(4000, generator=g) ** 3
+    rows = values[None].sort(dim=1).values
+    thresholds = F.kmeans_1d_rows(rows, 3, exact_size=1000, grid=64)
+    _, best = optimal_kmeans_1d(np.abs(values.numpy()), 3)
+    assert sse(np.abs(values.numpy()), _ids(values, thresholds[0])) <= 1.02 * best
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_rows_cluster_mda_gives_each_clusters_lower_median_deviation(signed):
+    rows = torch.stack(_layers(2)).sort(dim=1).values
+    means = rows.mean(dim=1)
+    thresholds = F.kmeans_1d_rows(rows, 3, signed=signed)
+    medians, counts = F.rows_cluster_mda(rows, means, thresholds, signed=signed)
+    for row, mean, t, med, cnt in zip(rows, means, thresholds, medians, counts):
+        ids = _ids(row, t, signed)
+        dev = np.abs(row.numpy() - mean.numpy())
+        for c in range(3):
+            assert cnt[c] == (ids == c).sum()
+            expected = lower_median(dev[ids == c]) if (ids == c).any() else 0.0
+            assert float(med[c]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_deviation_median_is_the_lower_median_of_all_deviations_pooled():
+    layers = _layers(3)
+    means = [x.mean() for x in layers]
+    pooled = np.concatenate([np.abs(x.numpy() - m.numpy()) for x, m in zip(layers, means)])
+    assert float(F.deviation_median(layers, means)) == lower_median(pooled)
+
+
+def test_assign_ids_counts_the_thresholds_below_each_magnitude():
+    x = _layers(4)[0].view(20, 15)
+    ids = F.assign_ids(x, torch.tensor([0.2, 1.5]))
+    assert ids.dtype == torch.uint8 and ids.shape == x.shape
+    np.testing.assert_array_equal(ids.flatten().numpy(), _ids(x.flatten(), torch.tensor([0.2, 1.5])))
+
+
+def _train(name, device, fused, dtype=torch.float32, **options):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(333, 700), (700,), (1200, 900)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device, dtype)) for s in shapes]
+    opt = build_optimizer(params, name, lr=1e-2, recluster_interval=2, fused=fused, exact_limit=2**19,
+                          sample_size=2**17, **options)
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(device, dtype)
+        opt.step()
+    return [p.detach().float().cpu() for p in params]
+
+
+@cuda
+@pytest.mark.parametrize("name", ["adamw_sgg", "lamb_sgg", "adafactor_sgg"])
+@pytest.mark.parametrize("assignment", ["frozen", "dynamic"])
+def test_fused_gpu_steps_equal_the_reference_path(name, assignment):
+    fused = _train(name, "cuda", True, assignment=assignment)
+    reference = _train(name, "cuda", False, assignment=assignment)
+    for a, b in zip(fused, reference):
+        assert float((a - b).norm() / b.norm()) < 1e-6
+
+
+@cuda
+def test_fused_gpu_step_in_bf16_stays_close_to_the_reference():
+    fused = _train("adamw_sgg", "cuda", True, torch.bfloat16)
+    reference = _train("adamw_sgg", "cuda", False, torch.bfloat16)
+    for a, b in zip(fused, reference):
+        assert float((a - b).norm() / b.norm()) < 1e-2
+
+
+@cuda
+def test_lamb_on_the_gpu_equals_lamb_on_the_cpu():
+    results = []
+    for device in ("cuda", "cpu"):
+        g = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(300, 500, generator=g).to(device))
+        opt = Lamb([p], lr=1e-2, weight_decay=0.1)
+        for _ in range(5):
+            p.grad = torch.randn(p.shape, generator=g).to(device)
+            opt.step()
+        results.append(p.detach().cpu())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-7)
+
+
+@cuda
+def test_gpu_deviation_median_and_ids_equal_the_cpu_ones():
+    g = torch.Generator().manual_seed(5)
+    layers = [torch.randn(1000, 999, generator=g) ** 3, torch.randn(4096, generator=g)]
+    means = [x.mean() for x in layers]
+    gpu = [x.cuda() for x in layers]
+    assert float(F.deviation_median(gpu, [x.mean() for x in gpu])) == pytest.approx(
+        float(F.deviation_median(layers, means)), rel=1e-6)
+    t = torch.tensor([0.1, 1.0])
+    assert torch.equal(F.assign_ids(gpu[0], t.cuda()).cpu(), F.assign_ids(layers[0], t))
+
+
+@pytest.mark.slow
+def test_triton_kernels_equal_the_reference_path_under_the_interpreter():
+    script = textwrap.dedent("""
+        import torch
+        import llava_sgg.optim.fused as fused
+        from llava_sgg.optim import build_optimizer, functional as F
+        fused.available = lambda t: True
+        F.available_gpu = lambda t: True
+        for name in ("adamw_sgg", "lamb_sgg", "adafactor_sgg"):
+            for assignment in ("frozen", "dynamic"):
+                runs = []
+                for use in (True, False):
+                    g = torch.Generator().manual_seed(0)
+                    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((33, 70), (70,), (20, 9))]
+                    opt = build_optimizer(ps, name, lr=1e-2, recluster_interval=2, fused=use, assignment=assignment)
+                    for _ in range(4):
+                        for p in ps:
+                            p.grad = torch.randn(p.shape, generator=g)
+                        opt.step()
+                    runs.append(ps)
+                for a, b in zip(*runs):
+                    assert float((a - b).norm() / b.norm()) < 1e-6, (name, assignment)
+        x = [torch.randn(5000) ** 3, torch.randn(300)]
+        mu = [t.mean() for t in x]
+        d = torch.cat([(t - m).abs() for t, m in zip(x, mu)]).sort().values
+        assert float(F.deviation_median(x, mu)) == float(d[(d.numel() - 1) // 2])
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
