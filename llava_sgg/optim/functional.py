@@ -244,6 +244,22 @@ def ema_scales(scales: Tensor, target: Tensor, counts: Tensor, beta3: float) -> 
 # No host synchronisation, a fixed number of launches per group of layers.
 
 
+def _row_prefix_sums(values: Tensor) -> Tensor:
+    """[L, n+1] float64 prefix sums along the rows of ``values`` [L, n], each offset by a constant of its row.
+
+    One scan over the flattened rows, not a scan along dim 1: on a GPU that
+    runs a few blocks per row, and a batch is a few dozen rows of millions of
+    values. Row r's sums then start at the total of the rows before it (an
+    overlapping view of the one scan); every use takes differences within a
+    row, where that offset cancels.
+    """
+    L, n = values.shape
+    flat = torch.empty(L * n + 1, dtype=torch.float64, device=values.device)
+    flat[:1] = 0
+    torch.cumsum(values.reshape(-1), 0, dtype=torch.float64, out=flat[1:])
+    return flat.as_strided((L, n + 1), (n, 1))
+
+
 def _stats_below(xs: Tensor, p1: Tensor, p2: Tensor, t: Tensor, signed: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Count, sum of f(x) and sum of x^2 over {f(x) <= t} for every row and query t [L, Q]."""
     hi = torch.searchsorted(xs, t.contiguous(), right=True)
@@ -278,9 +294,8 @@ def kmeans_1d_rows(xs: Tensor, n_clusters: int, *, signed: bool = False, grid: i
     if n_clusters == 1:
         return xs.new_zeros(L, 0)
     f = xs if signed else xs.abs()
-    zero = torch.zeros(L, 1, dtype=torch.float64, device=xs.device)
-    p1 = torch.cat([zero, f.double().cumsum(1)], dim=1)
-    p2 = torch.cat([zero, xs.double().square().cumsum(1)], dim=1)
+    p1 = _row_prefix_sums(f)
+    p2 = _row_prefix_sums(xs.double().square())
     if n <= exact_size:
         candidates = f
     else:
@@ -388,25 +403,31 @@ def assign_ids(x: Tensor, thresholds: Tensor, *, signed: bool = False) -> Tensor
     return assign_clusters(values if signed else values.abs(), thresholds.float()).to(torch.uint8)
 
 
-# Bit fields of the deviation's float32 pattern, high first: 11 + 10 + 10 bits.
-_LEVELS = ((31, 20, 2048), (20, 10, 1024), (10, 0, 1024))
+# Bit fields of the deviation's float32 pattern, high first: 8 + 8 + 8 + 7 bits (the sign bit is 0).
+# Four passes of 256 bins, not three of 2048/1024: on the GPU a pass costs in proportion to its bins.
+_LEVELS = ((31, 23, 256), (23, 15, 256), (15, 7, 256), (7, 0, 128))
+_HISTOGRAM_ITERS = 16  # blocks each GPU program counts before adding to the histogram
 
 
-def _deviation_histogram(x: Tensor, mean: Tensor, prefix: Tensor, level: tuple[int, int, int],
-                         out: Tensor) -> None:
+def _deviation_histograms(tensors: list[Tensor], means: list[Tensor], prefix: Tensor, level: tuple[int, int, int],
+                          out: Tensor) -> None:
+    """Add one level's histogram of all ``tensors`` to ``out``: one launch on a GPU, else per tensor."""
     match_shift, shift, nbins = level
-    if available_gpu(x):
-        from .fused import BLOCK, triton_cdiv
+    if all(available_gpu(x) for x in tensors):
+        from .fused import BLOCK, tensor_table
         from .kernels import deviation_histogram_kernel
 
-        iters = 16
-        deviation_histogram_kernel[(triton_cdiv(x.numel(), iters * BLOCK),)](
-            x, mean, prefix, out, x.numel(), MATCH_SHIFT=match_shift, SHIFT=shift, NBINS=nbins, BLOCK=BLOCK,
-            ITERS=iters)
+        table = tensor_table([(x.data_ptr(),) for x in tensors], [x.numel() for x in tensors],
+                             _HISTOGRAM_ITERS * BLOCK, out.device)
+        if table.programs:
+            deviation_histogram_kernel[(table.programs,)](
+                table.addresses, table.numels, torch.cat(means), table.block_tensor, table.first_block, prefix, out,
+                MATCH_SHIFT=match_shift, SHIFT=shift, NBINS=nbins, BLOCK=BLOCK, ITERS=_HISTOGRAM_ITERS)
         return
-    bits = _float_bits((x.float() - mean).abs()).flatten()
-    keep = (bits >> match_shift) == prefix
-    out += torch.bincount((bits[keep] >> shift) & (nbins - 1), minlength=nbins)
+    for x, mean in zip(tensors, means):
+        bits = _float_bits((x.float() - mean).abs()).flatten()
+        keep = (bits >> match_shift) == prefix
+        out += torch.bincount((bits[keep] >> shift) & (nbins - 1), minlength=nbins)
 
 
 def available_gpu(x: Tensor) -> bool:
@@ -415,16 +436,19 @@ def available_gpu(x: Tensor) -> bool:
     return available(x) and x.is_contiguous() and x.dtype == torch.float32
 
 
-def deviation_median(tensors: list[Tensor], means: list[Tensor]) -> Tensor:
+def deviation_median(tensors: list[Tensor], means: list[Tensor], *, total: int | None = None,
+                     reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Exact lower median of |x - mean| pooled over all elements of all ``tensors`` (0-d float32).
 
-    Three passes, each a histogram of one bit field of the deviations among
-    those matching the bits chosen so far; the rank bookkeeping stays on the
+    Four passes, each a histogram of one bit field of the deviations among
+    those matching the bits chosen so far (on a GPU one launch over all tensors); the rank bookkeeping stays on the
     device (no host synchronisation). The histograms are plain counts, so a
-    sharded model can sum them across ranks before each choice.
+    sharded model sums them across ranks before each choice: ``tensors`` are
+    then this rank's pieces, ``total`` the number of elements over all ranks,
+    and ``reduce`` sums a histogram over the ranks (an all-reduce).
     """
     device = tensors[0].device
-    total = sum(t.numel() for t in tensors)
+    total = sum(t.numel() for t in tensors) if total is None else total
     if not total:
         raise ValueError("deviation_median needs at least one value")
     rank = torch.tensor((total - 1) // 2, device=device)  # 0-based rank of the lower median
@@ -432,8 +456,9 @@ def deviation_median(tensors: list[Tensor], means: list[Tensor]) -> Tensor:
     means = [m.float().reshape(1) for m in means]
     for level in _LEVELS:
         hist = torch.zeros(level[2], dtype=torch.long, device=device)
-        for x, mean in zip(tensors, means):
-            _deviation_histogram(x, mean, prefix, level, hist)
+        _deviation_histograms(tensors, means, prefix, level, hist)
+        if reduce is not None:
+            hist = reduce(hist)
         cum = hist.cumsum(0)
         b = torch.searchsorted(cum, rank.reshape(1), right=True)[0]
         rank = rank - torch.where(b > 0, cum[(b - 1).clamp(min=0)], torch.zeros_like(rank))

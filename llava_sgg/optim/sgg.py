@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import distributed as D
 from . import functional as F
 from . import fused as fused_steps
 from .lamb import Lamb
@@ -120,7 +121,8 @@ class SGG(Optimizer):
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self._wrapping = False
         self.param_groups, self.state, self.defaults = optimizer.param_groups, optimizer.state, optimizer.defaults
-        self._layers: dict[Tensor, dict[str, Tensor]] = {}
+        self._layers: dict[Tensor, dict[str, Tensor]] = {}  # under FSDP2: ids of this rank's shard
+        self._placeholders: set[Tensor] = set()  # layers made by distributed.prepare_state_for_load
         self._sgg_step = 0
         self.global_mda: float | None = None
 
@@ -129,16 +131,18 @@ class SGG(Optimizer):
         """Cluster id of every element of ``p`` (LongTensor shaped like ``p``).
 
         None before the first re-clustering of ``p`` or when ``p`` is not grouped.
+        For a sharded (DTensor) ``p`` a DTensor laid out like ``p``: ``.full_tensor()`` gives all ids.
         """
         layer = self._layers.get(p)
-        if layer is None or not _eligible(p):
+        if layer is None or not _eligible(p) or p in self._placeholders:
             return None
         if self.assignment == "frozen":
-            return layer["cluster_ids"].long()
+            return D.like(layer["cluster_ids"].long(), p)
         statistic = self._current_statistic(p)
         if statistic is None:
             return None
-        return F.assign_clusters(self._clustered_value(statistic.float()), layer["thresholds"]).long()
+        ids = F.assign_clusters(self._clustered_value(D.local(statistic).float()), layer["thresholds"])
+        return D.like(ids.long(), p)
 
     def cluster_scales(self, p: Tensor) -> Tensor | None:
         """The ``n_clusters`` scales of ``p`` (ones until its first re-clustering); None if not grouped."""
@@ -178,13 +182,21 @@ class SGG(Optimizer):
     def state_dict(self) -> dict:
         """The base optimizer's state dict plus an ``"sgg"`` entry of tensors and numbers."""
         state_dict = self.optimizer.state_dict()
-        index = {p: i for i, p in enumerate(self._all_params())}
+        params = self._all_params()
+        index = {p: i for i, p in enumerate(params)}
+        # Sharded ids are saved as DTensors, so torch.distributed.checkpoint can reshard them
+        # onto another world size; "clustered" tells real layers from load templates.
+        layers = {index[p]: {key: D.like(t, p) if key == "cluster_ids" else t for key, t in layer.items()}
+                  for p, layer in self._layers.items() if p in index}
+        clustered = torch.tensor([p in self._layers and p not in self._placeholders for p in params],
+                                 dtype=torch.bool)
         state_dict["sgg"] = {
             "step": self._sgg_step,
             "global_mda": self.global_mda,
             "n_clusters": self.n_clusters,
             "assignment": self.assignment,
-            "layers": {index[p]: dict(layer) for p, layer in self._layers.items() if p in index},
+            "layers": layers,
+            "clustered": clustered,
         }
         return state_dict
 
@@ -207,11 +219,14 @@ class SGG(Optimizer):
             self._layers, self._sgg_step, self.global_mda = {}, 0, None
             return
         params = self._all_params()
+        clustered = sgg.get("clustered")
         self._layers = {
-            params[int(i)]: {key: t.to(params[int(i)].device) for key, t in layer.items()}
-            for i, layer in sgg["layers"].items()
+            params[int(i)]: {key: D.local(t).to(D.local(params[int(i)]).device) for key, t in layer.items()}
+            for i, layer in sgg["layers"].items() if clustered is None or bool(clustered[int(i)])
         }
-        self._sgg_step, self.global_mda = int(sgg["step"]), sgg["global_mda"]
+        self._placeholders = set()
+        self._sgg_step = int(sgg["step"])
+        self.global_mda = None if sgg["global_mda"] is None else float(sgg["global_mda"])
 
     def __repr__(self) -> str:
         return (f"SGG(n_clusters={self.n_clusters}, recluster_interval={self.recluster_interval}, "
@@ -256,8 +271,8 @@ class SGG(Optimizer):
         if self.assignment == "frozen":
             ids = layer["cluster_ids"].int()
         else:
-            ids = F.assign_clusters(self._clustered_value(statistic().float()), layer["thresholds"])
-        return layer["cluster_scales"][ids]
+            ids = F.assign_clusters(self._clustered_value(D.local(statistic()).float()), layer["thresholds"])
+        return D.like(layer["cluster_scales"][ids], p)
 
     def _scale_source(self, p: Tensor) -> fused_steps.ScaleSource | None:
         layer = self._layers.get(p) if _eligible(p) else None
@@ -274,12 +289,14 @@ class SGG(Optimizer):
         if self.fused and not recluster:
             # Between re-clusterings: one fused pass per tensor where a kernel covers it.
             by_device: dict[torch.device, list] = {}
+            done = set()
             for group, p in active:
-                if fused_steps.supports(steps, group, p):
-                    by_device.setdefault(p.device, []).append((group, p, self.state[p], self._scale_source(p)))
+                view = self._fused_view(group, p)
+                if view is not None and fused_steps.supports(steps, group, view[0]):
+                    by_device.setdefault(view[0].device, []).append((group, *view, self._scale_source(p)))
+                    done.add(id(p))
             for items in by_device.values():
                 fused_steps.fused_steps(steps, items, self._decoupled)
-            done = {id(p) for items in by_device.values() for _, p, _, _ in items}
             active = [(g, p) for g, p in active if id(p) not in done]
         for group, p in active:
             if p.grad.is_sparse:
@@ -291,6 +308,25 @@ class SGG(Optimizer):
         for group, p in active:
             scale = self._element_scale(p, statistics[p]) if p in statistics else None
             steps.apply(group, p, self.state[p], scale)
+
+    def _fused_view(self, group: dict, p: Tensor) -> tuple[Tensor, dict] | None:
+        """(parameter, state) as the fused kernels take them: plain tensors.
+
+        A DTensor parameter's AdamW step is elementwise, so its local shard (with the local
+        gradient and state, views of the same storage) takes the fused step; LAMB's trust ratio
+        and Adafactor's factored moments need whole-tensor reductions, so they take the
+        reference path on the DTensors.
+        """
+        if not D.is_dtensor(p):
+            return p, self.state[p]
+        if self._steps is not AdamSteps or p.grad is None:
+            return None
+        state = self.state[p]
+        if not state:
+            AdamSteps.init_state(group, p, state)
+        shard = p.to_local()
+        shard.grad = p.grad.to_local()
+        return shard, {key: D.local(value) for key, value in state.items()}
 
     def _generic_step(self, recluster: bool) -> None:
         # Spec: p <- p_before + S[C] * (p_after_base - p_before). The statistic
@@ -337,40 +373,65 @@ class SGG(Optimizer):
         if not statistics:
             return
         params = list(statistics)
-        values = [statistics[p]().detach().float().reshape(-1).contiguous() for p in params]
-        means = [x.mean() for x in values]
+        stats = [statistics[p]().detach() for p in params]
+        # Under FSDP2 the statistics are DTensors: every rank holds a shard of each. The rows
+        # below are then the full tensors, gathered a batch at a time, so thresholds, means,
+        # group medians and sizes are exactly a single process's; ids are assigned to the local
+        # shard, and the model-wide median sums its histograms over the ranks (docs/sgg.md).
+        sharded = any(D.is_dtensor(x) for x in stats)
+        values = [D.local(x).float().reshape(-1).contiguous() for x in stats]
+        numels = [x.numel() for x in stats]  # of the full tensors
+        means = [None if sharded else x.mean() for x in values]
         signed = self.cluster_on == "signed"
         by_size: dict[tuple[torch.device, int], list[int]] = {}
         for i, x in enumerate(values):
-            size = x.numel() if x.numel() <= self.exact_limit else self.sample_size
+            size = numels[i] if numels[i] <= self.exact_limit else self.sample_size
             by_size.setdefault((x.device, size), []).append(i)
         thresholds, mda, counts = [None] * len(params), [None] * len(params), [None] * len(params)
         for (_, size), members in by_size.items():
             per_batch = max(1, self.ROWS_BATCH_ELEMENTS // size)
             for start in range(0, len(members), per_batch):
                 batch = members[start:start + per_batch]
-                rows = torch.stack([self._work_row(values[i], i) for i in batch]).sort(dim=1).values
+                whole = {i: self._whole(stats[i]) for i in batch} if sharded else {i: values[i] for i in batch}
+                if sharded:
+                    for i in batch:
+                        means[i] = whole[i].mean()
+                rows = torch.stack([self._work_row(whole[i], i) for i in batch]).sort(dim=1).values
                 fitted = self._fit_thresholds(rows)
                 medians, sizes = F.rows_cluster_mda(rows, torch.stack([means[i] for i in batch]), fitted,
                                                     signed=signed)
                 for j, i in enumerate(batch):
                     thresholds[i], mda[i], counts[i] = fitted[j], medians[j], sizes[j]
-        global_mda = F.deviation_median(values, means)
+                    if sharded and numels[i] > self.exact_limit:  # sizes of the whole layer
+                        ids = F.assign_ids(whole[i], fitted[j], signed=signed)
+                        counts[i] = torch.bincount(ids, minlength=self.n_clusters)[: self.n_clusters]
+                del whole, rows
+        if sharded:
+            pieces = [D.histogram_piece(x).float().reshape(-1).contiguous() for x in stats]
+            global_mda = F.deviation_median(pieces, means, total=sum(numels), reduce=D.histogram_reduce)
+        else:
+            global_mda = F.deviation_median(values, means)
         for i, (p, x) in enumerate(zip(params, values)):
             ids = None
-            if self.assignment == "frozen" or x.numel() > self.exact_limit:
+            if self.assignment == "frozen" or (numels[i] > self.exact_limit and not sharded):
                 ids = F.assign_ids(x, thresholds[i], signed=signed)
-            if x.numel() > self.exact_limit:  # sizes of the whole layer, not of its sample
+            if numels[i] > self.exact_limit and not sharded:  # sizes of the whole layer, not of its sample
                 counts[i] = torch.bincount(ids, minlength=self.n_clusters)[: self.n_clusters]
             layer = self._layers.setdefault(p, {})
-            scales = layer.get("cluster_scales", torch.ones(self.n_clusters, device=p.device))
+            self._placeholders.discard(p)
+            scales = layer.get("cluster_scales", torch.ones(self.n_clusters, device=x.device))
             target = F.target_scales(global_mda.to(mda[i].device), mda[i], self.scale_bounds, self.eps)
             layer["cluster_scales"] = F.ema_scales(scales, target, counts[i], self.beta3)
             if self.assignment == "frozen":
-                layer["cluster_ids"] = ids.view(p.shape)
+                layer["cluster_ids"] = ids.view(D.local(p).shape)
             else:
                 layer["thresholds"] = thresholds[i]
         self.global_mda = float(global_mda)
+
+    @staticmethod
+    def _whole(statistic: Tensor) -> Tensor:
+        """The full statistic as one flat float32 row (an all-gather when it is sharded)."""
+        return D.full(statistic).float().reshape(-1).contiguous()
 
     def _work_row(self, x: Tensor, index: int) -> Tensor:
         """All of a layer's values, or above ``exact_limit`` a seeded uniform sample of them."""
