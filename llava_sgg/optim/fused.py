@@ -13,15 +13,17 @@ gradients) takes the reference path, which the CPU test suite runs.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache
+from itertools import accumulate
 
 import torch
 from torch import Tensor
 
 from .steps import AdafactorSteps, AdamSteps, LambSteps
 
-__all__ = ["ScaleSource", "available", "supports", "fused_steps"]
+__all__ = ["ScaleSource", "TensorTable", "available", "supports", "fused_steps", "tensor_table"]
 
 BLOCK = 2048
 TILE_ROWS, TILE_COLS = 32, 128
@@ -67,6 +69,48 @@ def supports(steps, group: dict, p: Tensor) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class TensorTable:
+    """What a multi-tensor kernel needs to find its tensor: addresses, sizes, and each program's tensor."""
+
+    addresses: Tensor  # [T, columns] int64: each tensor's data addresses
+    numels: Tensor  # [T] int64
+    block_tensor: Tensor  # [programs] int32: the tensor each program works on
+    first_block: Tensor  # [T] int64: the first program of each tensor
+    programs: int
+
+
+# Tables by their contents: the addresses of parameters, gradients and states
+# rarely change between steps, so most steps reuse the device copy.
+_TABLES: OrderedDict[tuple, TensorTable] = OrderedDict()
+_TABLES_KEPT = 16
+
+
+def tensor_table(rows: list[tuple[int, ...]], numels: list[int], per_program: int, device) -> TensorTable:
+    """The (cached) device table of a multi-tensor launch: ``per_program`` elements of one tensor per program."""
+    key = (tuple(rows), tuple(numels), per_program, device)
+    table = _TABLES.get(key)
+    if table is not None:
+        _TABLES.move_to_end(key)
+        return table
+    blocks = [triton_cdiv(n, per_program) for n in numels]
+    first = [0, *accumulate(blocks)][:-1]
+    host = torch.tensor([x for row in rows for x in row] + list(numels) + first, dtype=torch.int64)
+    block_tensor = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(blocks))
+    if torch.device(device).type == "cuda":
+        host, block_tensor = host.pin_memory(), block_tensor.pin_memory()
+    host = host.to(device, non_blocking=True)
+    table_rows = len(rows)
+    table = TensorTable(host[: table_rows * len(rows[0])].view(table_rows, -1),
+                        host[table_rows * len(rows[0]): table_rows * (len(rows[0]) + 1)],
+                        block_tensor.to(device, non_blocking=True), host[table_rows * (len(rows[0]) + 1):],
+                        sum(blocks))
+    _TABLES[key] = table
+    while len(_TABLES) > _TABLES_KEPT:
+        _TABLES.popitem(last=False)
+    return table
+
+
 def _scale_args(source: ScaleSource | None, device) -> tuple:
     """(mode, ids, scales, thresholds, K, abs) for the kernels; unused pointers get a dummy tensor."""
     from .kernels import DYNAMIC, FROZEN, NO_SCALE
@@ -97,33 +141,63 @@ def _scalar(x) -> float:
     return float(x) if isinstance(x, Tensor) else x
 
 
+def _address(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
 def _adam(items, decoupled) -> None:
-    from .kernels import adam_kernel
+    """One launch per set of tensors that share dtypes, hyper-parameters and scale mode (usually one)."""
+    from .kernels import DYNAMIC, FROZEN, NO_SCALE, adam_kernel
 
     for group, p, state, _ in items:
         if not state:
             AdamSteps.init_state(group, p, state)
-    # Fused/foreach-on-device AdamW keep `step` on the GPU: one launch bumps them all.
+    # Fused/foreach-on-device AdamW keep `step` on the GPU; one call bumps each kind.
     on_device = [state["step"] for _, _, state, _ in items if state["step"].device.type != "cpu"]
+    on_host = [state["step"] for _, _, state, _ in items if state["step"].device.type == "cpu"]
     if on_device:
         torch._foreach_add_(on_device, 1.0)
+    if on_host:
+        torch._foreach_add_(on_host, 1.0)
+    host_steps = iter(torch.stack(on_host).tolist() if on_host else ())
+    launches: dict[tuple, list] = {}
+    keep = []  # float32 copies of thresholds must live until their launch
     for group, p, state, source in items:
-        step_t = state["step"]
+        step_t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
         beta1, beta2 = (_scalar(b) for b in group["betas"])
         lr = _scalar(group["lr"])
-        if step_t.device.type == "cpu":
-            step_t += 1
-            step = float(step_t)
-            step_size, bc2_sqrt, step_ptr, on_dev = lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, p, False
+        on_dev = step_t.device.type != "cpu"
+        if on_dev:
+            step_size, bc2_sqrt = 0.0, 1.0
         else:
-            step_size, bc2_sqrt, step_ptr, on_dev = 0.0, 1.0, step_t, True
-        mode, ids, scales, thresholds, k, absolute = _scale_args(source, p.device)
-        n = p.numel()
-        adam_kernel[(triton_cdiv(n, BLOCK),)](
-            p, p.grad, state["exp_avg"], state["exp_avg_sq"], ids, scales, thresholds, step_ptr, n,
-            lr, beta1, beta2, group["eps"], group["weight_decay"], -1.0 if group["maximize"] else 1.0,
-            step_size, bc2_sqrt, DECOUPLED=decoupled(group), MODE=mode, K=k, ABS=absolute,
-            STEP_ON_DEVICE=on_dev, BLOCK=BLOCK)
+            step = next(host_steps)
+            step_size, bc2_sqrt = lr / (1 - beta1**step), (1 - beta2**step) ** 0.5
+        ids = scales = thresholds = None
+        mode, k, absolute = NO_SCALE, 1, True
+        if source is not None:
+            scales, k, absolute = source.scales.float(), source.scales.numel(), source.abs
+            if source.ids is not None:
+                mode, ids = FROZEN, source.ids
+            else:
+                mode = DYNAMIC
+                thresholds = source.thresholds.float() if source.thresholds.numel() else scales
+            keep.append((scales, thresholds))
+        key = (lr, beta1, beta2, float(group["eps"]), float(group["weight_decay"]), -1.0 if group["maximize"] else 1.0,
+               step_size, bc2_sqrt, decoupled(group), mode, k, absolute, on_dev,
+               p.dtype, p.grad.dtype, m.dtype, v.dtype, step_t.dtype)
+        row = (p.data_ptr(), p.grad.data_ptr(), m.data_ptr(), v.data_ptr(), _address(ids), _address(scales),
+               _address(thresholds), step_t.data_ptr() if on_dev else 0)
+        launches.setdefault(key, []).append((row, p.numel(), (p, m, v, step_t)))
+    for key, members in launches.items():
+        lr, beta1, beta2, eps, weight_decay, sign, step_size, bc2_sqrt, dec, mode, k, absolute, on_dev = key[:13]
+        p, m, v, step_t = members[0][2]
+        table = tensor_table([row for row, _, _ in members], [n for _, n, _ in members], BLOCK, p.device)
+        if not table.programs:
+            continue
+        adam_kernel[(table.programs,)](
+            table.addresses, table.numels, table.block_tensor, table.first_block, p, p.grad, m, v,
+            step_t if on_dev else p, lr, beta1, beta2, eps, weight_decay, sign, step_size, bc2_sqrt,
+            DECOUPLED=dec, MODE=mode, K=k, ABS=absolute, STEP_ON_DEVICE=on_dev, BLOCK=BLOCK)
 
 
 def _lamb(items) -> None:

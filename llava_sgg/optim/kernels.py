@@ -34,12 +34,42 @@ def _scale_of(stat, ids_ptr, scales_ptr, thr_ptr, offs, mask, MODE: tl.constexpr
     return tl.load(scales_ptr + ids, mask=mask, other=1.0)
 
 
+# Columns of the address table that the multi-tensor Adam kernel reads, one row per tensor.
+ADAM_COLUMNS = ("param", "grad", "exp_avg", "exp_avg_sq", "ids", "scales", "thresholds", "step")
+
+
 @triton.jit
-def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, ids_ptr, scales_ptr, thr_ptr, step_ptr, n,
+def _tensor_and_block(block_tensor_ptr, first_block_ptr):
+    """Which tensor of a multi-tensor launch this program works on, and which of its blocks."""
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor_ptr + pid)
+    return t, pid - tl.load(first_block_ptr + t)
+
+
+@triton.jit
+def adam_kernel(addr_ptr, numel_ptr, block_tensor_ptr, first_block_ptr, p_like, g_like, m_like, v_like, step_like,
                 lr, beta1, beta2, eps, weight_decay, grad_sign, step_size, bc2_sqrt,
                 DECOUPLED: tl.constexpr, MODE: tl.constexpr, K: tl.constexpr, ABS: tl.constexpr,
                 STEP_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    """AdamW over many tensors in one launch, as torch's fused AdamW does (multi_tensor_apply).
+
+    Row t of the address table holds tensor t's addresses (:data:`ADAM_COLUMNS`);
+    the ``*_like`` arguments are tensors of the launch's dtypes, so the addresses
+    become typed pointers. One launch per step instead of one per tensor: a
+    LoRA model has hundreds of small tensors, and launches, not bytes, bounded
+    a per-tensor loop.
+    """
+    t, block = _tensor_and_block(block_tensor_ptr, first_block_ptr)
+    row = addr_ptr + t * 8
+    p_ptr = tl.load(row).to(p_like.dtype)
+    g_ptr = tl.load(row + 1).to(g_like.dtype)
+    m_ptr = tl.load(row + 2).to(m_like.dtype)
+    v_ptr = tl.load(row + 3).to(v_like.dtype)
+    ids_ptr = tl.load(row + 4).to(tl.pointer_type(tl.uint8))
+    scales_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
+    thr_ptr = tl.load(row + 6).to(tl.pointer_type(tl.float32))
+    n = tl.load(numel_ptr + t)
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_sign
@@ -52,7 +82,7 @@ def adam_kernel(p_ptr, g_ptr, m_ptr, v_ptr, ids_ptr, scales_ptr, thr_ptr, step_p
     m = m + (1.0 - beta1) * (g - m)  # lerp_(grad, 1 - beta1)
     v = v * beta2 + (1.0 - beta2) * (g * g)
     if STEP_ON_DEVICE:  # fused/foreach AdamW keeps `step` on the device: no host sync for it
-        step = tl.load(step_ptr)
+        step = tl.load(tl.load(row + 7).to(step_like.dtype)).to(tl.float32)
         step_size = lr / (1.0 - tl.exp2(step * tl.log2(beta1)))
         bc2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * tl.log2(beta2)))
     denom = tl.sqrt_rn(v) / bc2_sqrt + eps
@@ -178,24 +208,32 @@ def assign_kernel(x_ptr, thr_ptr, ids_ptr, n, K: tl.constexpr, ABS: tl.constexpr
 
 
 @triton.jit
-def deviation_histogram_kernel(x_ptr, mu_ptr, prefix_ptr, hist_ptr, n, MATCH_SHIFT: tl.constexpr,
-                               SHIFT: tl.constexpr, NBINS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+def deviation_histogram_kernel(addr_ptr, numel_ptr, mean_ptr, block_tensor_ptr, first_block_ptr, prefix_ptr,
+                               hist_ptr, MATCH_SHIFT: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr,
+                               BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """Histogram of bit fields of dev = |x - mean| among the elements whose higher bits equal a prefix.
 
-    Non-negative floats order like their int32 bit patterns, so a few such
-    passes (high bits first) find an exact order statistic of any pool of
-    tensors. Each program counts ITERS blocks in registers and adds its counts
-    to the global histogram once, so atomics stay far fewer than elements.
+    Over many float32 tensors in one launch (row t of the address table: tensor
+    t's address; ``mean_ptr[t]``: its mean). Non-negative floats order like
+    their int32 bit patterns, so a few such passes (high bits first) find an
+    exact order statistic of any pool of tensors. Few bins per pass (256):
+    ``tl.histogram`` costs in proportion to its bins, and with 2048 the pass was
+    bound by that arithmetic, not by memory. Each program counts ITERS blocks in
+    registers and adds its counts to the global histogram once, so atomics stay
+    far fewer than elements.
     """
-    mu = tl.load(mu_ptr)
+    t, chunk = _tensor_and_block(block_tensor_ptr, first_block_ptr)
+    x_ptr = tl.load(addr_ptr + t).to(tl.pointer_type(tl.float32))
+    n = tl.load(numel_ptr + t)
+    mu = tl.load(mean_ptr + t)
     prefix = tl.load(prefix_ptr)
     counts = tl.zeros((NBINS,), dtype=tl.int32)
     dropped = 0
-    base = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+    base = chunk.to(tl.int64) * BLOCK * ITERS
     for i in tl.range(ITERS):
         offs = base + i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         bits = tl.abs(x - mu).to(tl.int32, bitcast=True)
         keep = mask & ((bits >> MATCH_SHIFT) == prefix)
         key = tl.where(keep, (bits >> SHIFT) & (NBINS - 1), 0)
