@@ -357,31 +357,42 @@ def _cluster_ranges(xs: Tensor, thresholds: Tensor, signed: bool) -> tuple[Tenso
     return neg_lo, neg_hi, pos_lo, pos_hi
 
 
+_MEDIAN_WAYS = 256  # values of t tried at once by rows_cluster_mda's search
+
+
 def rows_cluster_mda(xs: Tensor, mean: Tensor, thresholds: Tensor, *, signed: bool = False
                      ) -> tuple[Tensor, Tensor]:
     """Lower median of |x - mean| in each cluster, and each cluster's size, for sorted rows ``xs``.
 
     Returns ([L, K] float32 medians, [L, K] counts); an empty cluster gets
-    median 0. Exact: a bisection over the float32 bit patterns of t finds the
+    median 0. Exact: a search over the float32 bit patterns of t finds the
     smallest t with at least k+1 of the cluster's elements inside
     [mean - t, mean + t] (an index window of the sorted row), k = (count-1)//2.
+    Each round tries 255 values of t at once, so the [0, +inf) range of 2^31
+    patterns shrinks to one in 4 rounds (a few dozen launches, not 31 rounds of
+    a bisection: the queries are tiny and the launches were the cost).
     """
     neg_lo, neg_hi, pos_lo, pos_hi = _cluster_ranges(xs, thresholds, signed)
     counts = (neg_hi - neg_lo) + (pos_hi - pos_lo)
-    need = (counts - 1) // 2 + 1
+    need = ((counts - 1) // 2 + 1)[..., None]
+    L, K = counts.shape
     mean = mean.to(xs.dtype)[:, None]
     lo = torch.zeros_like(counts)
-    hi = torch.full_like(counts, 0x7F800000)  # bit pattern of +inf
-    for _ in range(31):
-        mid = (lo + hi) // 2
-        t = mid.to(torch.int32).view(torch.float32).to(xs.dtype)
-        w_lo = torch.searchsorted(xs, (mean - t).contiguous())
-        w_hi = torch.searchsorted(xs, (mean + t).contiguous(), right=True)
-        inside = ((torch.minimum(neg_hi, w_hi) - torch.maximum(neg_lo, w_lo)).clamp(min=0)
-                  + (torch.minimum(pos_hi, w_hi) - torch.maximum(pos_lo, w_lo)).clamp(min=0))
+    hi = torch.full_like(counts, 0x7F800000)  # bit pattern of +inf, where every element is inside
+    probes = torch.arange(1, _MEDIAN_WAYS, device=xs.device)
+    ranges = [r[..., None] for r in (neg_lo, neg_hi, pos_lo, pos_hi)]
+    # With R = hi - lo, probes at lo + floor(R j / W) leave at most floor(R / W) (W = 256):
+    # 2^31 > R0 -> < 2^23 -> < 2^15 -> < 2^7 -> 0.
+    for _ in range(4):
+        mid = lo[..., None] + (hi - lo)[..., None] * probes // _MEDIAN_WAYS  # [L, K, W-1]
+        t = mid.to(torch.int32).view(torch.float32).to(xs.dtype).reshape(L, -1)
+        w_lo = torch.searchsorted(xs, (mean - t).contiguous()).view(mid.shape)
+        w_hi = torch.searchsorted(xs, (mean + t).contiguous(), right=True).view(mid.shape)
+        inside = ((torch.minimum(ranges[1], w_hi) - torch.maximum(ranges[0], w_lo)).clamp(min=0)
+                  + (torch.minimum(ranges[3], w_hi) - torch.maximum(ranges[2], w_lo)).clamp(min=0))
         enough = inside >= need
-        hi = torch.where(enough, mid, hi)
-        lo = torch.where(enough, lo, mid + 1)
+        hi = torch.minimum(hi, torch.where(enough, mid, hi[..., None]).amin(dim=-1))
+        lo = torch.maximum(lo, torch.where(enough, lo[..., None] - 1, mid).amax(dim=-1) + 1)
     medians = hi.to(torch.int32).view(torch.float32)
     return torch.where(counts > 0, medians, torch.zeros_like(medians)), counts
 
