@@ -166,3 +166,105 @@ def test_load_template_without_a_checkpoint_leaves_layers_unclustered():
     fresh = _optimizer(model)
     fresh.load_state_dict(sd)
     assert all(fresh.cluster_ids(p) is None for p in model.parameters())
+
+
+# ------------------------------------------------------------------ the tiny LLaVA through the launchers
+ROOT = Path(__file__).parent.parent
+SGG_RUN = {"name": "adamw_sgg", "lr": 1e-3, "recluster_interval": 1, "beta3": 0.0}
+
+
+@pytest.fixture(scope="module")
+def llava_assets(tmp_path_factory):
+    from train_fixtures import make_dataset, make_parts
+
+    root = tmp_path_factory.mktemp("llava-dist")
+    return root, make_parts(root), make_dataset(root)
+
+
+def _launch(llava_assets, launcher: list[str], distributed: str, name: str, optimizer: dict = SGG_RUN,
+            **train) -> dict:
+    import subprocess
+    import sys
+
+    import yaml
+    from train_fixtures import tiny_run
+
+    root, parts, data = llava_assets
+    train = {"max_steps": 2, "per_device_train_batch_size": 1, "distributed": distributed, **train}
+    cfg = tiny_run(parts, data, root / name, "full", optimizer, **train)
+    config, out = root / f"{name}.yaml", root / f"{name}.pt"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    done = subprocess.run([*launcher, str(ROOT / "tests" / "dist_llava.py"), str(config), str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+def _one_process_sgg(record: dict) -> SGG:
+    """SGG re-clustered once, in one process, on the full first moments the sharded run ended with.
+
+    With beta3 = 0 the scales are the targets of the last re-clustering, so the sharded run's ids,
+    scales and global MDA must be exactly these. AdamW with beta1 = 0 and lr = 0 makes the
+    gradient the statistic bit for bit.
+    """
+    params = [nn.Parameter(torch.zeros_like(m)) for m in record["exp_avg"].values()]
+    for p, m in zip(params, record["exp_avg"].values()):
+        p.grad = m.clone()
+    opt = SGG(torch.optim.AdamW(params, lr=0.0, betas=(0.0, 0.999), weight_decay=0.0), n_clusters=3,
+              recluster_interval=1, beta3=0.0)
+    opt.step()
+    return opt, dict(zip(record["exp_avg"], params))
+
+
+def _assert_exact_sgg(record: dict) -> None:
+    opt, params = _one_process_sgg(record)
+    assert record["global_mda"] == opt.global_mda
+    for name, p in params.items():
+        assert torch.equal(record["ids"][name], opt.cluster_ids(p)), name
+        assert torch.equal(record["scales"][name], opt.cluster_scales(p)), name
+
+
+def test_torchrun_trains_the_tiny_llava_with_fsdp2_and_exact_sgg(llava_assets):
+    """`torchrun --nproc_per_node 2` with train.distributed=fsdp2 in the run config."""
+    record = _launch(llava_assets, ["torchrun", "--nproc_per_node", "2"], "fsdp2", "torchrun-fsdp2")
+    assert record["world_size"] == 2 and record["fsdp"]
+    _assert_exact_sgg(record)
+
+
+def test_accelerate_launch_config_file_selects_fsdp2_with_exact_sgg(llava_assets):
+    """`accelerate launch --config_file configs/accelerate/fsdp2_1node.yaml`: FSDP2 although the run config says ddp."""
+    launcher = ["accelerate", "launch", "--config_file", str(ROOT / "configs/accelerate/fsdp2_1node.yaml"),
+                "--num_processes", "2"]
+    record = _launch(llava_assets, launcher, "ddp", "accelerate-fsdp2")
+    assert record["world_size"] == 2 and record["fsdp"]
+    _assert_exact_sgg(record)
+
+
+@pytest.mark.slow
+def test_ddp_and_fsdp2_train_the_tiny_llava_alike(llava_assets):
+    fsdp2 = _launch(llava_assets, ["torchrun", "--nproc_per_node", "2"], "fsdp2", "torchrun-fsdp2")
+    ddp = _launch(llava_assets, ["torchrun", "--nproc_per_node", "2"], "ddp", "torchrun-ddp")
+    assert ddp["world_size"] == 2 and not ddp["fsdp"]
+    _assert_exact_sgg(ddp)
+    for name, value in ddp["params"].items():
+        torch.testing.assert_close(fsdp2["params"][name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp2_trainer_checkpoint_resumes_sgg(llava_assets):
+    """Trainer checkpoints of an FSDP2 run carry SGG's sharded state: resuming at step 2 ends as the run did."""
+    root = llava_assets[0]
+    torchrun = ["torchrun", "--nproc_per_node", "2"]
+    optimizer = {**SGG_RUN, "recluster_interval": 2, "beta3": 0.5}  # step 3 steps with step 2's clusters
+    whole = _launch(llava_assets, torchrun, "fsdp2", "whole", optimizer, max_steps=3, save_steps=1,
+                    save_total_limit=3)
+    assert (root / "whole" / "checkpoint-2" / "sgg_state").is_dir()
+    resumed = _launch(llava_assets, torchrun, "fsdp2", "resumed", optimizer, max_steps=3,
+                      resume_from_checkpoint=str(root / "whole" / "checkpoint-2"))
+    assert resumed["global_mda"] == whole["global_mda"]
+    for name, ids in whole["ids"].items():
+        assert torch.equal(resumed["ids"][name], ids), name
+        assert torch.equal(resumed["scales"][name], whole["scales"][name]), name
+    for name, value in whole["params"].items():
+        torch.testing.assert_close(resumed["params"][name], value, rtol=1e-5, atol=1e-7)

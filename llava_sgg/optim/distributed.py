@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["is_dtensor", "local", "full", "like", "histogram_piece", "histogram_reduce", "refuse_zero",
-           "prepare_state_for_load"]
+           "prepare_state_for_load", "sgg_checkpoint_state", "load_sgg_checkpoint_state"]
 
 
 def is_dtensor(t) -> bool:
@@ -141,14 +141,53 @@ def prepare_state_for_load(optimizer) -> None:
                 p.grad = None
             else:
                 steps.init_state(group, p, base.state[p])
-    if sgg is None:
-        return
+    if sgg is not None:
+        _add_placeholders(sgg)
+
+
+def _add_placeholders(sgg) -> list[Tensor]:
+    """Entries for every eligible layer not clustered yet (scales 1: they step as unclustered)."""
+    from .sgg import _eligible
+
+    added = []
     for p in sgg._all_params():
         if _eligible(p) and p not in sgg._layers:
-            layer = {"cluster_scales": torch.ones(sgg.n_clusters, device=local(p).device)}
+            device = local(p).device
+            layer = {"cluster_scales": torch.ones(sgg.n_clusters, device=device)}
             if sgg.assignment == "frozen":
-                layer["cluster_ids"] = torch.zeros(local(p).shape, dtype=torch.uint8, device=local(p).device)
+                layer["cluster_ids"] = torch.zeros(local(p).shape, dtype=torch.uint8, device=device)
             else:
-                layer["thresholds"] = torch.zeros(sgg.n_clusters - 1, device=local(p).device)
+                layer["thresholds"] = torch.zeros(sgg.n_clusters - 1, device=device)
             sgg._layers[p] = layer
             sgg._placeholders.add(p)
+            added.append(p)
+    return added
+
+
+def sgg_checkpoint_state(sgg) -> dict:
+    """SGG's own ``"sgg"`` entry, with an entry for every eligible layer, for ``torch.distributed.checkpoint``.
+
+    DCP loads into a template of fixed keys, so a checkpoint written before a layer's first
+    clustering still lists it (its ``clustered`` flag is off). torch's ``get_optimizer_state_dict``,
+    which accelerate uses to save FSDP optimizers, keeps only ``state`` and ``param_groups``,
+    so the trainer saves this entry next to it.
+    """
+    added = _add_placeholders(sgg)
+    try:
+        return sgg.state_dict()["sgg"]
+    finally:
+        for p in added:
+            del sgg._layers[p]
+            sgg._placeholders.discard(p)
+
+
+def load_sgg_checkpoint_state(sgg, checkpoint_id) -> None:
+    """Restore the entry :func:`sgg_checkpoint_state` saved, resharded onto this run's ranks."""
+    import torch.distributed.checkpoint as dcp
+
+    prepare_state_for_load(sgg)
+    state = sgg.state_dict()
+    template = {"sgg": state["sgg"]}
+    dcp.load(template, checkpoint_id=str(checkpoint_id))
+    state["sgg"] = template["sgg"]
+    sgg.load_state_dict(state)

@@ -20,7 +20,8 @@ import yaml
 from ..model.builder import ModelConfig, ModelError
 from ..optim import check_optimizer_options
 
-MODES = ("full", "lora", "qlora")
+MODES = ("pretrain", "full", "lora", "qlora")
+DISTRIBUTED = ("ddp", "fsdp2")
 ASPECT_RATIOS = ("pad", "resize", "crop")
 
 
@@ -41,7 +42,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/llava-sgg"
-    mode: str = "full"  # full | lora | qlora
+    mode: str = "full"  # pretrain (stage 1: the connector alone) | full | lora | qlora
     num_train_epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides num_train_epochs
     per_device_train_batch_size: int = 16
@@ -63,6 +64,10 @@ class TrainConfig:
     dataloader_num_workers: int = 0
     report_to: str = "none"
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "last" for the newest in output_dir
+    # Multi-process data parallelism when launched by accelerate/torchrun: "ddp" replicates the
+    # model, "fsdp2" shards parameters, gradients and optimizer states (fully_shard, one unit per
+    # decoder/encoder layer). An `accelerate launch --config_file` with FSDP settings selects FSDP2 too.
+    distributed: str = "ddp"
 
 
 @dataclass
@@ -192,6 +197,11 @@ def _validate(cfg: RunConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: train.mode=qlora needs model.quantization 8bit or 4bit")
     if t.mode != "qlora" and cfg.model.quantization is not None:
         raise ConfigError(f"{origin}: model.quantization={cfg.model.quantization} trains only in train.mode=qlora")
+    if t.distributed not in DISTRIBUTED:
+        raise ConfigError(f"{origin}: train.distributed must be one of {', '.join(DISTRIBUTED)}; "
+                          f"got {t.distributed!r}")
+    if t.distributed == "fsdp2" and t.mode == "qlora":
+        raise ConfigError(f"{origin}: train.distributed=fsdp2 does not shard quantized (qlora) weights; use ddp")
     if d.image_aspect_ratio not in ASPECT_RATIOS:
         raise ConfigError(f"{origin}: data.image_aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}")
     positive = {"train.per_device_train_batch_size": t.per_device_train_batch_size,

@@ -11,7 +11,7 @@ import yaml
 from torch import nn
 from transformers import TrainingArguments, set_seed
 
-from ..model.builder import build_llava, save_spec
+from ..model.builder import build_llava, save_mm_projector, save_spec
 from .config import RunConfig
 from .trainer import PROJECTOR, LlavaTrainer
 
@@ -27,6 +27,12 @@ def prepare_model(cfg: RunConfig):
     """(model, processor) ready to train in cfg.train.mode; the vision tower is always frozen."""
     model, processor = build_llava(cfg.model)
     t = cfg.train
+    if t.mode == "pretrain":
+        # LLaVA stage 1 (official --tune_mm_mlp_adapter): the connector learns to map the frozen tower's
+        # features into the frozen decoder's embedding space.
+        model.requires_grad_(False)
+        model.model.multi_modal_projector.requires_grad_(True)
+        return model, processor
     if t.mode == "full":
         model.model.vision_tower.requires_grad_(t.unfreeze_mm_vision_tower)
         return model, processor
@@ -58,9 +64,19 @@ def _version_dependent(t) -> dict:
     return out
 
 
+def _sharding(t) -> dict:
+    """FSDP2 through accelerate: one fully_shard unit per transformer layer (the model's
+    _no_split_modules), full state dicts for the saved model so outputs load anywhere."""
+    if t.distributed != "fsdp2":
+        return {}
+    return {"fsdp": "full_shard auto_wrap",
+            "fsdp_config": {"version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT",
+                            "cpu_ram_efficient_loading": False}}
+
+
 def training_arguments(cfg: RunConfig) -> TrainingArguments:
     t = cfg.train
-    return TrainingArguments(**_version_dependent(t),
+    return TrainingArguments(**_version_dependent(t), **_sharding(t),
         output_dir=t.output_dir, num_train_epochs=t.num_train_epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, learning_rate=cfg.optimizer.get("lr", 2e-5),
@@ -73,11 +89,24 @@ def training_arguments(cfg: RunConfig) -> TrainingArguments:
     )
 
 
+def limit_no_split_modules(model: nn.Module) -> None:
+    """Keep in ``_no_split_modules`` only the classes the model contains.
+
+    FSDP2's transformer auto-wrap (accelerate) shards one unit per class listed there and fails
+    on a listed class the model lacks: LLaVA inherits CLIP's list, text-tower classes included.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    present = {type(m).__name__ for m in base.modules()}
+    listed = getattr(base, "_no_split_modules", None) or []
+    base._no_split_modules = [name for name in listed if name in present]
+
+
 def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
     from ..data import DataCollatorForLlava, LlavaSFTDataset
 
     set_seed(cfg.train.seed)
     model, processor = prepare_model(cfg)
+    limit_no_split_modules(model)
     config = model.config
     d = cfg.data
     dataset = LlavaSFTDataset(d.data_path, d.image_folder, processor.tokenizer, processor.image_processor,
@@ -94,14 +123,18 @@ def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
 
 
 def save_outputs(trainer: LlavaTrainer, processor, cfg: RunConfig) -> Path:
-    """HF checkpoint (or PEFT adapter + connector), processor, base-model spec, run config, loss plot."""
+    """HF checkpoint (or PEFT adapter + connector; or, in pretrain mode, the connector alone as
+    mm_projector.safetensors), processor, base-model spec, run config, loss plot."""
     output = Path(cfg.train.output_dir)
-    trainer.save_model(str(output))
-    # Trainer also pickles its TrainingArguments there; the run is recorded as YAML instead,
-    # so the output folder holds nothing that needs unpickling.
-    (output / "training_args.bin").unlink(missing_ok=True)
-    processor.save_pretrained(output)
-    save_spec(cfg.model, output)
+    if cfg.train.mode == "pretrain":  # stage 1's product is the connector alone, for model.mm_projector
+        save_mm_projector(trainer.model.model.multi_modal_projector, output)
+    else:
+        trainer.save_model(str(output))
+        # Trainer also pickles its TrainingArguments there; the run is recorded as YAML instead,
+        # so the output folder holds nothing that needs unpickling.
+        (output / "training_args.bin").unlink(missing_ok=True)
+        processor.save_pretrained(output)
+        save_spec(cfg.model, output)
     (output / "llava_sgg_run.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     history = [row for row in trainer.state.log_history if "loss" in row]
     (output / "loss_history.json").write_text(json.dumps(history, indent=1))

@@ -11,10 +11,12 @@ from pathlib import Path
 from torch import nn
 from transformers import LlavaForConditionalGeneration, Trainer
 
-from ..optim import build_optimizer
+from ..optim import SGG, build_optimizer
+from ..optim.distributed import load_sgg_checkpoint_state, refuse_zero, sgg_checkpoint_state
 
 PROJECTOR = "multi_modal_projector"
 IGNORE_INDEX = -100
+SGG_CHECKPOINT = "sgg_state"  # folder of a checkpoint holding SGG's sharded entry (FSDP runs)
 
 
 def llava_param_groups(model: nn.Module, lr: float, weight_decay: float, mm_projector_lr: float | None) -> list[dict]:
@@ -53,7 +55,32 @@ class LlavaTrainer(Trainer):
             weight_decay = options.pop("weight_decay", 0.0)
             groups = llava_param_groups(model or self.model, lr, weight_decay, self.mm_projector_lr)
             self.optimizer = build_optimizer(groups, name, lr=lr, **options)
+            if self.is_deepspeed_enabled:
+                refuse_zero(self.optimizer)
         return self.optimizer
+
+    def _sgg(self) -> SGG | None:
+        """The SGG inside accelerate's optimizer wrapper, if the run uses one."""
+        optimizer = self.optimizer
+        while optimizer is not None and not isinstance(optimizer, SGG):
+            optimizer = getattr(optimizer, "optimizer", None)
+        return optimizer
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        sgg = self._sgg()
+        if self.is_fsdp_enabled and sgg is not None:
+            # accelerate saves FSDP optimizers through torch's get_optimizer_state_dict, which
+            # keeps only "state" and "param_groups": SGG's own entry goes next to it, sharded.
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save({"sgg": sgg_checkpoint_state(sgg)}, checkpoint_id=str(Path(output_dir) / SGG_CHECKPOINT))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        sgg = self._sgg()
+        if checkpoint is not None and sgg is not None and (Path(checkpoint) / SGG_CHECKPOINT).is_dir():
+            load_sgg_checkpoint_state(sgg, Path(checkpoint) / SGG_CHECKPOINT)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The causal LM loss, with logits computed only where a trained token follows.
