@@ -268,3 +268,34 @@ def test_fsdp2_trainer_checkpoint_resumes_sgg(llava_assets):
         assert torch.equal(resumed["scales"][name], whole["scales"][name]), name
     for name, value in whole["params"].items():
         torch.testing.assert_close(resumed["params"][name], value, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_finetune_script_takes_the_launcher(llava_assets, tmp_path, launcher):
+    """scripts/finetune_lora.sh on 2 CPU processes (DDP) through LAUNCHER=torchrun or accelerate."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from llava_sgg.model.loading import load_trained
+
+    _, parts, data = llava_assets
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(yaml.safe_dump({
+        "model": {**parts, "torch_dtype": "float32", "mm_projector": None},
+        "data": {**data, "model_max_length": 128},
+        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "lora_r": 4, "lora_alpha": 8,
+                  "gradient_checkpointing": False, "bf16": False, "warmup_ratio": 0.0},
+    }))
+    env = {**os.environ, "NGPUS": "2", "LAUNCHER": launcher, "GLOBAL_BATCH": "4", "PER_DEVICE": "1",
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "finetune_lora.sh"),
+                             str(ROOT / "configs" / "optim" / "adamw_sgg.yaml"), "--config", str(tiny),
+                             "--set", "optimizer.recluster_interval=1"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, _ = load_trained(tmp_path / "out")
+    assert model is not None
