@@ -299,3 +299,19 @@ def test_finetune_script_takes_the_launcher(llava_assets, tmp_path, launcher):
     assert result.returncode == 0, result.stderr[-3000:]
     model, _ = load_trained(tmp_path / "out")
     assert model is not None
+
+
+def test_sgg_is_refused_under_deepspeed_zero_and_plain_optimizers_are_not(llava_assets, tmp_path):
+    from train_fixtures import tiny_run
+
+    from llava_sgg.train.run import build_trainer
+
+    _, parts, data = llava_assets
+    for name, refused in (("adamw_sgg", True), ("adamw", False)):
+        trainer, _ = build_trainer(tiny_run(parts, data, tmp_path / name, "lora", {"name": name, "lr": 1e-3}))
+        trainer.is_deepspeed_enabled = True  # as Trainer sets it under `accelerate launch` with a ZeRO config
+        if refused:
+            with pytest.raises(ValueError, match="FSDP2"):
+                trainer.create_optimizer()
+        else:
+            assert trainer.create_optimizer() is not None
