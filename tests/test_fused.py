@@ -135,7 +135,31 @@ def test_gpu_deviation_median_and_ids_equal_the_cpu_ones():
     assert float(F.deviation_median(gpu, [x.mean() for x in gpu])) == pytest.approx(
         float(F.deviation_median(layers, means)), rel=1e-6)
     t = torch.tensor([0.1, 1.0])
-    assert torch.equal(F.assign_ids(gpu[0], t.cuda()).cpu(), F.assign_ids(layers[0], t))
+    ids = F.assign_ids(gpu[0], t.cuda())
+    assert torch.equal(ids.cpu(), F.assign_ids(layers[0], t))
+    assert torch.equal(F.cluster_sizes(ids, 3).cpu(), torch.bincount(ids.cpu().flatten().long(), minlength=3))
+    # Tensors that start off a 16-byte boundary take the kernels' unaligned variant.
+    odd = [x[1:] for x in gpu]
+    expected = torch.cat([(x[1:] - x[1:].mean()).abs().flatten() for x in layers]).sort().values
+    assert float(F.deviation_median(odd, [x.mean() for x in odd])) == pytest.approx(
+        float(expected[(expected.numel() - 1) // 2]), rel=1e-6)
+
+
+@cuda
+def test_multi_tensor_adam_step_on_unaligned_views_equals_the_reference():
+    results = []
+    for fused in (True, False):
+        g = torch.Generator().manual_seed(0)
+        flat = torch.randn(1 + 333 * 70 + 50 * 9, generator=g).cuda()
+        params = [torch.nn.Parameter(flat[1:1 + 333 * 70].view(333, 70)), torch.nn.Parameter(flat[-50 * 9:].view(50, 9))]
+        opt = build_optimizer(params, "adamw_sgg", lr=1e-2, recluster_interval=2, fused=fused)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).cuda()
+            opt.step()
+        results.append([p.detach().cpu() for p in params])
+    for a, b in zip(*results):
+        assert float((a - b).norm() / b.norm()) < 1e-6
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from torch import Tensor
 __all__ = [
     "assign_clusters",
     "assign_ids",
+    "cluster_sizes",
     "deviation_median",
     "kmeans_1d_rows",
     "rows_cluster_mda",
@@ -397,6 +398,23 @@ def rows_cluster_mda(xs: Tensor, mean: Tensor, thresholds: Tensor, *, signed: bo
     return torch.where(counts > 0, medians, torch.zeros_like(medians)), counts
 
 
+def cluster_sizes(ids: Tensor, n_clusters: int) -> Tensor:
+    """How many of the uint8 ``ids`` equal each cluster index (int64 [n_clusters]), without a host sync on a GPU."""
+    from .fused import BLOCK, available, triton_cdiv
+
+    if available(ids) and ids.is_contiguous() and ids.dtype == torch.uint8:
+        from .kernels import id_counts_kernel
+
+        nbins = max(2, 1 << (n_clusters - 1).bit_length())
+        counts = torch.zeros(nbins, dtype=torch.long, device=ids.device)
+        iters = 16
+        if ids.numel():
+            id_counts_kernel[(triton_cdiv(ids.numel(), iters * BLOCK),)](ids, counts, ids.numel(), NBINS=nbins,
+                                                                       BLOCK=BLOCK, ITERS=iters)
+        return counts[:n_clusters]
+    return torch.bincount(ids.flatten().long(), minlength=n_clusters)[:n_clusters]
+
+
 def assign_ids(x: Tensor, thresholds: Tensor, *, signed: bool = False) -> Tensor:
     """uint8 cluster ids shaped like ``x``: one pass on a GPU, the torch ops elsewhere."""
     from .fused import BLOCK, available, triton_cdiv
@@ -425,15 +443,16 @@ def _deviation_histograms(tensors: list[Tensor], means: list[Tensor], prefix: Te
     """Add one level's histogram of all ``tensors`` to ``out``: one launch on a GPU, else per tensor."""
     match_shift, shift, nbins = level
     if all(available_gpu(x) for x in tensors):
-        from .fused import BLOCK, tensor_table
+        from .fused import BLOCK, aligned, tensor_table
         from .kernels import deviation_histogram_kernel
 
-        table = tensor_table([(x.data_ptr(),) for x in tensors], [x.numel() for x in tensors],
-                             _HISTOGRAM_ITERS * BLOCK, out.device)
+        rows = [(x.data_ptr(),) for x in tensors]
+        table = tensor_table(rows, [x.numel() for x in tensors], _HISTOGRAM_ITERS * BLOCK, out.device)
         if table.programs:
             deviation_histogram_kernel[(table.programs,)](
                 table.addresses, table.numels, torch.cat(means), table.block_tensor, table.first_block, prefix, out,
-                MATCH_SHIFT=match_shift, SHIFT=shift, NBINS=nbins, BLOCK=BLOCK, ITERS=_HISTOGRAM_ITERS)
+                MATCH_SHIFT=match_shift, SHIFT=shift, NBINS=nbins, ALIGNED=aligned(a for a, in rows), BLOCK=BLOCK,
+                ITERS=_HISTOGRAM_ITERS)
         return
     for x, mean in zip(tensors, means):
         bits = _float_bits((x.float() - mean).abs()).flatten()

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .steps import AdafactorSteps, AdamSteps, LambSteps
 
-__all__ = ["ScaleSource", "TensorTable", "available", "supports", "fused_steps", "tensor_table"]
+__all__ = ["ScaleSource", "TensorTable", "aligned", "available", "supports", "fused_steps", "tensor_table"]
 
 BLOCK = 2048
 TILE_ROWS, TILE_COLS = 32, 128
@@ -80,35 +80,47 @@ class TensorTable:
     programs: int
 
 
-# Tables by their contents: the addresses of parameters, gradients and states
-# rarely change between steps, so most steps reuse the device copy.
-_TABLES: OrderedDict[tuple, TensorTable] = OrderedDict()
-_TABLES_KEPT = 16
+# Device copies by their contents. The sizes of a set of tensors never change, so their program
+# tables (large for a big model) are built once; addresses are a few numbers per tensor, and those of
+# gradients may move between steps (set_to_none), so a changed set costs one small upload.
+_BLOCKS: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor, int]] = OrderedDict()
+_ADDRESSES: OrderedDict[tuple, Tensor] = OrderedDict()
+_KEPT = 16
+
+
+def _cached(cache: OrderedDict, key: tuple, make):
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make()
+        while len(cache) > _KEPT:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return value
+
+
+def _to_device(t: Tensor, device) -> Tensor:
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory()  # so the copy is asynchronous: no wait for the work queued before it
+    return t.to(device, non_blocking=True)
+
+
+def _blocks(numels: tuple[int, ...], per_program: int, device) -> tuple[Tensor, Tensor, Tensor, int]:
+    blocks = [triton_cdiv(n, per_program) for n in numels]
+    first = [0, *accumulate(blocks)][:-1]
+    sizes = _to_device(torch.tensor(list(numels) + first, dtype=torch.int64), device)
+    block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), torch.tensor(blocks))
+    return sizes[: len(numels)], _to_device(block_tensor, device), sizes[len(numels):], sum(blocks)
 
 
 def tensor_table(rows: list[tuple[int, ...]], numels: list[int], per_program: int, device) -> TensorTable:
-    """The (cached) device table of a multi-tensor launch: ``per_program`` elements of one tensor per program."""
-    key = (tuple(rows), tuple(numels), per_program, device)
-    table = _TABLES.get(key)
-    if table is not None:
-        _TABLES.move_to_end(key)
-        return table
-    blocks = [triton_cdiv(n, per_program) for n in numels]
-    first = [0, *accumulate(blocks)][:-1]
-    host = torch.tensor([x for row in rows for x in row] + list(numels) + first, dtype=torch.int64)
-    block_tensor = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(blocks))
-    if torch.device(device).type == "cuda":
-        host, block_tensor = host.pin_memory(), block_tensor.pin_memory()
-    host = host.to(device, non_blocking=True)
-    table_rows = len(rows)
-    table = TensorTable(host[: table_rows * len(rows[0])].view(table_rows, -1),
-                        host[table_rows * len(rows[0]): table_rows * (len(rows[0]) + 1)],
-                        block_tensor.to(device, non_blocking=True), host[table_rows * (len(rows[0]) + 1):],
-                        sum(blocks))
-    _TABLES[key] = table
-    while len(_TABLES) > _TABLES_KEPT:
-        _TABLES.popitem(last=False)
-    return table
+    """The device table of a multi-tensor launch: ``per_program`` elements of one tensor per program."""
+    numels = tuple(numels)
+    sizes, block_tensor, first_block, programs = _cached(_BLOCKS, (numels, per_program, device),
+                                                         lambda: _blocks(numels, per_program, device))
+    flat = tuple(x for row in rows for x in row)
+    addresses = _cached(_ADDRESSES, (flat, device),
+                        lambda: _to_device(torch.tensor(flat, dtype=torch.int64), device).view(len(rows), -1))
+    return TensorTable(addresses, sizes, block_tensor, first_block, programs)
 
 
 def _scale_args(source: ScaleSource | None, device) -> tuple:
@@ -139,6 +151,11 @@ def fused_steps(steps, items: list[tuple[dict, Tensor, dict, ScaleSource | None]
 
 def _scalar(x) -> float:
     return float(x) if isinstance(x, Tensor) else x
+
+
+def aligned(addresses) -> bool:
+    """Whether every address is a multiple of 16 bytes, so the kernels may load 16 bytes at a time."""
+    return all(a % 16 == 0 for a in addresses)
 
 
 def _address(t: Tensor | None) -> int:
@@ -182,14 +199,14 @@ def _adam(items, decoupled) -> None:
                 mode = DYNAMIC
                 thresholds = source.thresholds.float() if source.thresholds.numel() else scales
             keep.append((scales, thresholds))
-        key = (lr, beta1, beta2, float(group["eps"]), float(group["weight_decay"]), -1.0 if group["maximize"] else 1.0,
-               step_size, bc2_sqrt, decoupled(group), mode, k, absolute, on_dev,
-               p.dtype, p.grad.dtype, m.dtype, v.dtype, step_t.dtype)
         row = (p.data_ptr(), p.grad.data_ptr(), m.data_ptr(), v.data_ptr(), _address(ids), _address(scales),
                _address(thresholds), step_t.data_ptr() if on_dev else 0)
+        key = (lr, beta1, beta2, float(group["eps"]), float(group["weight_decay"]), -1.0 if group["maximize"] else 1.0,
+               step_size, bc2_sqrt, decoupled(group), mode, k, absolute, on_dev, aligned(row[:5]),
+               p.dtype, p.grad.dtype, m.dtype, v.dtype, step_t.dtype)
         launches.setdefault(key, []).append((row, p.numel(), (p, m, v, step_t)))
     for key, members in launches.items():
-        lr, beta1, beta2, eps, weight_decay, sign, step_size, bc2_sqrt, dec, mode, k, absolute, on_dev = key[:13]
+        lr, beta1, beta2, eps, weight_decay, sign, step_size, bc2_sqrt, dec, mode, k, absolute, on_dev, al = key[:14]
         p, m, v, step_t = members[0][2]
         table = tensor_table([row for row, _, _ in members], [n for _, n, _ in members], BLOCK, p.device)
         if not table.programs:
@@ -197,7 +214,7 @@ def _adam(items, decoupled) -> None:
         adam_kernel[(table.programs,)](
             table.addresses, table.numels, table.block_tensor, table.first_block, p, p.grad, m, v,
             step_t if on_dev else p, lr, beta1, beta2, eps, weight_decay, sign, step_size, bc2_sqrt,
-            DECOUPLED=dec, MODE=mode, K=k, ABS=absolute, STEP_ON_DEVICE=on_dev, BLOCK=BLOCK)
+            DECOUPLED=dec, MODE=mode, K=k, ABS=absolute, STEP_ON_DEVICE=on_dev, ALIGNED=al, BLOCK=BLOCK)
 
 
 def _lamb(items) -> None:

@@ -50,14 +50,16 @@ def _tensor_and_block(block_tensor_ptr, first_block_ptr):
 def adam_kernel(addr_ptr, numel_ptr, block_tensor_ptr, first_block_ptr, p_like, g_like, m_like, v_like, step_like,
                 lr, beta1, beta2, eps, weight_decay, grad_sign, step_size, bc2_sqrt,
                 DECOUPLED: tl.constexpr, MODE: tl.constexpr, K: tl.constexpr, ABS: tl.constexpr,
-                STEP_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr):
+                STEP_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """AdamW over many tensors in one launch, as torch's fused AdamW does (multi_tensor_apply).
 
     Row t of the address table holds tensor t's addresses (:data:`ADAM_COLUMNS`);
     the ``*_like`` arguments are tensors of the launch's dtypes, so the addresses
     become typed pointers. One launch per step instead of one per tensor: a
     LoRA model has hundreds of small tensors, and launches, not bytes, bounded
-    a per-tensor loop.
+    a per-tensor loop. ALIGNED: every address is a multiple of 16 bytes (the
+    caller checks), which a pointer read from memory cannot tell the compiler,
+    and without which it loads one element at a time.
     """
     t, block = _tensor_and_block(block_tensor_ptr, first_block_ptr)
     row = addr_ptr + t * 8
@@ -66,11 +68,34 @@ def adam_kernel(addr_ptr, numel_ptr, block_tensor_ptr, first_block_ptr, p_like, 
     m_ptr = tl.load(row + 2).to(m_like.dtype)
     v_ptr = tl.load(row + 3).to(v_like.dtype)
     ids_ptr = tl.load(row + 4).to(tl.pointer_type(tl.uint8))
+    if ALIGNED:  # here, not in a helper: the hint does not survive a call
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        ids_ptr = tl.multiple_of(ids_ptr, 16)
     scales_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
     thr_ptr = tl.load(row + 6).to(tl.pointer_type(tl.float32))
     n = tl.load(numel_ptr + t)
+    if STEP_ON_DEVICE:  # fused/foreach AdamW keep `step` on the device: no host sync for it
+        step = tl.load(tl.load(row + 7).to(step_like.dtype)).to(tl.float32)
+        step_size = lr / (1.0 - tl.exp2(step * tl.log2(beta1)))
+        bc2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * tl.log2(beta2)))
     offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    # A size read from memory tells the compiler nothing, so `offs < n` would keep every load one
+    # element wide; whole blocks (all but each tensor's last) take a constant mask instead.
+    if (block + 1) * BLOCK <= n:
+        _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, ids_ptr, scales_ptr, thr_ptr, offs, tl.full((BLOCK,), 1, tl.int1),
+                     lr, beta1, beta2, eps, weight_decay, grad_sign, step_size, bc2_sqrt, DECOUPLED, MODE, K, ABS)
+    else:
+        _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, ids_ptr, scales_ptr, thr_ptr, offs, offs < n,
+                     lr, beta1, beta2, eps, weight_decay, grad_sign, step_size, bc2_sqrt, DECOUPLED, MODE, K, ABS)
+
+
+@triton.jit
+def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, ids_ptr, scales_ptr, thr_ptr, offs, mask, lr, beta1, beta2, eps,
+                 weight_decay, grad_sign, step_size, bc2_sqrt, DECOUPLED: tl.constexpr, MODE: tl.constexpr,
+                 K: tl.constexpr, ABS: tl.constexpr):
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_sign
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
@@ -81,10 +106,6 @@ def adam_kernel(addr_ptr, numel_ptr, block_tensor_ptr, first_block_ptr, p_like, 
         g = g + weight_decay * p
     m = m + (1.0 - beta1) * (g - m)  # lerp_(grad, 1 - beta1)
     v = v * beta2 + (1.0 - beta2) * (g * g)
-    if STEP_ON_DEVICE:  # fused/foreach AdamW keeps `step` on the device: no host sync for it
-        step = tl.load(tl.load(row + 7).to(step_like.dtype)).to(tl.float32)
-        step_size = lr / (1.0 - tl.exp2(step * tl.log2(beta1)))
-        bc2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * tl.log2(beta2)))
     denom = tl.sqrt_rn(v) / bc2_sqrt + eps
     update = m
     if MODE != 0:
@@ -210,7 +231,7 @@ def assign_kernel(x_ptr, thr_ptr, ids_ptr, n, K: tl.constexpr, ABS: tl.constexpr
 @triton.jit
 def deviation_histogram_kernel(addr_ptr, numel_ptr, mean_ptr, block_tensor_ptr, first_block_ptr, prefix_ptr,
                                hist_ptr, MATCH_SHIFT: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr,
-                               BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                               ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """Histogram of bit fields of dev = |x - mean| among the elements whose higher bits equal a prefix.
 
     Over many float32 tensors in one launch (row t of the address table: tensor
@@ -224,21 +245,51 @@ def deviation_histogram_kernel(addr_ptr, numel_ptr, mean_ptr, block_tensor_ptr, 
     """
     t, chunk = _tensor_and_block(block_tensor_ptr, first_block_ptr)
     x_ptr = tl.load(addr_ptr + t).to(tl.pointer_type(tl.float32))
+    if ALIGNED:  # here, not in a helper: the hint does not survive a call
+        x_ptr = tl.multiple_of(x_ptr, 16)
     n = tl.load(numel_ptr + t)
     mu = tl.load(mean_ptr + t)
     prefix = tl.load(prefix_ptr)
+    base = chunk.to(tl.int64) * BLOCK * ITERS
+    if base + BLOCK * ITERS <= n:  # a whole chunk: constant masks, wide loads (see adam_kernel)
+        counts, dropped = _deviation_counts(x_ptr, base, n, mu, prefix, False, MATCH_SHIFT, SHIFT, NBINS, BLOCK, ITERS)
+    else:
+        counts, dropped = _deviation_counts(x_ptr, base, n, mu, prefix, True, MATCH_SHIFT, SHIFT, NBINS, BLOCK, ITERS)
+    counts = counts - tl.where(tl.arange(0, NBINS) == 0, dropped, 0)
+    tl.atomic_add(hist_ptr + tl.arange(0, NBINS), counts.to(tl.int64), mask=counts > 0)
+
+
+@triton.jit
+def _deviation_counts(x_ptr, base, n, mu, prefix, MASKED: tl.constexpr, MATCH_SHIFT: tl.constexpr,
+                      SHIFT: tl.constexpr, NBINS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     counts = tl.zeros((NBINS,), dtype=tl.int32)
     dropped = 0
-    base = chunk.to(tl.int64) * BLOCK * ITERS
     for i in tl.range(ITERS):
         offs = base + i * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
+        if MASKED:
+            mask = offs < n
+        else:
+            mask = tl.full((BLOCK,), 1, tl.int1)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         bits = tl.abs(x - mu).to(tl.int32, bitcast=True)
         keep = mask & ((bits >> MATCH_SHIFT) == prefix)
         key = tl.where(keep, (bits >> SHIFT) & (NBINS - 1), 0)
         counts += tl.histogram(key, NBINS)
-        # Elements left out were counted in bin 0: take them back out below.
+        # Elements left out were counted in bin 0: the caller takes them back out.
         dropped += BLOCK - tl.sum(keep.to(tl.int32), axis=0)
+    return counts, dropped
+
+
+@triton.jit
+def id_counts_kernel(ids_ptr, counts_ptr, n, NBINS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """How many of the uint8 ids equal each value below NBINS (torch.bincount on CUDA syncs with the host)."""
+    counts = tl.zeros((NBINS,), dtype=tl.int32)
+    dropped = 0
+    base = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+    for i in tl.range(ITERS):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        counts += tl.histogram(tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32), NBINS)
+        dropped += BLOCK - tl.sum(mask.to(tl.int32), axis=0)  # counted in bin 0
     counts = counts - tl.where(tl.arange(0, NBINS) == 0, dropped, 0)
-    tl.atomic_add(hist_ptr + tl.arange(0, NBINS), counts.to(tl.int64), mask=counts > 0)
+    tl.atomic_add(counts_ptr + tl.arange(0, NBINS), counts.to(tl.int64), mask=counts > 0)

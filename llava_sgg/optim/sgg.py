@@ -404,7 +404,7 @@ class SGG(Optimizer):
                     thresholds[i], mda[i], counts[i] = fitted[j], medians[j], sizes[j]
                     if sharded and numels[i] > self.exact_limit:  # sizes of the whole layer
                         ids = F.assign_ids(whole[i], fitted[j], signed=signed)
-                        counts[i] = torch.bincount(ids, minlength=self.n_clusters)[: self.n_clusters]
+                        counts[i] = F.cluster_sizes(ids, self.n_clusters)
                 del whole, rows
         if sharded:
             pieces = [D.histogram_piece(x).float().reshape(-1).contiguous() for x in stats]
@@ -416,7 +416,7 @@ class SGG(Optimizer):
             if self.assignment == "frozen" or (numels[i] > self.exact_limit and not sharded):
                 ids = F.assign_ids(x, thresholds[i], signed=signed)
             if numels[i] > self.exact_limit and not sharded:  # sizes of the whole layer, not of its sample
-                counts[i] = torch.bincount(ids, minlength=self.n_clusters)[: self.n_clusters]
+                counts[i] = F.cluster_sizes(ids, self.n_clusters)
             layer = self._layers.setdefault(p, {})
             self._placeholders.discard(p)
             scales = layer.get("cluster_scales", torch.ones(self.n_clusters, device=x.device))
