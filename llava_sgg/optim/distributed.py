@@ -61,16 +61,18 @@ def _world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def histogram_piece(t: Tensor) -> Tensor:
+def histogram_piece(t: Tensor, flat: Tensor | None = None) -> Tensor:
     """The flat part of ``t`` this rank counts, so that across the world every element is counted once.
 
     A sharded DTensor's shard is counted by its owner; where the mesh also
     replicates it (HSDP's replicate dimension), the replicas split it further.
     A plain tensor (the same on every rank) is split evenly over the ranks.
+    ``flat``: this rank's values of ``t`` already flattened (the local shard, or
+    the whole plain tensor), e.g. as float32; the piece is then a view of it.
     """
     rank, world = _world()
     if not is_dtensor(t):
-        return t.reshape(-1).tensor_split(world)[rank]
+        return (t.reshape(-1) if flat is None else flat).tensor_split(world)[rank]
     from torch.distributed.tensor import Shard
 
     mesh = t.device_mesh
@@ -82,7 +84,7 @@ def histogram_piece(t: Tensor) -> Tensor:
     for dim, placement in enumerate(t.placements):
         if not isinstance(placement, Shard):
             replicas, index = replicas * mesh.size(dim), index * mesh.size(dim) + coords[dim]
-    return t.to_local().reshape(-1).tensor_split(replicas)[index]
+    return (t.to_local().reshape(-1) if flat is None else flat).tensor_split(replicas)[index]
 
 
 def histogram_reduce(hist: Tensor) -> Tensor:

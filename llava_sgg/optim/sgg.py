@@ -407,7 +407,7 @@ class SGG(Optimizer):
                         counts[i] = F.cluster_sizes(ids, self.n_clusters)
                 del whole, rows
         if sharded:
-            pieces = [D.histogram_piece(x).float().reshape(-1).contiguous() for x in stats]
+            pieces = [D.histogram_piece(x, v) for x, v in zip(stats, values)]  # views: no second copy
             global_mda = F.deviation_median(pieces, means, total=sum(numels), reduce=D.histogram_reduce)
         else:
             global_mda = F.deviation_median(values, means)
