@@ -41,6 +41,12 @@ def _optimizer(model) -> SGG:
     return SGG(torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.1), **SGG_OPTIONS)
 
 
+def _lamb(model) -> SGG:
+    from llava_sgg.optim import build_optimizer
+
+    return build_optimizer(list(model.parameters()), "lamb_sgg", lr=1e-2, **SGG_OPTIONS)
+
+
 def _loss(model, x, y):
     return (model(x) - y).pow(2).mean()
 
@@ -56,10 +62,10 @@ def _record(model, opt) -> dict:
     return out
 
 
-def reference_run(steps: int = STEPS, model=None, opt=None, start: int = 0) -> dict:
+def reference_run(steps: int = STEPS, model=None, opt=None, start: int = 0, make=_optimizer) -> dict:
     """One process; each step's gradient is the mean of the two half-batch gradients."""
     model = model or _model()
-    opt = opt or _optimizer(model)
+    opt = opt or make(model)
     for x, y in _batches()[start:steps]:
         grads = []
         for half in (slice(0, 4), slice(4, 8)):
@@ -102,6 +108,19 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
             if step == SAVE_AT:
                 dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=f"{out}/ckpt")
         results["fsdp2"] = _record(model, opt)
+
+        # LAMB's trust ratio takes whole-tensor norms: on DTensors they are reduced across ranks.
+        model = _model()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = _lamb(model)
+        for x, y in _batches():
+            opt.zero_grad()
+            _loss(model, x[half], y[half]).backward()
+            opt.step()
+        results["fsdp2-lamb"] = _record(model, opt)
         if rank == 0:
             torch.save(results, f"{out}/results.pt")
     finally:
@@ -137,6 +156,17 @@ def test_two_ranks_give_the_ids_scales_and_parameters_of_one_process(distributed
     assert reference["global_mda"] is not None
     assert any(ids is not None and ids.unique().numel() == 3 for ids in reference["ids"].values())
     _assert_same(results[strategy], reference, exact_params=True)
+
+
+def test_lamb_sgg_under_fsdp2_matches_one_process_up_to_the_norms_reduction_order(distributed_runs):
+    _, results = distributed_runs
+    run, reference = results["fsdp2-lamb"], reference_run(make=_lamb)
+    assert run["global_mda"] == pytest.approx(reference["global_mda"], rel=1e-5)
+    for name, expected in reference["params"].items():
+        torch.testing.assert_close(run["params"][name], expected, rtol=1e-5, atol=1e-6)
+        if reference["ids"][name] is not None:
+            assert torch.equal(run["ids"][name], reference["ids"][name]), name
+            torch.testing.assert_close(run["scales"][name], reference["scales"][name], rtol=1e-5, atol=1e-6)
 
 
 def test_sharded_checkpoint_resumes_on_one_process(distributed_runs):
@@ -315,3 +345,15 @@ def test_sgg_is_refused_under_deepspeed_zero_and_plain_optimizers_are_not(llava_
                 trainer.create_optimizer()
         else:
             assert trainer.create_optimizer() is not None
+
+
+def test_adafactor_is_refused_under_fsdp2_with_a_clear_error(llava_assets, tmp_path):
+    from train_fixtures import tiny_run
+
+    from llava_sgg.train.run import build_trainer
+
+    _, parts, data = llava_assets
+    trainer, _ = build_trainer(tiny_run(parts, data, tmp_path, "lora", {"name": "adafactor_sgg", "lr": 1e-3}))
+    trainer.is_fsdp_enabled = True
+    with pytest.raises(ValueError, match="DTensor"):
+        trainer.create_optimizer()

@@ -51,6 +51,10 @@ class LlavaTrainer(Trainer):
         if self.optimizer is None:
             options = dict(self.optimizer_config)
             name = options.pop("name")
+            if self.is_fsdp_enabled and name.startswith("adafactor"):
+                raise ValueError(f"optimizer {name!r} cannot run under FSDP2: transformers' Adafactor creates its "
+                                 "factored second moments as plain tensors, which do not mix with FSDP2's DTensor "
+                                 "parameters. Use adamw or lamb (with or without _sgg) under FSDP2, or DDP.")
             lr = options.pop("lr", self.args.learning_rate)
             weight_decay = options.pop("weight_decay", 0.0)
             groups = llava_param_groups(model or self.model, lr, weight_decay, self.mm_projector_lr)
