@@ -162,6 +162,31 @@ def test_multi_tensor_adam_step_on_unaligned_views_equals_the_reference():
         assert float((a - b).norm() / b.norm()) < 1e-6
 
 
+@cuda
+@pytest.mark.parametrize("assignment", ["frozen", "dynamic"])
+def test_adam_step_of_a_group_mixing_large_and_small_tensors_equals_the_reference(assignment):
+    from llava_sgg.optim import fused as fused_module
+
+    results = []
+    for fused in (True, False):
+        g = torch.Generator().manual_seed(0)
+        rows = fused_module.LARGE // 1024 + 3  # (rows, 1025): above the per-tensor threshold, partial last block
+        flat = torch.randn(1 + rows * 1025, generator=g).cuda()
+        params = [torch.nn.Parameter(torch.randn(fused_module.LARGE // 1024, 1024, generator=g).cuda()),
+                  torch.nn.Parameter(flat[1:].view(rows, 1025)),  # large and off a 16-byte boundary
+                  torch.nn.Parameter(torch.randn(333, 70, generator=g).cuda()),
+                  torch.nn.Parameter(torch.randn(fused_module.LARGE + 5, generator=g).cuda()),  # large, no scale
+                  torch.nn.Parameter(torch.randn(700, generator=g).cuda())]
+        opt = build_optimizer(params, "adamw_sgg", lr=1e-2, recluster_interval=2, fused=fused, assignment=assignment)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).cuda()
+            opt.step()
+        results.append([p.detach().cpu() for p in params])
+    for a, b in zip(*results):
+        assert float((a - b).norm() / b.norm()) < 1e-6
+
+
 @pytest.mark.slow
 def test_triton_kernels_equal_the_reference_path_under_the_interpreter():
     script = textwrap.dedent("""
@@ -169,6 +194,7 @@ def test_triton_kernels_equal_the_reference_path_under_the_interpreter():
         import llava_sgg.optim.fused as fused
         from llava_sgg.optim import build_optimizer, functional as F
         fused.available = lambda t: True
+        fused.LARGE = 2000  # (33, 70) takes the per-tensor AdamW kernel, the others the multi-tensor one
         F.available_gpu = lambda t: True
         for name in ("adamw_sgg", "lamb_sgg", "adafactor_sgg"):
             for assignment in ("frozen", "dynamic"):

@@ -93,6 +93,28 @@ def adam_kernel(addr_ptr, numel_ptr, block_tensor_ptr, first_block_ptr, p_like, 
 
 
 @triton.jit
+def adam_tensor_kernel(p_ptr, g_ptr, m_ptr, v_ptr, ids_ptr, scales_ptr, thr_ptr, step_ptr, n,
+                       lr, beta1, beta2, eps, weight_decay, grad_sign, step_size, bc2_sqrt,
+                       DECOUPLED: tl.constexpr, MODE: tl.constexpr, K: tl.constexpr, ABS: tl.constexpr,
+                       STEP_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr):
+    """AdamW over one tensor, the same update as :func:`adam_kernel` with the addresses as arguments.
+
+    For large tensors: a launch costs nothing next to their bytes, and the
+    programs start loading data at once, where the multi-tensor kernel first
+    makes three dependent table reads (which, over 1.3 B elements, cost 12%).
+    Triton specializes on the arguments' 16-byte alignment and on n, so the
+    loads are wide without hints.
+    """
+    if STEP_ON_DEVICE:
+        step = tl.load(step_ptr).to(tl.float32)
+        step_size = lr / (1.0 - tl.exp2(step * tl.log2(beta1)))
+        bc2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(step * tl.log2(beta2)))
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, ids_ptr, scales_ptr, thr_ptr, offs, offs < n,
+                 lr, beta1, beta2, eps, weight_decay, grad_sign, step_size, bc2_sqrt, DECOUPLED, MODE, K, ABS)
+
+
+@triton.jit
 def _adam_update(p_ptr, g_ptr, m_ptr, v_ptr, ids_ptr, scales_ptr, thr_ptr, offs, mask, lr, beta1, beta2, eps,
                  weight_decay, grad_sign, step_size, bc2_sqrt, DECOUPLED: tl.constexpr, MODE: tl.constexpr,
                  K: tl.constexpr, ABS: tl.constexpr):
