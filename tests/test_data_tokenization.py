@@ -35,10 +35,35 @@ def test_the_generation_prompt_ends_with_assistant_and_continues_into_the_traine
 def test_templates_are_found_by_name():
     assert get_template("vicuna_v1") is TEMPLATES["vicuna_v1"]
     assert get_template("vicuna_v1").sep2 is None  # the tokenizer's EOS
-    with pytest.raises(ValueError, match="unknown conversation template 'vicuna'; known: vicuna_v1"):
+    with pytest.raises(ValueError, match="unknown conversation template 'vicuna'; known: plain, vicuna_v1"):
         get_template("vicuna")
     with pytest.raises(ValueError, match="pass eos=tokenizer.eos_token"):
         render_conversation(TURNS)
+
+
+def test_plain_renders_the_image_and_caption_as_official_preprocess_plain():
+    # Official: the question is replaced by the bare placeholder; text = placeholder + caption + "\n";
+    # everything after the placeholder is trained.
+    rendered = render_conversation([("<image>\nDescribe the image.", "7 and 3.")], template="plain")
+    assert rendered.text == "<image>7 and 3.\n"
+    assert [rendered.text[a:b] for a, b in rendered.trained_spans] == ["7 and 3.\n"]
+    assert render_prompt("<image>\nDescribe the image.", template="plain") == "<image>"
+    with pytest.raises(ValueError, match="one \\(question, caption\\) turn"):
+        render_conversation(TURNS, template="plain")
+    with pytest.raises(ValueError, match="one \\(question, caption\\) turn"):
+        render_conversation([("no image here", "caption")], template="plain")
+
+
+def test_plain_labels_are_the_caption_and_newline_after_the_image_tokens():
+    tokenizer = tiny_tokenizer()
+    encoded = encode_conversation([("<image>\nDescribe.", "The digit 3 is left of 7.")], tokenizer,
+                                  model_max_length=512, num_image_tokens=4, template="plain")
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    expected_caption = tokenizer("The digit 3 is left of 7.\n", add_special_tokens=False)["input_ids"]
+    trained = [t for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+    assert trained == expected_caption
+    assert encoded.input_ids.count(image_id) == 4
+    assert encoded.input_ids[-len(expected_caption):] == expected_caption
 
 
 def test_the_image_placeholder_moves_to_the_front_of_the_first_question():

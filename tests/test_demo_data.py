@@ -325,3 +325,28 @@ def test_max_turns_bounds_the_questions_per_training_scene(tmp_path):
     assert max(turns) <= 6 and max(turns) > 3
     with pytest.raises(ValueError, match="max_turns"):
         DemoDataConfig(max_turns=7)
+
+
+def test_always_ask_puts_a_presence_pair_and_a_choice_in_every_training_scene(tmp_path):
+    import json
+
+    from llava_sgg.demo.data import DemoDataConfig, build_demo_data
+
+    config = DemoDataConfig(train_scenes=30, eval_scenes=4, always_ask=("presence", "multiple_choice"))
+    data = build_demo_data(tmp_path, config, progress=False)
+    scenes = {s["image"]: s for s in json.loads(data.scenes_json.read_text())["train"]}
+    for sample in json.loads(data.train_json.read_text()):
+        turns = sample["conversations"]
+        questions = [t["value"].removeprefix("<image>\n") for t in turns[0::2]]
+        assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in q for q in questions)
+        digits = scenes[sample["image"].split("/")[-1]]["digits"]
+        presence = [(int(q.split()[3]), a["value"]) for q, a in zip(questions, turns[1::2])
+                    if q.startswith("Is there a") or q.startswith("Is there an")]
+        # One question about a present digit ("Yes") and one about an absent digit ("No").
+        assert sorted(answer for _, answer in presence) == ["No", "Yes"]
+        assert all((digit in digits) == (answer == "Yes") for digit, answer in presence)
+        assert sum("Answer with the option's letter" in q for q in questions) == 1
+    with pytest.raises(ValueError, match="always_ask"):
+        DemoDataConfig(always_ask=("presence", "presence"))
+    with pytest.raises(ValueError, match="always_ask"):
+        DemoDataConfig(always_ask=("colour",))

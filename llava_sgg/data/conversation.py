@@ -1,7 +1,10 @@
 """Conversation templates: the exact text a LLaVA model is trained and prompted on.
 
-Rendering reproduces official LLaVA's ``Conversation.get_prompt()`` for
-``SeparatorStyle.TWO`` (``llava/conversation.py``, template ``conv_vicuna_v1``):
+Two styles, as official LLaVA (``llava/conversation.py``): ``plain`` (template
+``conv_llava_plain``, stage-1 feature alignment) is the image followed by its
+caption and ``"\n"``, the question dropped and only the caption and ``"\n"``
+trained (official ``preprocess_plain``). ``two`` reproduces ``Conversation.get_prompt()``
+for ``SeparatorStyle.TWO`` (template ``conv_vicuna_v1``, stage-2 instruction tuning):
 
     system + sep + "USER: " + q1 + sep + "ASSISTANT: " + a1 + sep2 + "USER: " + q2 + ... + sep2
 
@@ -21,18 +24,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["ConversationTemplate", "RenderedConversation", "TEMPLATES", "VICUNA_V1", "get_template",
+__all__ = ["ConversationTemplate", "PLAIN", "RenderedConversation", "TEMPLATES", "VICUNA_V1", "get_template",
            "render_conversation", "render_prompt"]
 
 
 @dataclass(frozen=True)
 class ConversationTemplate:
-    """A two-separator chat template (official ``SeparatorStyle.TWO``).
+    """A chat template: ``style`` "two" (official ``SeparatorStyle.TWO``) or "plain".
 
-    ``sep`` follows the system prompt and every user turn; ``sep2`` follows every
-    answer. ``sep2=None`` means "the tokenizer's EOS string": official vicuna_v1
+    In "two", ``sep`` follows the system prompt and every user turn; ``sep2`` follows
+    every answer. ``sep2=None`` means "the tokenizer's EOS string": official vicuna_v1
     hard-codes ``"</s>"``, which is right only for Llama/Vicuna tokenizers, and the
-    answer must end in the token the model is taught to stop on.
+    answer must end in the token the model is taught to stop on. In "plain", ``sep``
+    ends the caption and nothing else is used.
     """
 
     name: str
@@ -40,6 +44,7 @@ class ConversationTemplate:
     roles: tuple[str, str]
     sep: str
     sep2: str | None
+    style: str = "two"
 
     def answer_end(self, eos: str | None) -> str:
         sep2 = self.sep2 if self.sep2 is not None else eos
@@ -58,9 +63,11 @@ VICUNA_V1 = ConversationTemplate(
     sep2=None,
 )
 
-# name -> template. A new template is one more entry (and, if it is not of the
-# TWO style, its own rendering); nothing is found by name matching.
-TEMPLATES: dict[str, ConversationTemplate] = {VICUNA_V1.name: VICUNA_V1}
+PLAIN = ConversationTemplate(name="plain", system="", roles=("", ""), sep="\n", sep2=None, style="plain")
+
+# name -> template. A new template is one more entry (and, if it is of neither
+# style, its own rendering); nothing is found by name matching.
+TEMPLATES: dict[str, ConversationTemplate] = {t.name: t for t in (VICUNA_V1, PLAIN)}
 
 
 def get_template(template: str | ConversationTemplate) -> ConversationTemplate:
@@ -81,8 +88,19 @@ class RenderedConversation:
     trained_spans: tuple[tuple[int, int], ...]
 
 
+def _render_plain(turns: Sequence[tuple[str, str]], tpl: ConversationTemplate, image_token: str) -> RenderedConversation:
+    # Official preprocess_plain: one (human, gpt) pair; the human message becomes
+    # the bare placeholder and "placeholder + caption + sep" is the whole text.
+    if len(turns) != 1 or image_token not in turns[0][0]:
+        raise ValueError(f"template {tpl.name!r} takes one (question, caption) turn whose question holds "
+                         f"{image_token!r}; got {len(turns)} turn(s)")
+    text = image_token + turns[0][1] + tpl.sep
+    return RenderedConversation(text, ((len(image_token), len(text)),))
+
+
 def render_conversation(turns: Sequence[tuple[str, str]], *, eos: str | None = None,
-                        template: str | ConversationTemplate = "vicuna_v1") -> RenderedConversation:
+                        template: str | ConversationTemplate = "vicuna_v1",
+                        image_token: str = "<image>") -> RenderedConversation:
     """Render (human, gpt) turns as training text, with one trained span per answer.
 
     A span runs from just after ``"ASSISTANT:"`` to the end of the answer's
@@ -92,6 +110,8 @@ def render_conversation(turns: Sequence[tuple[str, str]], *, eos: str | None = N
     followed by span ``k``'s text is the training text up to the span's end.
     """
     tpl = get_template(template)
+    if tpl.style == "plain":
+        return _render_plain(turns, tpl, image_token)
     end = tpl.answer_end(eos)
     user, assistant = tpl.roles
     text = tpl.system + tpl.sep
@@ -105,7 +125,7 @@ def render_conversation(turns: Sequence[tuple[str, str]], *, eos: str | None = N
 
 
 def render_prompt(question: str, *, history: Sequence[tuple[str, str]] = (), eos: str | None = None,
-                  template: str | ConversationTemplate = "vicuna_v1") -> str:
+                  template: str | ConversationTemplate = "vicuna_v1", image_token: str = "<image>") -> str:
     """The generation prompt: earlier (human, gpt) turns, then ``question``, ending with ``"ASSISTANT:"``.
 
     As official ``get_prompt()`` with a last message of ``None``; the model's
@@ -113,6 +133,11 @@ def render_prompt(question: str, *, history: Sequence[tuple[str, str]] = (), eos
     ``eos`` is needed only when there is history.
     """
     tpl = get_template(template)
+    if tpl.style == "plain":  # official plain prompts are the image alone
+        if history or image_token not in question:
+            raise ValueError(f"template {tpl.name!r} prompts with the image alone: no history, and the "
+                             f"question must hold {image_token!r}")
+        return image_token
     user, assistant = tpl.roles
     text = render_conversation(history, eos=eos, template=tpl).text if history else tpl.system + tpl.sep
     return f"{text}{user}: {question}{tpl.sep}{assistant}:"

@@ -155,7 +155,10 @@ def encode_conversation(turns: Sequence[tuple[str, str]], tokenizer, *, model_ma
             if found:
                 raise DataError(f"{role} {k + 1} contains the tokenizer's special token {found[0]!r}")
 
-    rendered = render_conversation(turns, eos=tokenizer.eos_token, template=template)
+    try:
+        rendered = render_conversation(turns, eos=tokenizer.eos_token, template=template, image_token=image_token)
+    except ValueError as e:  # a sample the template cannot render (plain: one captioned turn)
+        raise DataError(str(e)) from e
     enc = tokenizer(rendered.text, add_special_tokens=True, return_offsets_mapping=True, verbose=False)
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
     owners = _span_owners(offsets, rendered.trained_spans)

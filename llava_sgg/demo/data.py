@@ -6,7 +6,8 @@ build writes LLaVA-v1.5's training format and four benchmarks in the file layout
 evaluation (``playground/data/eval/...`` in the official repository), so the offline demo trains and
 scores through the same file formats as the real benchmarks::
 
-    digits-v1-<config hash>/
+    digits-v2-<config hash>/
+      pretrain.json                                 stage-1 captions (LLaVA's pretraining format), train images
       train.json                                    LLaVA SFT list; "image" is relative to images/
       images/train/train_00000.png ...
       images/eval/eval_00000.png ...                POPE and GQA read their images here
@@ -53,12 +54,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 __all__ = [
-    "DemoData", "DemoDataConfig", "EvalFiles", "Scene", "build_demo_data", "config_hash", "count_check_question",
+    "DemoData", "DemoDataConfig", "EvalFiles", "PRETRAIN_PROMPT", "Scene", "build_demo_data", "caption",
+    "config_hash", "count_check_question",
     "digit_statistics", "multiple_choice_prompt", "pope_negatives", "position_name", "position_question",
     "presence_question", "render_scene", "sample_scenes", "split_source_indices",
 ]
 
-FORMAT = "digits-v1"  # the folder prefix; bump it when the files written change so old folders are not reused
+FORMAT = "digits-v2"
+_QUESTION_KINDS = ("count", "count_check", "presence", "position", "listing", "multiple_choice")  # the folder prefix; bump it when the files written change so old folders are not reused
 N_LABELS = 10
 SOURCE = "sklearn_digits"  # MMBench's "source" column
 
@@ -103,11 +106,18 @@ class DemoDataConfig:
     eval_scenes: int = 120
     eval_fraction_of_digits: float = 0.2   # share of the 1797 source digits reserved for eval scenes
     max_turns: int = 3          # question-answer turns per training scene: 1..max_turns, distinct types
+    # Question types asked of every training scene on top of the random ones (each at most once;
+    # "presence" asks twice, about a present and an absent digit), to weight the mix toward a skill.
+    always_ask: tuple[str, ...] = ()
 
     def __post_init__(self):
         problems = []
         if not 1 <= self.max_turns <= 6:
             problems.append(f"max_turns must be in [1, 6] (six question types), got {self.max_turns}")
+        unknown = [kind for kind in self.always_ask if kind not in _QUESTION_KINDS]
+        if unknown or len(set(self.always_ask)) != len(self.always_ask):
+            problems.append(f"always_ask must hold distinct question types among {', '.join(_QUESTION_KINDS)}; "
+                            f"got {list(self.always_ask)}")
         if self.grid not in POSITION_NAMES:
             problems.append(f"grid must be one of {sorted(POSITION_NAMES)} (cells need names), got {self.grid}")
         elif not 1 <= self.digit_size <= self.canvas // self.grid:
@@ -157,8 +167,9 @@ class EvalFiles:
 class DemoData:
     """Where a finished build is; ``counts`` are scenes and questions per file."""
 
-    root: Path              # the build folder, digits-v1-<hash>
+    root: Path              # the build folder, digits-v2-<hash>
     train_json: Path
+    pretrain_json: Path     # stage-1 captions of the training scenes
     image_folder: Path      # what train.json's "image" paths are relative to
     scenes_json: Path
     pope: EvalFiles
@@ -326,13 +337,40 @@ TRAIN_QUESTIONS: dict[str, Callable] = {
 }
 
 
+PRETRAIN_PROMPT = "Describe the digits in the image and where they are."
+
+
+def caption(scene: Scene, config: DemoDataConfig) -> str:
+    """The stage-1 caption: every digit with its place, in reading order ("7 in the top left, 3 in the ...")."""
+    return ", ".join(f"{d} in the {position_name(c, config.grid)}" for d, c in zip(scene.digits, scene.cells))
+
+
+def _pretrain_sample(scene: Scene, config: DemoDataConfig) -> dict:
+    # LLaVA's 558K pretraining records: one instruction holding the placeholder, one caption. The
+    # "plain" template used in stage 1 keeps only the placeholder and the caption.
+    return {"id": scene.id, "image": f"train/{scene.image}",
+            "conversations": [{"from": "human", "value": f"<image>\n{PRETRAIN_PROMPT}"},
+                              {"from": "gpt", "value": caption(scene, config)}]}
+
+
+def _presence_pair(scene, config, rng) -> list[tuple[str, str]]:
+    """Two presence questions, about one present and one absent digit, in random order."""
+    digits = [int(rng.choice(scene.digits)), int(rng.choice(scene.absent()))]
+    order = rng.permutation(2)
+    return [(f"{presence_question(digits[k])}\n{SHORT_ANSWER}", _yes_no(k == 0)) for k in order]
+
+
 def _train_sample(scene: Scene, config: DemoDataConfig, rng) -> dict:
     kinds = rng.choice(list(TRAIN_QUESTIONS), size=int(rng.integers(1, config.max_turns + 1)), replace=False)
+    turns = [(str(kind), None) for kind in kinds if kind not in config.always_ask]
+    for kind in config.always_ask:
+        turns += [(kind, qa) for qa in _presence_pair(scene, config, rng)] if kind == "presence" else [(kind, None)]
     conversations = []
-    for j, kind in enumerate(kinds):
-        prompt, answer = TRAIN_QUESTIONS[str(kind)](scene, config, rng)
+    for k in rng.permutation(len(turns)):
+        kind, qa = turns[k]
+        prompt, answer = qa or TRAIN_QUESTIONS[kind](scene, config, rng)
         # LLaVA-v1.5's mix puts the image placeholder at the start of the first question.
-        conversations += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + prompt},
+        conversations += [{"from": "human", "value": ("<image>\n" if not conversations else "") + prompt},
                           {"from": "gpt", "value": answer}]
     return {"id": scene.id, "image": f"train/{scene.image}", "conversations": conversations}
 
@@ -512,6 +550,7 @@ def _write_all(folder: Path, config: DemoDataConfig, progress: bool) -> dict:
     rng = _rng(config, "train_questions")
     samples = [_train_sample(scene, config, rng) for scene in train]
     _write(folder, "train.json", _json(samples), files)
+    _write(folder, "pretrain.json", _json([_pretrain_sample(scene, config) for scene in train]), files)
     _write(folder, "scenes.json", _json({"train": [_scene_record(s, config) for s in train],
                                          "eval": [_scene_record(s, config) for s in evaluation]}), files)
 
@@ -561,7 +600,8 @@ def _read_manifest(folder: Path, config: DemoDataConfig) -> dict | None:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    ok = isinstance(manifest, dict) and manifest.get("format") == FORMAT and manifest.get("config") == asdict(config)
+    expected = json.loads(json.dumps(asdict(config)))  # as the manifest stores it: tuples become lists
+    ok = isinstance(manifest, dict) and manifest.get("format") == FORMAT and manifest.get("config") == expected
     return manifest if ok else None
 
 
@@ -570,7 +610,8 @@ def _demo_data(folder: Path, counts: dict[str, int]) -> DemoData:
     pope, mme = folder / "eval" / "pope", folder / "eval" / "MME"
     mmbench = folder / "eval" / "mmbench" / "mmbench_dev_en.tsv"
     return DemoData(
-        root=folder, train_json=folder / "train.json", image_folder=folder / "images",
+        root=folder, train_json=folder / "train.json", pretrain_json=folder / "pretrain.json",
+        image_folder=folder / "images",
         scenes_json=folder / "scenes.json",
         pope=EvalFiles(pope / "llava_pope_test.jsonl",
                        tuple(pope / "coco" / f"coco_pope_{c}.json" for c in POPE_CATEGORIES), eval_images),
@@ -584,7 +625,7 @@ def _demo_data(folder: Path, counts: dict[str, int]) -> DemoData:
 
 def build_demo_data(root: str | os.PathLike, config: DemoDataConfig = DemoDataConfig(),
                     progress: bool = True) -> DemoData:
-    """Build (or find) the demo dataset for ``config`` under ``root / "digits-v1-<config hash>"``.
+    """Build (or find) the demo dataset for ``config`` under ``root / "digits-v2-<config hash>"``.
 
     A folder with a manifest for this config is returned at once; one without (half-written) is
     rebuilt. The build goes to a private ``.partial`` folder renamed into place when finished, so a

@@ -10,7 +10,9 @@ MMBench and MME formats, scored by the project's official scorers.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +20,22 @@ from pathlib import Path
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, TrainerCallback
 
-from ..model.builder import ModelConfig
+from ..model.builder import MM_PROJECTOR_FILE
 from ..train.config import build_run_config
 from ..train.run import build_trainer, save_outputs
 from .data import DemoDataConfig, build_demo_data
 from .tower import TowerPretraining, pretrain_vision_tower
 
 OPTIMIZERS = ("adamw", "adamw_sgg")
+
+
+@dataclass(frozen=True)
+class ConnectorPretraining:
+    """LLaVA's stage 1: the connector alone learns the captions (template plain), tower and decoder frozen."""
+
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 2e-3
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,8 @@ class DemoSettings:
     # Pretrain the tower on the training scenes first (tower.py) and keep it frozen while fine-tuning, as
     # LLaVA-v1.5 keeps CLIP; None: train the from-config tower along with the connector instead.
     tower: TowerPretraining | None = TowerPretraining()
+    # Stage 1 before the two fine-tuning runs, shared by both (as LLaVA's released projector is); None: skip.
+    connector: ConnectorPretraining | None = ConnectorPretraining()
     eval_batch_size: int = 32
     max_new_tokens: int = 8
     seed: int = 0
@@ -53,11 +66,13 @@ class DemoSettings:
 VISION = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
           "image_size": 48, "patch_size": 16}
 FULL = DemoSettings(data=DemoDataConfig(canvas=48, grid=3, digit_size=16, train_scenes=800, eval_scenes=60),
-                    decoder_layers=4, vision=VISION, steps=400, batch_size=4, lr=1e-3, mm_projector_lr=1e-3,
-                    sgg={"n_clusters": 3, "recluster_interval": 50, "beta3": 0.9}, mode="lora")
+                    decoder_layers=4, vision=VISION, steps=350, batch_size=4, lr=1e-3, mm_projector_lr=1e-3,
+                    sgg={"n_clusters": 3, "recluster_interval": 50, "beta3": 0.9}, mode="lora",
+                    connector=ConnectorPretraining(steps=120))
 QUICK = DemoSettings(data=DemoDataConfig(train_scenes=16, eval_scenes=6), decoder_layers=0,
                      vision={**VISION, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2},
                      steps=2, batch_size=4, lr=1e-3, mm_projector_lr=1e-3, tower=TowerPretraining(steps=3),
+                     connector=ConnectorPretraining(steps=2, batch_size=4),
                      sgg={"n_clusters": 3, "recluster_interval": 1, "beta3": 0.5}, eval_batch_size=8,
                      max_new_tokens=3)
 
@@ -110,10 +125,39 @@ class ScaleRecorder(TrainerCallback):
                     self.history.setdefault(self.names.get(p, "?"), []).append(scales.tolist())
 
 
-def run_config(settings: DemoSettings, vision: Path, language_model: Path, data, output: Path, name: str):
+def pretrain_connector(settings: DemoSettings, vision: Path, language_model: Path, data, cache: Path) -> Path:
+    """Stage 1 through `llava-sgg train` with mode pretrain; cached by its inputs. Returns mm_projector.safetensors."""
+    recipe = settings.connector
+    key = json.dumps({"vision": vision.name, "decoder": language_model.name, "data": data.root.name,
+                      "recipe": dataclasses.asdict(recipe), "seed": settings.seed}, sort_keys=True)
+    output = cache / f"connector-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    projector = output / MM_PROJECTOR_FILE
+    if projector.is_file():
+        return projector
+    cfg = build_run_config({
+        "model": {"vision_tower": str(vision), "language_model": str(language_model)},
+        "data": {"data_path": str(data.pretrain_json), "image_folder": str(data.image_folder),
+                 "model_max_length": 256, "image_aspect_ratio": "pad", "template": "plain"},
+        "train": {"output_dir": str(output.with_name(output.name + ".partial")), "mode": "pretrain",
+                  "max_steps": recipe.steps, "per_device_train_batch_size": recipe.batch_size,
+                  "warmup_ratio": 0.03, "gradient_checkpointing": False, "logging_steps": 1,
+                  "save_steps": 10**6, "seed": settings.seed, "report_to": "none"},
+        "optimizer": {"name": "adamw", "lr": recipe.lr, "weight_decay": 0.0},
+    }, origin="demo stage 1")
+    trainer, processor = build_trainer(cfg)
+    trainer.train()
+    save_outputs(trainer, processor, cfg)
+    shutil.rmtree(output, ignore_errors=True)
+    Path(cfg.train.output_dir).rename(output)  # complete folders only
+    return projector
+
+
+def run_config(settings: DemoSettings, vision: Path, language_model: Path, data, output: Path, name: str,
+               projector: Path | None = None):
     optimizer = {"name": name, "lr": settings.lr, **(settings.sgg if name.endswith("_sgg") else {})}
     return build_run_config({
-        "model": {"vision_tower": str(vision), "language_model": str(language_model)},
+        "model": {"vision_tower": str(vision), "language_model": str(language_model),
+                  "mm_projector": str(projector) if projector else None},
         "data": {"data_path": str(data.train_json), "image_folder": str(data.image_folder),
                  "model_max_length": 256, "image_aspect_ratio": "pad"},
         "train": {"output_dir": str(output), "mode": settings.mode,
@@ -127,8 +171,8 @@ def run_config(settings: DemoSettings, vision: Path, language_model: Path, data,
     }, origin="demo")
 
 
-def train_one(settings, vision, language_model, data, output: Path, name: str) -> dict:
-    cfg = run_config(settings, vision, language_model, data, output, name)
+def train_one(settings, vision, language_model, data, output: Path, name: str, projector: Path | None = None) -> dict:
+    cfg = run_config(settings, vision, language_model, data, output, name, projector)
     trainer, processor = build_trainer(cfg)
     recorder = ScaleRecorder(trainer.model)
     trainer.add_callback(recorder)
@@ -289,7 +333,10 @@ def write_report(output: Path, settings: DemoSettings, rows, runs, seconds: floa
         f"Data: {settings.data.train_scenes} training scenes, {settings.data.eval_scenes} evaluation scenes of "
         "scikit-learn handwritten digits (disjoint source scans), evaluation files in the official POPE, GQA, "
         "MMBench (circular, all option rotations) and MME formats, scored by `llava-sgg score`.", "",
-        f"Training: {settings.steps} steps, batch {settings.batch_size}, lr {settings.lr} "
+        (f"Stage 1 (shared by both runs): the connector alone on the training scenes' captions (template "
+         f"plain), {settings.connector.steps} steps, batch {settings.connector.batch_size}, lr "
+         f"{settings.connector.lr}." if settings.connector else "No stage 1: the connector starts at random."), "",
+        f"Stage 2: {settings.steps} steps, batch {settings.batch_size}, lr {settings.lr} "
         f"(connector {settings.mm_projector_lr}), cosine, warmup 3%; SGG {settings.sgg}.", "",
         "| | " + " | ".join(label for _, label, _ in METRICS) + " |",
         "|---|" + "---|" * len(METRICS),
@@ -302,23 +349,31 @@ def write_report(output: Path, settings: DemoSettings, rows, runs, seconds: floa
     return path
 
 
-def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | None = None) -> dict:
-    """Build data, fine-tune with each optimizer, evaluate, compare with baselines, write the report."""
+def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | None = None,
+             settings: DemoSettings | None = None) -> dict:
+    """Build data, fine-tune with each optimizer, evaluate, compare with baselines, write the report.
+
+    ``settings`` replaces the recipe ``quick`` picks (QUICK, or FULL with all decoder layers on a GPU).
+    """
     start = time.time()
     output = Path(output)
     cache = Path(cache) if cache else Path.home() / ".cache" / "llava-sgg"
     gpu = torch.cuda.is_available()
-    settings = QUICK if quick else (dataclasses.replace(FULL, decoder_layers=None) if gpu else FULL)
+    if settings is None:
+        settings = QUICK if quick else (dataclasses.replace(FULL, decoder_layers=None) if gpu else FULL)
     data = build_demo_data(cache / "demo-data", settings.data)
     vision = vision_tower(cache / "models", settings.vision, settings.seed)
     tower_report = None
     if settings.tower is not None:
         vision, tower_report = pretrain_vision_tower(vision, data, settings.data, cache / "models", settings.tower)
     language_model = decoder(cache / "models", settings.decoder_layers)
+    projector = None
+    if settings.connector is not None:
+        projector = pretrain_connector(settings, vision, language_model, data, cache / "models")
 
     runs, scores = {}, {}
     for name in OPTIMIZERS:
-        run = train_one(settings, vision, language_model, data, output / name, name)
+        run = train_one(settings, vision, language_model, data, output / name, name, projector)
         model = run["trainer"].model
         answers = answer_benchmarks(model, run["processor"], data, output / name / "answers", settings, name)
         scores[name] = _score_all(data, answers, output / name / "metrics")

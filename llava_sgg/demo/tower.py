@@ -35,12 +35,16 @@ class TowerPretraining:
     lr: float = 2e-3
     weight_decay: float = 0.01
     feature_layer: int = -2   # the hidden state LLaVA reads (ModelConfig.vision_feature_layer)
+    # Weight of a second head on every patch token: which digits the whole image holds (multi-hot),
+    # so that each token also carries the scene's content, as a CLIP token carries its image's.
+    presence_weight: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.weight_decay < 0:
+        if (self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.weight_decay < 0
+                or self.presence_weight < 0):
             raise ValueError(f"invalid TowerPretraining: need steps >= 1, batch_size >= 1, lr > 0, "
-                             f"weight_decay >= 0; got {self}")
+                             f"weight_decay >= 0, presence_weight >= 0; got {self}")
 
 
 def patch_labels(cells: list[int], digits: list[int], config: DemoDataConfig, image_size: int,
@@ -75,17 +79,28 @@ def _load_split(data: DemoData, split: str, processor, config: DemoDataConfig, v
 
 
 def _patch_logits(tower, head, pixels, feature_layer):
+    """[batch, patches, 11 + 10]: each patch's digit (or empty), then the digits present anywhere."""
     hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[feature_layer]
     return head(hidden[:, 1:])  # drop CLS, as LLaVA's "default" feature strategy
 
 
+def _presence(labels: torch.Tensor) -> torch.Tensor:
+    """[batch, 10] multi-hot of the digits among each image's patch labels."""
+    hot = torch.zeros(len(labels), N_LABELS + 1).scatter_(1, labels, 1.0)
+    return hot[:, :N_LABELS]
+
+
 @torch.no_grad()
-def _accuracy(tower, head, pixels, labels, feature_layer, batch_size=256) -> float:
-    correct = 0
+def _accuracy(tower, head, pixels, labels, feature_layer, batch_size=256) -> tuple[float, float]:
+    """(patch digit accuracy, per-token presence accuracy over the 10 digits)."""
+    correct = present = 0
     for start in range(0, len(pixels), batch_size):
         logits = _patch_logits(tower, head, pixels[start:start + batch_size], feature_layer)
-        correct += (logits.argmax(-1) == labels[start:start + batch_size]).sum().item()
-    return correct / labels.numel()
+        batch = labels[start:start + batch_size]
+        correct += (logits[..., :N_LABELS + 1].argmax(-1) == batch).sum().item()
+        truth = _presence(batch)[:, None].expand(-1, batch.shape[1], -1)
+        present += ((logits[..., N_LABELS + 1:] > 0).float() == truth).sum().item()
+    return correct / labels.numel(), present / (labels.numel() * N_LABELS)
 
 
 def pretrain_vision_tower(initial: Path, data: DemoData, data_config: DemoDataConfig, cache: Path,
@@ -109,7 +124,7 @@ def pretrain_vision_tower(initial: Path, data: DemoData, data_config: DemoDataCo
 
     generator = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    head = torch.nn.Linear(vision.hidden_size, N_LABELS + 1)
+    head = torch.nn.Linear(vision.hidden_size, 2 * N_LABELS + 1)
     parameters = list(tower.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=recipe.steps,
@@ -119,16 +134,22 @@ def pretrain_vision_tower(initial: Path, data: DemoData, data_config: DemoDataCo
     for _ in bar:
         batch = torch.randint(len(train_pixels), (recipe.batch_size,), generator=generator)
         logits = _patch_logits(tower, head, train_pixels[batch], recipe.feature_layer)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), train_labels[batch].flatten())
+        labels = train_labels[batch]
+        loss = torch.nn.functional.cross_entropy(logits[..., :N_LABELS + 1].flatten(0, 1), labels.flatten())
+        if recipe.presence_weight:
+            present = _presence(labels)[:, None].expand(-1, labels.shape[1], -1)
+            loss = loss + recipe.presence_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+                logits[..., N_LABELS + 1:], present)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     tower.eval()
-    report = {"train_patch_accuracy": _accuracy(tower, head, train_pixels, train_labels, recipe.feature_layer),
-              "eval_patch_accuracy": _accuracy(tower, head, eval_pixels, eval_labels, recipe.feature_layer),
-              "final_loss": loss.item(), "recipe": asdict(recipe)}
+    report = {"final_loss": loss.item(), "recipe": asdict(recipe)}
+    for split, pixels, labels in (("train", train_pixels, train_labels), ("eval", eval_pixels, eval_labels)):
+        patch, presence = _accuracy(tower, head, pixels, labels, recipe.feature_layer)
+        report[f"{split}_patch_accuracy"], report[f"{split}_presence_accuracy"] = patch, presence
     tower.save_pretrained(folder)
     processor.save_pretrained(folder)
     report_path.write_text(json.dumps(report, indent=1))  # written last: marks a complete folder

@@ -172,6 +172,22 @@ def load_mm_projector(projector: LlavaMultiModalProjector, path: str | os.PathLi
     projector.load_state_dict({k: v.to(projector.linear_1.weight.dtype) for k, v in renamed.items()})
 
 
+MM_PROJECTOR_FILE = "mm_projector.safetensors"
+
+
+def save_mm_projector(projector: LlavaMultiModalProjector, folder: str | os.PathLike) -> Path:
+    """Write the connector as stage 1's output, official key layout, safetensors; ``load_mm_projector`` reads it."""
+    from safetensors.torch import save_file
+
+    names = {"linear_1": "0", "linear_2": "2"}
+    state = {f"model.mm_projector.{names[k.split('.')[0]]}.{k.split('.')[1]}": v.detach().cpu().contiguous()
+             for k, v in projector.state_dict().items()}
+    path = Path(folder) / MM_PROJECTOR_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path
+
+
 def build_llava(cfg: ModelConfig):
     """Assemble (model, processor). The vision tower is frozen; connector and decoder are trainable."""
     tower, image_processor = load_vision_tower(cfg)

@@ -20,7 +20,7 @@ import yaml
 from ..model.builder import ModelConfig, ModelError
 from ..optim import check_optimizer_options
 
-MODES = ("full", "lora", "qlora")
+MODES = ("pretrain", "full", "lora", "qlora")
 DISTRIBUTED = ("ddp", "fsdp2")
 ASPECT_RATIOS = ("pad", "resize", "crop")
 
@@ -42,7 +42,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/llava-sgg"
-    mode: str = "full"  # full | lora | qlora
+    mode: str = "full"  # pretrain (stage 1: the connector alone) | full | lora | qlora
     num_train_epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides num_train_epochs
     per_device_train_batch_size: int = 16

@@ -11,7 +11,7 @@ import yaml
 from torch import nn
 from transformers import TrainingArguments, set_seed
 
-from ..model.builder import build_llava, save_spec
+from ..model.builder import build_llava, save_mm_projector, save_spec
 from .config import RunConfig
 from .trainer import PROJECTOR, LlavaTrainer
 
@@ -27,6 +27,12 @@ def prepare_model(cfg: RunConfig):
     """(model, processor) ready to train in cfg.train.mode; the vision tower is always frozen."""
     model, processor = build_llava(cfg.model)
     t = cfg.train
+    if t.mode == "pretrain":
+        # LLaVA stage 1 (official --tune_mm_mlp_adapter): the connector learns to map the frozen tower's
+        # features into the frozen decoder's embedding space.
+        model.requires_grad_(False)
+        model.model.multi_modal_projector.requires_grad_(True)
+        return model, processor
     if t.mode == "full":
         model.model.vision_tower.requires_grad_(t.unfreeze_mm_vision_tower)
         return model, processor
@@ -117,14 +123,18 @@ def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
 
 
 def save_outputs(trainer: LlavaTrainer, processor, cfg: RunConfig) -> Path:
-    """HF checkpoint (or PEFT adapter + connector), processor, base-model spec, run config, loss plot."""
+    """HF checkpoint (or PEFT adapter + connector; or, in pretrain mode, the connector alone as
+    mm_projector.safetensors), processor, base-model spec, run config, loss plot."""
     output = Path(cfg.train.output_dir)
-    trainer.save_model(str(output))
-    # Trainer also pickles its TrainingArguments there; the run is recorded as YAML instead,
-    # so the output folder holds nothing that needs unpickling.
-    (output / "training_args.bin").unlink(missing_ok=True)
-    processor.save_pretrained(output)
-    save_spec(cfg.model, output)
+    if cfg.train.mode == "pretrain":  # stage 1's product is the connector alone, for model.mm_projector
+        save_mm_projector(trainer.model.model.multi_modal_projector, output)
+    else:
+        trainer.save_model(str(output))
+        # Trainer also pickles its TrainingArguments there; the run is recorded as YAML instead,
+        # so the output folder holds nothing that needs unpickling.
+        (output / "training_args.bin").unlink(missing_ok=True)
+        processor.save_pretrained(output)
+        save_spec(cfg.model, output)
     (output / "llava_sgg_run.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     history = [row for row in trainer.state.log_history if "loss" in row]
     (output / "loss_history.json").write_text(json.dumps(history, indent=1))
