@@ -62,3 +62,11 @@ def test_plain_template_needs_one_captioned_turn(stage1, tmp_path):
     cfg = tiny_run(parts, {**data, "data_path": str(tmp_path / "bad.json")}, tmp_path / "out", mode="pretrain")
     with pytest.raises(Exception, match="two-turns.*one \\(question, caption\\) turn"):
         build_trainer(cfg)
+
+
+def test_pretrain_refuses_an_unfrozen_tower(stage1, tmp_path):
+    from llava_sgg.train.config import ConfigError
+
+    root, parts, data = stage1
+    with pytest.raises(ConfigError, match="pretrain trains the connector alone"):
+        tiny_run(parts, data, tmp_path / "out", mode="pretrain", unfreeze_mm_vision_tower=True)

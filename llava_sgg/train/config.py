@@ -197,6 +197,9 @@ def _validate(cfg: RunConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: train.mode=qlora needs model.quantization 8bit or 4bit")
     if t.mode != "qlora" and cfg.model.quantization is not None:
         raise ConfigError(f"{origin}: model.quantization={cfg.model.quantization} trains only in train.mode=qlora")
+    if t.mode == "pretrain" and t.unfreeze_mm_vision_tower:
+        raise ConfigError(f"{origin}: train.mode=pretrain trains the connector alone; "
+                          "train.unfreeze_mm_vision_tower must be false")
     if t.distributed not in DISTRIBUTED:
         raise ConfigError(f"{origin}: train.distributed must be one of {', '.join(DISTRIBUTED)}; "
                           f"got {t.distributed!r}")
