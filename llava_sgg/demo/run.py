@@ -320,8 +320,8 @@ def write_report(output: Path, settings: DemoSettings, rows, runs, seconds: floa
     if tower_report is None:
         tower = "trained here from its random initialisation along with the connector"
     else:
-        tower = (f"pretrained here for {settings.tower.steps} steps to classify each patch token's digit on the "
-                 f"training scenes (patch accuracy on the evaluation scenes "
+        tower = (f"pretrained here for {settings.tower.steps} steps on the training scenes to classify each patch "
+                 f"token's digit and the scene's digits (patch accuracy on the evaluation scenes "
                  f"{100 * tower_report['eval_patch_accuracy']:.1f}%), then frozen as LLaVA-v1.5 freezes CLIP")
     lines = [
         "# llava-sgg demo report", "",
