@@ -267,13 +267,12 @@ def _llava_flops(model, image_tokens: int, text_tokens: int, lora_params: int) -
     return 2 * vision * (image_tokens + 1) + 4 * decoder * tokens + 6 * lora_params * tokens
 
 
-def run_train(optimizers: list[str], steps: int, text_tokens: int, output: Path, tiny: bool = False,
-              peak_tflops: float = 989.0) -> dict:
-    """Steps of LLaVA-7B-shaped LoRA training (r=128, bf16, random weights) with each optimizer."""
+def llava_7b_model(mode: str, device, tiny: bool = False):
+    """(model, config): LLaVA-7B-shaped, bf16, random weights (seed 0), tower frozen; ``mode`` "lora" puts
+    LoRA r=128 on the decoder's linears with the connector trained fully, "full" trains all but the tower."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlavaForConditionalGeneration
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = llava_7b_config(tiny)
     torch.manual_seed(0)
     default_dtype = torch.get_default_dtype()
@@ -283,13 +282,23 @@ def run_train(optimizers: list[str], steps: int, text_tokens: int, output: Path,
             model = LlavaForConditionalGeneration(cfg)
     finally:
         torch.set_default_dtype(default_dtype)
-    model.requires_grad_(False)
-    lora = LoraConfig(r=128, lora_alpha=256, lora_dropout=0.05,
-                      target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
-    model = get_peft_model(model, lora)
-    for n, p in model.named_parameters():
-        if "multi_modal_projector" in n:
-            p.requires_grad_(True)
+    model.model.vision_tower.requires_grad_(False)
+    if mode == "lora":
+        model.requires_grad_(False)
+        lora = LoraConfig(r=128, lora_alpha=256, lora_dropout=0.05, target_modules=(
+            r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
+        model = get_peft_model(model, lora)
+        for n, p in model.named_parameters():
+            if "multi_modal_projector" in n:
+                p.requires_grad_(True)
+    return model, cfg
+
+
+def run_train(optimizers: list[str], steps: int, text_tokens: int, output: Path, tiny: bool = False,
+              peak_tflops: float = 989.0) -> dict:
+    """Steps of LLaVA-7B-shaped LoRA training (r=128, bf16, random weights) with each optimizer."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg = llava_7b_model("lora", device, tiny)
     trainable = [p for p in model.parameters() if p.requires_grad]
     lora_params = sum(p.numel() for p in trainable)
     initial = [p.detach().clone() for p in trainable]

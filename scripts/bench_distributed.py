@@ -26,30 +26,9 @@ import torch.distributed as dist
 
 
 def build_model(mode: str, device):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlavaForConditionalGeneration
+    from llava_sgg.bench import llava_7b_model
 
-    from llava_sgg.bench import llava_7b_config
-
-    cfg = llava_7b_config(tiny=os.environ.get("BENCH_TINY") == "1")
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with device:
-            model = LlavaForConditionalGeneration(cfg)
-    finally:
-        torch.set_default_dtype(default)
-    model.model.vision_tower.requires_grad_(False)
-    if mode == "lora":
-        model.requires_grad_(False)
-        lora = LoraConfig(r=128, lora_alpha=256, lora_dropout=0.05, target_modules=(
-            r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"))
-        model = get_peft_model(model, lora)
-        for n, p in model.named_parameters():
-            if "multi_modal_projector" in n:
-                p.requires_grad_(True)
-    return model, cfg
+    return llava_7b_model(mode, device, tiny=os.environ.get("BENCH_TINY") == "1")
 
 
 def shard(model, strategy: str, device):
