@@ -252,7 +252,7 @@ def test_special_token_strings_in_the_text_are_an_error(tmp_path):
 
 def test_configuration_errors_are_value_errors(tmp_path):
     path, folder = write_data(tmp_path)
-    with pytest.raises(ValueError, match="unknown conversation template 'llama_3'; known: vicuna_v1"):
+    with pytest.raises(ValueError, match="unknown conversation template 'llama_3'; known: plain, vicuna_v1"):
         dataset(path, folder, template="llama_3")
     with pytest.raises(ValueError, match="unknown image_aspect_ratio 'square'; choose one of: pad, resize, crop"):
         dataset(path, folder, image_aspect_ratio="square")
