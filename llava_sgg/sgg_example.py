@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .optim import build_optimizer
+from .plotting import plot_curves, pyplot, save
 
 LAYER_GAINS = (10.0, 1.0, 0.1)
 WIDTHS = (16, 32, 32, 8)
@@ -92,21 +93,10 @@ def train(name: str, steps: int = 200, seed: int = 0, batch_size: int = 32, lr: 
 
 
 def plot(results: list[RunResult], output: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for r in results:
-        ax.plot(r.losses, label=r.name, linestyle="-" if r.name.endswith("_sgg") else "--")
-    ax.set(xlabel="step", ylabel="MSE on all data", yscale="log", title="Badly scaled MLP: base vs SGG")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(output / "loss_curves.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    plt = pyplot()
+    paths = [plot_curves({r.name: (range(len(r.losses)), r.losses) for r in results}, output / "loss_curves.png",
+                         ylabel="MSE on all data", title="Badly scaled MLP: base vs SGG",
+                         linestyle=lambda name: "-" if name.endswith("_sgg") else "--")]
 
     sgg_runs = [r for r in results if r.scales]
     if sgg_runs:
@@ -117,10 +107,7 @@ def plot(results: list[RunResult], output: Path) -> list[Path]:
                     ax.plot(series, label=f"{layer} c{c}")
             ax.set(xlabel="step", ylabel="cluster scale", yscale="log", title=r.name)
             ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        paths.append(output / "cluster_scales.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(save(fig, output / "cluster_scales.png"))
     return paths
 
 

@@ -60,8 +60,7 @@ __all__ = [
     "presence_question", "render_scene", "sample_scenes", "split_source_indices",
 ]
 
-FORMAT = "digits-v2"
-_QUESTION_KINDS = ("count", "count_check", "presence", "position", "listing", "multiple_choice")  # the folder prefix; bump it when the files written change so old folders are not reused
+FORMAT = "digits-v2"  # the folder prefix; bump it when the files written change so old folders are not reused
 N_LABELS = 10
 SOURCE = "sklearn_digits"  # MMBench's "source" column
 
@@ -114,9 +113,9 @@ class DemoDataConfig:
         problems = []
         if not 1 <= self.max_turns <= 6:
             problems.append(f"max_turns must be in [1, 6] (six question types), got {self.max_turns}")
-        unknown = [kind for kind in self.always_ask if kind not in _QUESTION_KINDS]
+        unknown = [kind for kind in self.always_ask if kind not in TRAIN_QUESTIONS]
         if unknown or len(set(self.always_ask)) != len(self.always_ask):
-            problems.append(f"always_ask must hold distinct question types among {', '.join(_QUESTION_KINDS)}; "
+            problems.append(f"always_ask must hold distinct question types among {', '.join(TRAIN_QUESTIONS)}; "
                             f"got {list(self.always_ask)}")
         if self.grid not in POSITION_NAMES:
             problems.append(f"grid must be one of {sorted(POSITION_NAMES)} (cells need names), got {self.grid}")

@@ -21,6 +21,7 @@ import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, TrainerCallback
 
 from ..model.builder import MM_PROJECTOR_FILE
+from ..plotting import plot_curves, pyplot, save
 from ..train.config import build_run_config
 from ..train.run import build_trainer, save_outputs
 from .data import DemoDataConfig, build_demo_data
@@ -282,21 +283,10 @@ def format_table(rows) -> str:
 
 
 def plot_report(runs: dict[str, dict], output: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for name, run in runs.items():
-        ax.plot(range(1, len(run["losses"]) + 1), run["losses"], label=name)
-    ax.set(xlabel="step", ylabel="training loss", yscale="log", title="Demo fine-tuning: AdamW vs AdamW+SGG")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(output / "loss_curves.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    plt = pyplot()
+    curves = {name: (range(1, len(run["losses"]) + 1), run["losses"]) for name, run in runs.items()}
+    paths = [plot_curves(curves, output / "loss_curves.png", ylabel="training loss",
+                         title="Demo fine-tuning: AdamW vs AdamW+SGG")]
 
     scales = {name: run["scales"] for name, run in runs.items() if run["scales"]}
     for name, history in scales.items():
@@ -308,10 +298,7 @@ def plot_report(runs: dict[str, dict], output: Path) -> list[Path]:
             ax.set(xlabel="step", title=f"cluster {c} (id order = |momentum| order)", yscale="log")
         axes[0][0].set_ylabel(f"scale, one line per layer ({len(history)} layers)")
         fig.suptitle(f"{name}: SGG cluster scales over training")
-        fig.tight_layout()
-        paths.append(output / f"cluster_scales_{name}.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(save(fig, output / f"cluster_scales_{name}.png"))
     return paths
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import TrainingArguments, set_seed
 
 from ..model.builder import build_llava, save_mm_projector, save_spec
+from ..plotting import plot_curves
 from .config import RunConfig
 from .trainer import PROJECTOR, LlavaTrainer
 
@@ -139,22 +140,10 @@ def save_outputs(trainer: LlavaTrainer, processor, cfg: RunConfig) -> Path:
     history = [row for row in trainer.state.log_history if "loss" in row]
     (output / "loss_history.json").write_text(json.dumps(history, indent=1))
     if history:
-        plot_loss(history, output / "loss_curve.png", title=f"{cfg.train.mode} / {cfg.optimizer['name']}")
+        curve = ([row["step"] for row in history], [row["loss"] for row in history])
+        plot_curves({"loss": curve}, output / "loss_curve.png", ylabel="training loss", log=False,
+                    title=f"{cfg.train.mode} / {cfg.optimizer['name']}", size=(6, 3.6), marker=".")
     return output
-
-
-def plot_loss(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot([row["step"] for row in history], [row["loss"] for row in history], marker=".")
-    ax.set(xlabel="step", ylabel="training loss", title=title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def train(cfg: RunConfig) -> Path:
