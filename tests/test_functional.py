@@ -1,5 +1,10 @@
 """SGG's pure functions against independent numpy computations (tests/reference.py)."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +123,72 @@ def test_kmeans_quality_over_many_seeds_and_larger_layers(k):
             _, best = optimal_kmeans_1d(values, k)
             got = sse(values, _labels(values, k))
             assert got <= best * 1.02, f"{name} seed {seed}: SSE {got} vs optimal {best}"
+
+
+def test_assign_ids_many_equals_the_ids_and_sizes_of_each_layer():
+    g = torch.Generator().manual_seed(3)
+    layers = [torch.randn(40, 30, generator=g) ** 3, torch.randn(1000, generator=g), torch.randn(7, 3, generator=g)]
+    thresholds = torch.tensor([[0.2, 1.5], [0.5, 0.9], [0.0, 0.1]])
+    ids, sizes = F.assign_ids_many(layers, thresholds, sizes=[True, False, True])
+    for x, t, got, size in zip(layers, thresholds, ids, sizes):
+        expected = (x.abs()[..., None] > t).sum(-1)  # id = thresholds strictly below |x|
+        assert got.dtype == torch.uint8 and got.shape == x.shape
+        assert torch.equal(got.long(), expected)
+        if size is not None:
+            assert size.tolist() == [int((expected == c).sum()) for c in range(3)]
+    assert sizes[1] is None
+
+
+def test_batched_kmeans_gpu_kernels_equal_the_torch_path_under_the_triton_interpreter():
+    """The Lloyd kernel gives the torch loop's thresholds to the bit, the fused prefix sums its sums up to
+    rounding, the multi-tensor id kernel each layer's ids and sizes (Triton's interpreter, on the CPU)."""
+    pytest.importorskip("triton")
+    script = textwrap.dedent("""
+        import torch
+        from llava_sgg.optim import functional as F
+        g = torch.Generator().manual_seed(0)
+        for k, signed, n in [(3, False, 3000), (2, True, 1500), (4, False, 1100), (3, False, 600)]:
+            xs = (torch.randn(3, n, generator=g) ** 3 * torch.rand(3, 1, generator=g)).sort(dim=1).values
+            F.available_gpu = lambda t: False
+            p1 = F._row_prefix_sums(xs if signed else xs.abs())
+            p2 = F._row_prefix_sums(xs.double().square())
+            reference = F.kmeans_1d_rows(xs, k, signed=signed)
+            F.available_gpu = lambda t: True
+            fused1, fused2 = F._prefix_sums_gpu(xs, signed)
+            torch.testing.assert_close(fused1, p1, rtol=1e-12, atol=1e-9)
+            torch.testing.assert_close(fused2, p2, rtol=1e-12, atol=1e-9)
+            # The Lloyd steps alone, from the same start and the same sums: equal to the bit.
+            F.available_gpu = lambda t: False
+            torch_loop = F.kmeans_1d_rows(xs, k, signed=signed)
+            gpu_loop = F._lloyd_gpu(xs, p1, p2, start_thresholds(xs, k, signed), k, signed, 10)
+            assert torch.equal(gpu_loop, torch_loop), (k, signed, n)
+            F.available_gpu = lambda t: True
+            assert torch.equal(F.kmeans_1d_rows(xs, k, signed=signed), reference), (k, signed, n)
+        layers = [torch.randn(300, 70, generator=g) ** 3, torch.randn(5000, generator=g)[1:]]
+        thresholds = torch.tensor([[0.2, 1.5], [0.5, 0.9]])
+        ids, sizes = F.assign_ids_many(layers, thresholds)
+        for x, t, got, size in zip(layers, thresholds, ids, sizes):
+            expected = (x.abs()[..., None] > t).sum(-1)
+            assert torch.equal(got.long(), expected)
+            assert size.tolist() == [int((expected == c).sum()) for c in range(3)]
+        print("ok")
+    """)
+    helper = textwrap.dedent("""
+        import llava_sgg.optim.functional as F
+        def start_thresholds(xs, k, signed):  # the dynamic programme's thresholds, before any Lloyd step
+            captured = {}
+            original = F._partition_sse
+            def first_call(xs_, p1, p2, thresholds, signed_):
+                captured.setdefault("t", thresholds.clone())
+                return original(xs_, p1, p2, thresholds, signed_)
+            F._partition_sse = first_call
+            try:
+                F.kmeans_1d_rows(xs, k, signed=signed, lloyd_iters=1)
+            finally:
+                F._partition_sse = original
+            return captured["t"]
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", helper + script], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

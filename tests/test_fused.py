@@ -187,6 +187,49 @@ def test_adam_step_of_a_group_mixing_large_and_small_tensors_equals_the_referenc
         assert float((a - b).norm() / b.norm()) < 1e-6
 
 
+@cuda
+@pytest.mark.parametrize("k,signed", [(3, False), (2, True), (4, False)])
+def test_gpu_batched_kmeans_equals_the_torch_loop_and_ids_of_all_layers_equal_each_layers(k, signed, monkeypatch):
+    g = torch.Generator().manual_seed(k)
+    xs = ((torch.randn(6, 70_000, generator=g) ** 3) * torch.rand(6, 1, generator=g)).cuda().sort(dim=1).values
+    gpu = F.kmeans_1d_rows(xs, k, signed=signed)  # fused prefix sums, Lloyd kernel
+    p1, p2 = F._prefix_sums_gpu(xs, signed)
+    monkeypatch.setattr(F, "available_gpu", lambda t: False)
+    torch_path = F.kmeans_1d_rows(xs, k, signed=signed)
+    torch.testing.assert_close(p1, F._row_prefix_sums(xs if signed else xs.abs()), rtol=1e-12, atol=1e-6)
+    torch.testing.assert_close(p2, F._row_prefix_sums(xs.double().square()), rtol=1e-12, atol=1e-6)
+    # Same thresholds up to the prefix sums' rounding order (in practice equal).
+    torch.testing.assert_close(gpu, torch_path, rtol=1e-6, atol=0)
+    # With the same sums, the Lloyd kernel is the torch loop to the bit.
+    start = F.kmeans_1d_rows(xs, k, signed=signed, lloyd_iters=1, grid=64)
+    assert torch.equal(F._lloyd_gpu(xs, p1, p2, start, k, signed, 10),
+                       _torch_lloyd(xs, p1, p2, start, k, signed, 10))
+    monkeypatch.undo()
+    layers = [xs[0, :60_000].reshape(300, 200).contiguous(), xs[1, 1:].contiguous(), xs[2, 3:].contiguous()[1:]]
+    thresholds = torch.stack([F.kmeans_1d_rows(x.reshape(1, -1).sort(dim=1).values, 3)[0] for x in layers])
+    ids, sizes = F.assign_ids_many(layers, thresholds, signed=signed)
+    for x, t, got, size in zip(layers, thresholds, ids, sizes):
+        expected = F.assign_ids(x.cpu(), t.cpu(), signed=signed)
+        assert torch.equal(got.cpu(), expected)
+        assert torch.equal(size.cpu(), torch.bincount(expected.flatten().long(), minlength=3))
+
+
+def _torch_lloyd(xs, p1, p2, thresholds, k, signed, iters):
+    """functional.kmeans_1d_rows's torch loop, from given thresholds and prefix sums."""
+    best_sse, cnt, sums = F._partition_sse(xs, p1, p2, thresholds, signed)
+    for _ in range(iters):
+        centres = sums / cnt.clamp(min=1)
+        candidate = ((centres[:, :-1] + centres[:, 1:]) / 2).to(xs.dtype)
+        sse, new_cnt, new_sums = F._partition_sse(xs, p1, p2, candidate, signed)
+        ok = (cnt > 0).all(dim=1) & (new_cnt > 0).all(dim=1) & (sse <= best_sse)
+        ok = ok & (candidate.diff(dim=1) >= 0).all(dim=1) if k > 2 else ok
+        thresholds = torch.where(ok[:, None], candidate, thresholds)
+        best_sse = torch.where(ok, sse, best_sse)
+        cnt = torch.where(ok[:, None], new_cnt, cnt)
+        sums = torch.where(ok[:, None], new_sums, sums)
+    return thresholds
+
+
 @pytest.mark.slow
 def test_triton_kernels_equal_the_reference_path_under_the_interpreter():
     script = textwrap.dedent("""

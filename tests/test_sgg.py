@@ -462,3 +462,35 @@ def test_unsupported_base_settings_are_rejected():
         SGG(torch.optim.AdamW([p], capturable=True))
     with pytest.raises(TypeError):
         SGG(SGG(torch.optim.AdamW([p])))
+
+
+def test_scales_of_all_layers_updated_together_equal_each_layers_own_eq6_and_eq7():
+    """The re-clustering updates every layer's scales in one batch; recompute each layer on its own."""
+    g = torch.Generator().manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((30, 20), (64, 8), (5, 5))]
+    K, beta3, bounds, eps = 3, 0.7, (0.1, 10.0), 1e-8
+    opt = SGG(torch.optim.AdamW(params, lr=1e-2), n_clusters=K, recluster_interval=2, beta3=beta3)
+    previous = [torch.ones(K) for _ in params]
+    for step in range(1, 7):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=g) ** 3 * (1 + i)
+        opt.step()
+        if step % 2:
+            continue
+        stats = [opt.state[p]["exp_avg"] for p in params]
+        devs = [(x - x.mean()).abs() for x in stats]
+        pooled = torch.cat([d.flatten() for d in devs]).sort().values
+        global_mda = pooled[(pooled.numel() - 1) // 2]
+        assert opt.global_mda == float(global_mda)
+        for i, (p, dev) in enumerate(zip(params, devs)):
+            ids = opt.cluster_ids(p)
+            expected = previous[i].clone()
+            for c in range(K):
+                members = dev[ids == c].flatten().sort().values
+                if members.numel():  # an empty cluster keeps its scale
+                    mda = members[(members.numel() - 1) // 2]
+                    target = float((global_mda / (mda + eps)).clamp(*bounds))
+                    expected[c] = beta3 * previous[i][c] + (1 - beta3) * target
+            torch.testing.assert_close(opt.cluster_scales(p), expected, rtol=1e-6, atol=0)
+            previous[i] = opt.cluster_scales(p)
+    assert not torch.allclose(previous[0], torch.ones(K))

@@ -16,6 +16,7 @@ from torch import Tensor
 __all__ = [
     "assign_clusters",
     "assign_ids",
+    "assign_ids_many",
     "cluster_sizes",
     "deviation_median",
     "kmeans_1d_rows",
@@ -261,6 +262,40 @@ def _row_prefix_sums(values: Tensor) -> Tensor:
     return flat.as_strided((L, n + 1), (n, 1))
 
 
+def _prefix_sums_gpu(xs: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """:func:`_row_prefix_sums` of f(x) and of x^2 for float32 rows on a GPU: two passes over ``xs``.
+
+    The torch ops made |x|, two float64 copies and x^2 before their scans (about 80 bytes moved per
+    value, a fifth of the re-clustering's GPU time); here a pass of block sums, a scan of those, and a
+    pass of block scans (24 bytes). The float64 sums differ from torch's scan in rounding order only.
+    """
+    from .fused import BLOCK, triton_cdiv
+    from .kernels import prefix_partials_kernel, prefix_sums_kernel
+
+    L, n = xs.shape
+    total, blocks = L * n, triton_cdiv(L * n, BLOCK)
+    partials = torch.empty(blocks, 2, dtype=torch.float64, device=xs.device)
+    prefix_partials_kernel[(blocks,)](xs, partials, total, ABS=not signed, BLOCK=BLOCK)
+    starts = torch.zeros(blocks + 1, 2, dtype=torch.float64, device=xs.device)
+    torch.cumsum(partials, 0, out=starts[1:])
+    flat = torch.empty(2, total + 1, dtype=torch.float64, device=xs.device)
+    flat[:, 0] = 0
+    prefix_sums_kernel[(blocks,)](xs, starts, flat[0], flat[1], total, ABS=not signed, BLOCK=BLOCK)
+    return flat[0].as_strided((L, n + 1), (n, 1)), flat[1].as_strided((L, n + 1), (n, 1))
+
+
+def _row_range(xs: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """[L, 1] min and max of f(x) over each sorted row, read off the sorted order (no pass over the rows)."""
+    if signed:
+        return xs[:, :1], xs[:, -1:]
+    n = xs.shape[1]
+    inf = torch.tensor(float("inf"), dtype=xs.dtype, device=xs.device)
+    zero = torch.searchsorted(xs, xs.new_zeros(xs.shape[0], 1))  # the first x >= 0
+    smallest_nonneg = torch.where(zero < n, xs.gather(1, zero.clamp(max=n - 1)).abs(), inf)
+    largest_neg = torch.where(zero > 0, -xs.gather(1, (zero - 1).clamp(min=0)), inf)
+    return torch.minimum(smallest_nonneg, largest_neg), torch.maximum(xs[:, :1].abs(), xs[:, -1:].abs())
+
+
 def _stats_below(xs: Tensor, p1: Tensor, p2: Tensor, t: Tensor, signed: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Count, sum of f(x) and sum of x^2 over {f(x) <= t} for every row and query t [L, Q]."""
     hi = torch.searchsorted(xs, t.contiguous(), right=True)
@@ -294,14 +329,18 @@ def kmeans_1d_rows(xs: Tensor, n_clusters: int, *, signed: bool = False, grid: i
     L, n = xs.shape
     if n_clusters == 1:
         return xs.new_zeros(L, 0)
-    f = xs if signed else xs.abs()
-    p1 = _row_prefix_sums(f)
-    p2 = _row_prefix_sums(xs.double().square())
-    if n <= exact_size:
-        candidates = f
+    gpu = available_gpu(xs) and xs.is_contiguous()
+    if gpu:
+        p1, p2 = _prefix_sums_gpu(xs, signed)
     else:
-        by_rank = f[:, torch.linspace(0, n - 1, grid + 1, device=xs.device).round().long()]
-        lo, hi = f.min(dim=1, keepdim=True).values, f.max(dim=1, keepdim=True).values
+        p1 = _row_prefix_sums(xs if signed else xs.abs())
+        p2 = _row_prefix_sums(xs.double().square())
+    if n <= exact_size:
+        candidates = xs if signed else xs.abs()
+    else:
+        by_rank = xs[:, torch.linspace(0, n - 1, grid + 1, device=xs.device).round().long()]
+        by_rank = by_rank if signed else by_rank.abs()
+        lo, hi = _row_range(xs, signed)
         by_value = lo + (hi - lo) * torch.linspace(0, 1, grid + 1, device=xs.device)
         candidates = torch.cat([by_rank, by_value], dim=1)
     inf = xs.new_full((L, 1), float("inf"))
@@ -325,6 +364,8 @@ def kmeans_1d_rows(xs: Tensor, n_clusters: int, *, signed: bool = False, grid: i
         picked.append(j)
     thresholds = bounds.gather(1, torch.cat(picked[::-1], dim=1))
 
+    if gpu:
+        return _lloyd_gpu(xs, p1, p2, thresholds, n_clusters, signed, max(lloyd_iters, 1))
     best_sse, cnt, sums = _partition_sse(xs, p1, p2, thresholds, signed)
     for _ in range(max(lloyd_iters, 1)):
         centres = sums / cnt.clamp(min=1)
@@ -337,6 +378,19 @@ def kmeans_1d_rows(xs: Tensor, n_clusters: int, *, signed: bool = False, grid: i
         cnt = torch.where(ok[:, None], new_cnt, cnt)
         sums = torch.where(ok[:, None], new_sums, sums)
     return thresholds
+
+
+def _lloyd_gpu(xs: Tensor, p1: Tensor, p2: Tensor, thresholds: Tensor, n_clusters: int, signed: bool,
+               iters: int) -> Tensor:
+    """The Lloyd steps of :func:`kmeans_1d_rows` in one launch (:func:`.kernels.lloyd_kernel`), the same
+    arithmetic in the same order; the torch loop was ~45 launches a step, host time the GPU waited for."""
+    from .kernels import lloyd_kernel
+
+    L, n = xs.shape
+    out = torch.empty_like(thresholds)
+    lloyd_kernel[(L,)](xs, p1, p2, thresholds.contiguous(), out, n, ITERS=iters, K=n_clusters,
+                       KP=1 << n_clusters.bit_length(), SIGNED=signed, STEPS=n.bit_length())
+    return out
 
 
 def _cluster_ranges(xs: Tensor, thresholds: Tensor, signed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -430,6 +484,43 @@ def assign_ids(x: Tensor, thresholds: Tensor, *, signed: bool = False) -> Tensor
         return ids
     values = values.float()
     return assign_clusters(values if signed else values.abs(), thresholds.float()).to(torch.uint8)
+
+
+_ASSIGN_ITERS = 16  # blocks each GPU program of assign_ids_many handles
+
+
+def assign_ids_many(xs: list[Tensor], thresholds: Tensor, *, signed: bool = False,
+                    sizes: list[bool] | None = None) -> tuple[list[Tensor], list[Tensor | None]]:
+    """:func:`assign_ids` of every tensor of ``xs`` by its row of ``thresholds`` [L, K-1], and cluster sizes.
+
+    Returns (uint8 ids shaped like each tensor, int64 [K] sizes of each tensor's ids or None).
+    ``sizes[l]`` asks for tensor l's sizes (all of them when ``sizes`` is None). On a GPU, with
+    contiguous float32 tensors, one launch assigns every tensor and counts every size (a re-clustering
+    of a 1B model has 170 layers: per-layer launches were host time the GPU waited for); elsewhere
+    the per-tensor torch ops.
+    """
+    n_clusters = thresholds.shape[1] + 1
+    sizes = [True] * len(xs) if sizes is None else sizes
+    if xs and all(available_gpu(x) for x in xs) and len({x.device for x in xs}) == 1:
+        from .fused import BLOCK, aligned, tensor_table
+        from .kernels import assign_many_kernel
+
+        device = xs[0].device
+        ids = [torch.empty(x.shape, dtype=torch.uint8, device=device) for x in xs]
+        nbins = max(2, 1 << (n_clusters - 1).bit_length())
+        counts = torch.zeros(len(xs), nbins, dtype=torch.long, device=device)
+        thr = thresholds.to(device, torch.float32).contiguous() if n_clusters > 1 else counts
+        rows = [(x.data_ptr(), i.data_ptr()) for x, i in zip(xs, ids)]
+        table = tensor_table(rows, [x.numel() for x in xs], _ASSIGN_ITERS * BLOCK, device)
+        if table.programs:
+            assign_many_kernel[(table.programs,)](
+                table.addresses, table.numels, table.block_tensor, table.first_block, thr, counts, K=n_clusters,
+                NBINS=nbins, ABS=not signed, ALIGNED=aligned(a for row in rows for a in row), BLOCK=BLOCK,
+                ITERS=_ASSIGN_ITERS)
+        counts = counts[:, :n_clusters]
+        return ids, [c if want else None for c, want in zip(counts.unbind(0), sizes)]
+    ids = [assign_ids(x, t, signed=signed) for x, t in zip(xs, thresholds)]
+    return ids, [cluster_sizes(i, n_clusters) if want else None for i, want in zip(ids, sizes)]
 
 
 # Bit fields of the deviation's float32 pattern, high first: 8 + 8 + 8 + 7 bits (the sign bit is 0).

@@ -315,3 +315,177 @@ def id_counts_kernel(ids_ptr, counts_ptr, n, NBINS: tl.constexpr, BLOCK: tl.cons
         dropped += BLOCK - tl.sum(mask.to(tl.int32), axis=0)  # counted in bin 0
     counts = counts - tl.where(tl.arange(0, NBINS) == 0, dropped, 0)
     tl.atomic_add(counts_ptr + tl.arange(0, NBINS), counts.to(tl.int64), mask=counts > 0)
+
+
+@triton.jit
+def assign_many_kernel(addr_ptr, numel_ptr, block_tensor_ptr, first_block_ptr, thr_ptr, counts_ptr,
+                       K: tl.constexpr, NBINS: tl.constexpr, ABS: tl.constexpr, ALIGNED: tl.constexpr,
+                       BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """uint8 ids of many float32 tensors in one launch, and how many of each tensor's ids equal each value.
+
+    Row t of the address table: tensor t's values and its ids; ``thr_ptr`` rows of K-1 thresholds,
+    ``counts_ptr`` rows of NBINS counts, one per tensor. One launch for all layers of a
+    re-clustering, where a launch per layer (and a second for the sizes) left the GPU waiting on
+    the host; each program counts ITERS blocks in registers and adds them to its tensor's row once.
+    """
+    t, chunk = _tensor_and_block(block_tensor_ptr, first_block_ptr)
+    x_ptr = tl.load(addr_ptr + t * 2).to(tl.pointer_type(tl.float32))
+    ids_ptr = tl.load(addr_ptr + t * 2 + 1).to(tl.pointer_type(tl.uint8))
+    if ALIGNED:  # here, not in a helper: the hint does not survive a call
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        ids_ptr = tl.multiple_of(ids_ptr, 16)
+    n = tl.load(numel_ptr + t)
+    base = chunk.to(tl.int64) * BLOCK * ITERS
+    if base + BLOCK * ITERS <= n:  # a whole chunk: constant masks, wide loads (see adam_kernel)
+        counts, dropped = _assign_counts(x_ptr, ids_ptr, thr_ptr + t * (K - 1), base, n, False, K, NBINS, ABS,
+                                         BLOCK, ITERS)
+    else:
+        counts, dropped = _assign_counts(x_ptr, ids_ptr, thr_ptr + t * (K - 1), base, n, True, K, NBINS, ABS,
+                                         BLOCK, ITERS)
+    counts = counts - tl.where(tl.arange(0, NBINS) == 0, dropped, 0)
+    tl.atomic_add(counts_ptr + t * NBINS + tl.arange(0, NBINS), counts.to(tl.int64), mask=counts > 0)
+
+
+@triton.jit
+def _assign_counts(x_ptr, ids_ptr, thr_ptr, base, n, MASKED: tl.constexpr, K: tl.constexpr, NBINS: tl.constexpr,
+                   ABS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    counts = tl.zeros((NBINS,), dtype=tl.int32)
+    dropped = 0
+    for i in tl.range(ITERS):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        if MASKED:
+            mask = offs < n
+        else:
+            mask = tl.full((BLOCK,), 1, tl.int1)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        value = tl.abs(x) if ABS else x
+        ids = tl.zeros(value.shape, dtype=tl.int32)
+        for j in tl.static_range(K - 1):
+            ids += (value > tl.load(thr_ptr + j)).to(tl.int32)
+        tl.store(ids_ptr + offs, ids.to(tl.uint8), mask=mask)
+        counts += tl.histogram(tl.where(mask, ids, 0), NBINS)
+        dropped += BLOCK - tl.sum(mask.to(tl.int32), axis=0)  # counted in bin 0
+    return counts, dropped
+
+
+@triton.jit
+def _searchsorted(row_ptr, v, n, RIGHT: tl.constexpr, STEPS: tl.constexpr):
+    """torch.searchsorted(row, v, right=RIGHT) of every lane of ``v`` in one sorted row of n values.
+
+    The same predicates as torch's lower and upper bound, so the same index for every input.
+    """
+    lo = tl.zeros(v.shape, tl.int64)
+    hi = tl.zeros(v.shape, tl.int64) + n
+    for _ in tl.static_range(STEPS):
+        active = lo < hi
+        mid = lo + (hi - lo) // 2
+        x = tl.load(row_ptr + mid, mask=active, other=0.0)
+        if RIGHT:
+            right = ~(x > v)
+        else:
+            right = ~(x >= v)
+        lo = tl.where(active & right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
+def _next_lane(v, KP: tl.constexpr):
+    """out[k] = v[k + 1] (0 in the last lane); exact: one value plus zeros."""
+    k = tl.arange(0, KP)
+    return tl.sum(tl.where(k[None, :] == k[:, None] + 1, v[None, :], 0), axis=1)
+
+
+@triton.jit
+def _previous_lane(v, KP: tl.constexpr):
+    """out[k] = v[k - 1] (0 in lane 0); exact: one value plus zeros."""
+    k = tl.arange(0, KP)
+    return tl.sum(tl.where(k[None, :] + 1 == k[:, None], v[None, :], 0), axis=1)
+
+
+@triton.jit
+def _partition(xs_ptr, p1_ptr, p2_ptr, bounds, n, K: tl.constexpr, KP: tl.constexpr, SIGNED: tl.constexpr,
+               STEPS: tl.constexpr):
+    """functional._partition_sse of one row: SSE, and each cluster's count and sum of f(x) (lanes < K).
+
+    ``bounds``: lane 0 -inf, lanes 1..K-1 the thresholds, lane K +inf. The arithmetic and its order
+    are the torch version's, so the result is the same to the bit.
+    """
+    hi = _searchsorted(xs_ptr, bounds, n, True, STEPS)
+    if SIGNED:
+        lo = tl.zeros(hi.shape, tl.int64)
+    else:
+        lo = tl.minimum(_searchsorted(xs_ptr, -bounds, n, False, STEPS), hi)
+    count = (hi - lo).to(tl.float64)
+    s1 = tl.load(p1_ptr + hi) - tl.load(p1_ptr + lo)
+    s2 = tl.load(p2_ptr + hi) - tl.load(p2_ptr + lo)
+    count = _next_lane(count, KP) - count  # .diff(): lane k holds cluster k
+    s1 = _next_lane(s1, KP) - s1
+    s2 = _next_lane(s2, KP) - s2
+    sse_k = tl.maximum(s2 - s1 * s1 / tl.maximum(count, 1.0), 0.0)
+    lane = tl.arange(0, KP)
+    sse = tl.sum(tl.where(lane == 0, sse_k, 0.0), axis=0)
+    for k in tl.static_range(1, K):  # in order, as torch sums K values
+        sse = sse + tl.sum(tl.where(lane == k, sse_k, 0.0), axis=0)
+    return sse, count, s1
+
+
+@triton.jit
+def lloyd_kernel(xs_ptr, p1_ptr, p2_ptr, thr_ptr, out_ptr, n, ITERS: tl.constexpr, K: tl.constexpr,
+                 KP: tl.constexpr, SIGNED: tl.constexpr, STEPS: tl.constexpr):
+    """The Lloyd steps of functional.kmeans_1d_rows for one sorted row per program.
+
+    The torch loop is ~45 tiny launches per step, 10 steps per batch of rows: on a GPU they cost
+    host time, not GPU time. Here one launch does them all, with the same searches and float64
+    arithmetic in the same order (tests compare the two bit for bit).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    xs_ptr += row * n
+    p1_ptr += row * n  # the prefix sums are rows of n + 1 overlapping by one: see _row_prefix_sums
+    p2_ptr += row * n
+    lane = tl.arange(0, KP)
+    inner = (lane >= 1) & (lane < K)
+    given = tl.load(thr_ptr + row * (K - 1) + lane - 1, mask=inner, other=0.0)
+    bounds = tl.where(lane == 0, float("-inf"), tl.where(inner, given, float("inf")))
+    best, cnt, sums = _partition(xs_ptr, p1_ptr, p2_ptr, bounds, n, K, KP, SIGNED, STEPS)
+    for _ in tl.range(ITERS):
+        centres = sums / tl.maximum(cnt, 1.0)
+        candidate = ((_previous_lane(centres, KP) + centres) / 2).to(tl.float32)
+        candidate = tl.where(lane == 0, float("-inf"), tl.where(inner, candidate, float("inf")))
+        sse, new_cnt, new_sums = _partition(xs_ptr, p1_ptr, p2_ptr, candidate, n, K, KP, SIGNED, STEPS)
+        cluster = lane < K
+        ok = (tl.sum((cluster & ~(cnt > 0)).to(tl.int32), axis=0) == 0) \
+            & (tl.sum((cluster & ~(new_cnt > 0)).to(tl.int32), axis=0) == 0) & (sse <= best)
+        if K > 2:
+            rising = (_next_lane(candidate, KP) - candidate) >= 0
+            ok = ok & (tl.sum(((lane >= 1) & (lane < K - 1) & ~rising).to(tl.int32), axis=0) == 0)
+        bounds = tl.where(ok, candidate, bounds)
+        best = tl.where(ok, sse, best)
+        cnt = tl.where(ok, new_cnt, cnt)
+        sums = tl.where(ok, new_sums, sums)
+    tl.store(out_ptr + row * (K - 1) + lane - 1, bounds, mask=inner)
+
+
+@triton.jit
+def prefix_partials_kernel(x_ptr, part_ptr, N, ABS: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1 of functional._prefix_sums_gpu: each block's float64 sums of f(x) and x^2."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float64)
+    f = tl.abs(x) if ABS else x
+    tl.store(part_ptr + pid * 2, tl.sum(f, axis=0))
+    tl.store(part_ptr + pid * 2 + 1, tl.sum(x * x, axis=0))
+
+
+@triton.jit
+def prefix_sums_kernel(x_ptr, start_ptr, p1_ptr, p2_ptr, N, ABS: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2: inclusive float64 prefix sums of f(x) and x^2, each block from its start (the sums before it)."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+    f = tl.abs(x) if ABS else x
+    s1 = tl.cumsum(f, axis=0) + tl.load(start_ptr + pid * 2)
+    s2 = tl.cumsum(x * x, axis=0) + tl.load(start_ptr + pid * 2 + 1)
+    tl.store(p1_ptr + 1 + offs, s1, mask=mask)
+    tl.store(p2_ptr + 1 + offs, s2, mask=mask)

@@ -411,22 +411,46 @@ class SGG(Optimizer):
             global_mda = F.deviation_median(pieces, means, total=sum(numels), reduce=D.histogram_reduce)
         else:
             global_mda = F.deviation_median(values, means)
-        for i, (p, x) in enumerate(zip(params, values)):
-            ids = None
-            if self.assignment == "frozen" or (numels[i] > self.exact_limit and not sharded):
-                ids = F.assign_ids(x, thresholds[i], signed=signed)
-            if numels[i] > self.exact_limit and not sharded:  # sizes of the whole layer, not of its sample
-                counts[i] = F.cluster_sizes(ids, self.n_clusters)
-            layer = self._layers.setdefault(p, {})
-            self._placeholders.discard(p)
-            scales = layer.get("cluster_scales", torch.ones(self.n_clusters, device=x.device))
-            target = F.target_scales(global_mda.to(mda[i].device), mda[i], self.scale_bounds, self.eps)
-            layer["cluster_scales"] = F.ema_scales(scales, target, counts[i], self.beta3)
-            if self.assignment == "frozen":
-                layer["cluster_ids"] = ids.view(D.local(p).shape)
-            else:
-                layer["thresholds"] = thresholds[i]
+        # Ids of every layer (frozen), and the whole-layer sizes of sampled layers, in one launch per device.
+        sampled = [numels[i] > self.exact_limit and not sharded for i in range(len(params))]
+        ids = [None] * len(params)
+        needs_ids = [i for i in range(len(params)) if self.assignment == "frozen" or sampled[i]]
+        for members in self._by_device(needs_ids, values).values():
+            found, sizes = F.assign_ids_many([values[i] for i in members], torch.stack([thresholds[i] for i in members]),
+                                             signed=signed, sizes=[sampled[i] for i in members])
+            for i, layer_ids, layer_sizes in zip(members, found, sizes):
+                ids[i] = layer_ids
+                if sampled[i]:  # sizes of the whole layer, not of its sample
+                    counts[i] = layer_sizes
+        # Eq. 6-7 for all layers of a device at once: [L, K] tensors, a few launches instead of ~10 per layer.
+        ones = {}
+        for device, members in self._by_device(range(len(params)), values).items():
+            old = [self._layers.get(params[i], {}).get("cluster_scales") for i in members]
+            if any(s is None for s in old):
+                ones[device] = torch.ones(self.n_clusters, device=device)
+            previous = torch.stack([ones[device] if s is None else s for s in old])
+            target = F.target_scales(global_mda.to(device), torch.stack([mda[i] for i in members]), self.scale_bounds,
+                                     self.eps)
+            updated = F.ema_scales(previous, target, torch.stack([counts[i] for i in members]), self.beta3)
+            scales = [torch.empty_like(row) for row in updated]  # a tensor of its own per layer, as before
+            torch._foreach_copy_(scales, list(updated.unbind(0)))
+            for i, layer_scales in zip(members, scales):
+                p = params[i]
+                layer = self._layers.setdefault(p, {})
+                self._placeholders.discard(p)
+                layer["cluster_scales"] = layer_scales
+                if self.assignment == "frozen":
+                    layer["cluster_ids"] = ids[i].view(D.local(p).shape)
+                else:
+                    layer["thresholds"] = thresholds[i]
         self.global_mda = float(global_mda)
+
+    @staticmethod
+    def _by_device(indices, tensors: list[Tensor]) -> dict[torch.device, list[int]]:
+        groups: dict[torch.device, list[int]] = {}
+        for i in indices:
+            groups.setdefault(tensors[i].device, []).append(i)
+        return groups
 
     @staticmethod
     def _whole(statistic: Tensor) -> Tensor:
