@@ -467,25 +467,25 @@ def lloyd_kernel(xs_ptr, p1_ptr, p2_ptr, thr_ptr, out_ptr, n, ITERS: tl.constexp
 
 
 @triton.jit
-def prefix_partials_kernel(x_ptr, part_ptr, N, ABS: tl.constexpr, BLOCK: tl.constexpr):
-    """Pass 1 of functional._prefix_sums_gpu: each block's float64 sums of f(x) and x^2."""
+def prefix_partials_kernel(x_ptr, part_ptr, N, row, ABS: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1 of functional._prefix_sums_gpu: each block's float64 sums of f(x) and x^2 (two rows of ``row``)."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float64)
     f = tl.abs(x) if ABS else x
-    tl.store(part_ptr + pid * 2, tl.sum(f, axis=0))
-    tl.store(part_ptr + pid * 2 + 1, tl.sum(x * x, axis=0))
+    tl.store(part_ptr + pid, tl.sum(f, axis=0))
+    tl.store(part_ptr + row + pid, tl.sum(x * x, axis=0))
 
 
 @triton.jit
-def prefix_sums_kernel(x_ptr, start_ptr, p1_ptr, p2_ptr, N, ABS: tl.constexpr, BLOCK: tl.constexpr):
+def prefix_sums_kernel(x_ptr, start_ptr, p1_ptr, p2_ptr, N, row, ABS: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 2: inclusive float64 prefix sums of f(x) and x^2, each block from its start (the sums before it)."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float64)
     f = tl.abs(x) if ABS else x
-    s1 = tl.cumsum(f, axis=0) + tl.load(start_ptr + pid * 2)
-    s2 = tl.cumsum(x * x, axis=0) + tl.load(start_ptr + pid * 2 + 1)
+    s1 = tl.cumsum(f, axis=0) + tl.load(start_ptr + pid)
+    s2 = tl.cumsum(x * x, axis=0) + tl.load(start_ptr + row + pid)
     tl.store(p1_ptr + 1 + offs, s1, mask=mask)
     tl.store(p2_ptr + 1 + offs, s2, mask=mask)
