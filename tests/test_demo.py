@@ -24,3 +24,23 @@ def test_quick_demo_runs_to_the_table_report_and_plots(tmp_path, capsys):
         assert (output / name / "model.safetensors").is_file()
     # The majority baseline answers "Yes" everywhere: POPE F1 2/3, MME acc+ 0.
     assert abs(summary["table"]["majority"][0] - 200 / 3) < 1e-9
+
+
+def test_recipe_precision_follows_settings_else_the_device(tmp_path, monkeypatch):
+    import dataclasses
+    from pathlib import Path
+
+    from llava_sgg.demo import run
+
+    # Only the recipe's own switch is read here: the raw config is returned unvalidated.
+    monkeypatch.setattr(run, "build_run_config", lambda raw, origin: raw)
+    data = type("Data", (), {"train_json": Path("train.json"), "image_folder": Path("images")})()
+
+    def trains_in_bf16(settings) -> bool:
+        return run.run_config(settings, Path("tower"), Path("decoder"), data, tmp_path, "adamw")["train"]["bf16"]
+
+    assert trains_in_bf16(dataclasses.replace(run.FULL, bf16=True)) is True
+    assert trains_in_bf16(dataclasses.replace(run.FULL, bf16=False)) is False
+    assert trains_in_bf16(run.FULL) is run.native_bf16()
+    # The recipe the README states: full fine-tuning of the 4-layer decoder, more steps on a GPU.
+    assert run.FULL.mode == "full" and run.FULL.decoder_layers == 4 and run.GPU_STEPS > run.CPU_STEPS == run.FULL.steps
