@@ -6,10 +6,12 @@ with the reference path of llava_sgg.optim.steps on the same inputs; a slow
 test runs the Triton kernels on the CPU through Triton's interpreter.
 """
 
+import gc
 import os
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import numpy as np
 import pytest
@@ -187,6 +189,81 @@ def test_adam_step_of_a_group_mixing_large_and_small_tensors_equals_the_referenc
         assert float((a - b).norm() / b.norm()) < 1e-6
 
 
+def replayed_run(device, sgg_fused, base_fused=False, assignment="frozen", large=None):
+    """AdamW+SGG through what a cached step plan must notice.
+
+    Returns the parameters, the number of plans built, and whether the optimizer was freed on
+    release without the garbage collector.
+
+    Gradients are sometimes new tensors (zero_grad(set_to_none=True)) and sometimes updated in
+    place (the same addresses: the plan replays); the LR changes every step; a parameter skips
+    a step; a param group is added; the state is reloaded; re-clusterings replace the scales.
+    """
+    from llava_sgg.optim import SGG
+    from llava_sgg.optim import fused as fused_module
+
+    built = []
+
+    class CountingPlan(fused_module.AdamPlan):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    real, fused_module.AdamPlan = fused_module.AdamPlan, CountingPlan
+    saved_large = fused_module.LARGE
+    fused_module.LARGE = large or saved_large
+    try:
+        g = torch.Generator().manual_seed(0)
+        shapes = [(33, 70), (70,), (20, 9), (9, 9)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device)) for s in shapes]
+        groups = [{"params": params[:2]}, {"params": params[2:3], "weight_decay": 0.1, "lr": 3e-3}]
+        base = torch.optim.AdamW(groups, lr=1e-2, fused=base_fused or None, foreach=None if base_fused else False)
+        opt = SGG(base, recluster_interval=4, assignment=assignment, fused=sgg_fused)
+        for step in range(14):  # re-clusterings at steps 3, 7, 11 (0-based); before 3, the base's own step
+            if step == 7:
+                opt.add_param_group({"params": [params[3]]})
+            for p in params if step >= 7 else params[:3]:
+                grad = torch.randn(p.shape, generator=g).to(device)
+                if step % 2 and p.grad is not None:
+                    p.grad.copy_(grad)  # same tensor, same address
+                else:
+                    p.grad = grad
+            if step == 6:
+                params[1].grad = None  # skips this step
+            if step == 10:
+                opt.load_state_dict(opt.state_dict())
+            opt.step()
+            for group in opt.param_groups:  # an LR schedule
+                group["lr"] *= 0.9
+        result = [p.detach().float().cpu() for p in params]
+        gc.disable()
+        try:  # reference counting alone frees a dropped SGG: its plan holds no reference back to it
+            alive = weakref.ref(opt)
+            del opt, base
+            freed = alive() is None
+        finally:
+            gc.enable()
+        return result, len(built), freed
+    finally:
+        fused_module.AdamPlan, fused_module.LARGE = real, saved_large
+
+
+@cuda
+@pytest.mark.parametrize("base_fused", [True, False])  # step counts on the device, on the host
+@pytest.mark.parametrize("assignment", ["frozen", "dynamic"])
+def test_replayed_adam_steps_equal_the_reference_path(base_fused, assignment):
+    from llava_sgg.optim import fused as fused_module
+
+    fused, plans, _ = replayed_run("cuda", True, base_fused, assignment, large=2000)
+    reference, _, _ = replayed_run("cuda", False, False, assignment)
+    for a, b in zip(fused, reference):
+        assert float((a - b).norm() / b.norm()) < 1e-6
+    # Eight fused steps (4-6, 8-10, 12-13); a plan is built at 4 (first), 6 (a gradient is missing),
+    # 8 and 12 (after re-clusterings) and 10 (state reloaded); 5, 9 and 13 replay it.
+    assert plans == 5
+    assert fused_module.LARGE == 1 << 22
+
+
 @cuda
 @pytest.mark.parametrize("k,signed", [(3, False), (2, True), (4, False)])
 def test_gpu_batched_kmeans_equals_the_torch_loop_and_ids_of_all_layers_equal_each_layers(k, signed, monkeypatch):
@@ -257,6 +334,30 @@ def test_triton_kernels_equal_the_reference_path_under_the_interpreter():
         mu = [t.mean() for t in x]
         d = torch.cat([(t - m).abs() for t, m in zip(x, mu)]).sort().values
         assert float(F.deviation_median(x, mu)) == float(d[(d.numel() - 1) // 2])
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_replayed_adam_steps_equal_the_reference_path_under_the_interpreter():
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import llava_sgg.optim.fused as fused
+        from llava_sgg.optim import functional as F
+        from test_fused import replayed_run
+        fused.available = lambda t: True
+        F.available_gpu = lambda t: True
+        for assignment in ("frozen", "dynamic"):
+            got, plans, freed = replayed_run("cpu", True, False, assignment, large=2000)
+            expected, _, _ = replayed_run("cpu", False, False, assignment)
+            for a, b in zip(got, expected):
+                assert float((a - b).norm() / b.norm()) < 1e-6, assignment
+            assert plans == 5, plans
+            assert freed
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}

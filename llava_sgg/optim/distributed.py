@@ -163,6 +163,8 @@ def _add_placeholders(sgg) -> list[Tensor]:
             sgg._layers[p] = layer
             sgg._placeholders.add(p)
             added.append(p)
+    if added:
+        sgg._adam_plan = None  # its scale sources predate these layers
     return added
 
 
@@ -181,6 +183,7 @@ def sgg_checkpoint_state(sgg) -> dict:
         for p in added:
             del sgg._layers[p]
             sgg._placeholders.discard(p)
+        sgg._adam_plan = None
 
 
 def load_sgg_checkpoint_state(sgg, checkpoint_id) -> None:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .steps import AdafactorSteps, AdamSteps, LambSteps
 
-__all__ = ["ScaleSource", "TensorTable", "aligned", "available", "supports", "fused_steps", "tensor_table"]
+__all__ = ["AdamPlan", "ScaleSource", "TensorTable", "aligned", "available", "supports", "fused_steps", "tensor_table"]
 
 BLOCK = 2048
 TILE_ROWS, TILE_COLS = 32, 128
@@ -142,16 +142,20 @@ def _scale_args(source: ScaleSource | None, device) -> tuple:
     return DYNAMIC, source.scales, source.scales, thresholds, k, source.abs
 
 
-def fused_steps(steps, items: list[tuple[dict, Tensor, dict, ScaleSource | None]], decoupled) -> None:
-    """One fused step of every (group, p, state, scale source) in ``items`` (all on a CUDA device)."""
+def fused_steps(steps, items: list[tuple[dict, Tensor, dict, ScaleSource | None]], decoupled) -> AdamPlan | None:
+    """One fused step of every (group, p, state, scale source) in ``items`` (all on a CUDA device).
+
+    For AdamW, returns the step's :class:`AdamPlan` (over ``items``' parameters, in their order).
+    """
     if steps is AdamSteps:
-        _adam(items, decoupled)
-    elif steps is LambSteps:
+        return _adam(items, decoupled)
+    if steps is LambSteps:
         _lamb(items)
     elif steps is AdafactorSteps:
         _adafactor(items)
     else:
         raise ValueError(f"no fused step for {steps!r}")
+    return None
 
 
 def _scalar(x) -> float:
@@ -167,73 +171,180 @@ def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _adam(items, decoupled) -> None:
-    """Per set of tensors that share dtypes, hyper-parameters and scale mode (usually one): one launch
-    for all tensors below :data:`LARGE` elements, and one launch for each larger tensor."""
-    from .kernels import DYNAMIC, FROZEN, NO_SCALE, adam_kernel, adam_tensor_kernel
+@dataclass
+class _AdamEntry:
+    """One tensor of an AdamW plan: what a launch needs besides the gradient, which may move."""
 
-    for group, p, state, _ in items:
-        if not state:
-            AdamSteps.init_state(group, p, state)
-    # Fused/foreach-on-device AdamW keep `step` on the GPU; one call bumps each kind.
-    on_device = [state["step"] for _, _, state, _ in items if state["step"].device.type != "cpu"]
-    on_host = [state["step"] for _, _, state, _ in items if state["step"].device.type == "cpu"]
-    if on_device:
-        torch._foreach_add_(on_device, 1.0)
-    if on_host:
-        torch._foreach_add_(on_host, 1.0)
-    host_steps = iter(torch.stack(on_host).tolist() if on_host else ())
-    launches: dict[tuple, list] = {}
-    keep = []  # float32 copies of thresholds must live until their launch
-    for group, p, state, source in items:
-        step_t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-        beta1, beta2 = (_scalar(b) for b in group["betas"])
-        lr = _scalar(group["lr"])
-        on_dev = step_t.device.type != "cpu"
-        if on_dev:
-            step_size, bc2_sqrt = 0.0, 1.0
-        else:
-            step = next(host_steps)
-            step_size, bc2_sqrt = lr / (1 - beta1**step), (1 - beta2**step) ** 0.5
-        ids = scales = thresholds = None
-        mode, k, absolute = NO_SCALE, 1, True
-        if source is not None:
-            scales, k, absolute = source.scales.float(), source.scales.numel(), source.abs
-            if source.ids is not None:
-                mode, ids = FROZEN, source.ids
-            else:
-                mode = DYNAMIC
-                thresholds = source.thresholds.float() if source.thresholds.numel() else scales
-            keep.append((scales, thresholds))
-        row = (p.data_ptr(), p.grad.data_ptr(), m.data_ptr(), v.data_ptr(), _address(ids), _address(scales),
-               _address(thresholds), step_t.data_ptr() if on_dev else 0)
-        key = (lr, beta1, beta2, float(group["eps"]), float(group["weight_decay"]), -1.0 if group["maximize"] else 1.0,
-               step_size, bc2_sqrt, decoupled(group), mode, k, absolute, on_dev, aligned(row[:5]),
-               p.dtype, p.grad.dtype, m.dtype, v.dtype, step_t.dtype)
-        launches.setdefault(key, []).append((row, p.numel(), (p, p.grad, m, v, ids, scales, thresholds, step_t)))
-    for key, members in launches.items():
-        lr, beta1, beta2, eps, weight_decay, sign, step_size, bc2_sqrt, dec, mode, k, absolute, on_dev, al = key[:14]
-        small = []
-        for member in members:
-            if member[1] < LARGE:
-                small.append(member)
+    index: int  # position of p in the parameter list the plan was built over
+    p: Tensor
+    m: Tensor
+    v: Tensor
+    step: Tensor
+    ids: Tensor | None
+    scales: Tensor | None
+    thresholds: Tensor | None  # a float32 copy where the stored thresholds are not float32
+
+    @property
+    def numel(self) -> int:
+        return self.p.numel()
+
+
+@dataclass
+class _AdamLaunch:
+    """One kernel launch: a multi-tensor launch over a table, or one large tensor (``table`` None)."""
+
+    group: dict
+    members: list[int]  # into AdamPlan.entries
+    host_steps: list[int]  # into AdamPlan.host_steps, where the step counts live on the host
+    mode: int
+    k: int
+    absolute: bool
+    on_device: bool
+    aligned: bool
+    table: TensorTable | None
+
+
+class AdamPlan:
+    """The launches of one fused AdamW step over a fixed set of tensors: built once, replayed every step.
+
+    Building walks every tensor in Python (its launch group, scale source, addresses; the
+    device tables of the multi-tensor launches). That walk costs milliseconds on a model of a
+    few hundred tensors, and the GPU idles through it, since it comes before the first launch.
+    Between re-clusterings nothing it depends on changes except, at most, the addresses of the
+    gradients (``zero_grad(set_to_none=True)``) and the hyper-parameters (an LR schedule), so
+    a step from the plan compares the parameters' and gradients' addresses with those it was
+    built on (no launch when one differs: the caller builds a new plan), reads each launch's
+    hyper-parameters from its param group, and launches. The owner drops the plan whenever
+    the state or the scales are replaced (re-clustering, ``load_state_dict``,
+    ``add_param_group``); a base optimizer's state dict replaced as a whole is caught too, a
+    single state tensor swapped by hand is not.
+
+    Launches follow the param groups (a group's ``lr`` may change at every step), the scale
+    mode, the dtypes and, for step counts kept on the host, the count; tensors of at least
+    :data:`LARGE` elements get a launch each (:func:`kernels.adam_tensor_kernel`), the rest of a
+    launch group one multi-tensor launch (:func:`kernels.adam_kernel`).
+    """
+
+    def __init__(self, items, params: list[Tensor], state, decoupled):
+        from .kernels import DYNAMIC, FROZEN, NO_SCALE
+
+        self.decoupled, self.state = decoupled, state
+        self.ids = [id(p) for p in params]
+        position = {id(p): i for i, p in enumerate(params)}
+        for group, p, st, _ in items:
+            if not st:
+                AdamSteps.init_state(group, p, st)
+        self.device_steps = [st["step"] for _, _, st, _ in items if st["step"].device.type != "cpu"]
+        self.host_steps = [st["step"] for _, _, st, _ in items if st["step"].device.type == "cpu"]
+        host_values = iter(torch.stack(self.host_steps).tolist() if self.host_steps else ())
+        self.entries: list[_AdamEntry] = []
+        groups: dict[tuple, _AdamLaunch] = {}
+        host_index = 0
+        for group, p, st, source in items:
+            step_t, m, v = st["step"], st["exp_avg"], st["exp_avg_sq"]
+            on_device = step_t.device.type != "cpu"
+            count = None if on_device else next(host_values)
+            ids = scales = thresholds = None
+            mode, k, absolute = NO_SCALE, 1, True
+            if source is not None:
+                scales, k, absolute = source.scales.float(), source.scales.numel(), source.abs
+                if source.ids is not None:
+                    mode, ids = FROZEN, source.ids
+                else:
+                    mode = DYNAMIC
+                    thresholds = source.thresholds.float() if source.thresholds.numel() else scales
+            entry = _AdamEntry(position[id(p)], p, m, v, step_t, ids, scales, thresholds)
+            self.entries.append(entry)
+            is_aligned = aligned((p.data_ptr(), p.grad.data_ptr(), m.data_ptr(), v.data_ptr(), _address(ids)))
+            large = p.numel() >= LARGE
+            key = (id(group), mode, k, absolute, on_device, count, is_aligned, p.dtype, p.grad.dtype, m.dtype,
+                   v.dtype, step_t.dtype, len(self.entries) if large else None)
+            launch = groups.get(key)
+            if launch is None:
+                launch = groups[key] = _AdamLaunch(group, [], [], mode, k, absolute, on_device, is_aligned, None)
+            launch.members.append(len(self.entries) - 1)
+            if not on_device:
+                launch.host_steps.append(host_index)
+                host_index += 1
+        self.launches = list(groups.values())
+        # Addresses only: a table, a device tensor, holds no reference to the gradients, which
+        # zero_grad(set_to_none=True) must be able to free.
+        self.addresses = [p.data_ptr() for p in params] + [_address(p.grad) for p in params]
+        for launch in self.launches:
+            members = [self.entries[i] for i in launch.members]
+            if members[0].numel >= LARGE:
                 continue
-            p, g, m, v, ids, scales, thresholds, step_t = member[2]
-            adam_tensor_kernel[(triton_cdiv(member[1], BLOCK),)](
-                p, g, m, v, p if ids is None else ids, p if scales is None else scales,
-                p if thresholds is None else thresholds, step_t if on_dev else p, member[1],
-                lr, beta1, beta2, eps, weight_decay, sign, step_size, bc2_sqrt,
-                DECOUPLED=dec, MODE=mode, K=k, ABS=absolute, STEP_ON_DEVICE=on_dev, BLOCK=BLOCK)
-        if not small:
-            continue
-        p, g, m, v, _, _, _, step_t = small[0][2]
-        table = tensor_table([row for row, _, _ in small], [n for _, n, _ in small], BLOCK, p.device)
-        if not table.programs:
-            continue
-        adam_kernel[(table.programs,)](
-            table.addresses, table.numels, table.block_tensor, table.first_block, p, g, m, v,
-            step_t if on_dev else p, lr, beta1, beta2, eps, weight_decay, sign, step_size, bc2_sqrt,
-            DECOUPLED=dec, MODE=mode, K=k, ABS=absolute, STEP_ON_DEVICE=on_dev, ALIGNED=al, BLOCK=BLOCK)
+            rows = [(e.p.data_ptr(), e.p.grad.data_ptr(), e.m.data_ptr(), e.v.data_ptr(), _address(e.ids),
+                     _address(e.scales), _address(e.thresholds), e.step.data_ptr() if launch.on_device else 0)
+                    for e in members]
+            launch.table = tensor_table(rows, [e.numel for e in members], BLOCK, members[0].p.device)
+        self.launches = [launch for launch in self.launches if launch.table is None or launch.table.programs]
+
+    def matches(self, params: list[Tensor], state) -> bool:
+        """Whether the plan still describes ``params``: the same tensors at the same addresses."""
+        if state is not self.state or [id(p) for p in params] != self.ids:
+            return False
+        return [p.data_ptr() for p in params] + [_address(p.grad) for p in params] == self.addresses
+
+    def step(self, params: list[Tensor]) -> bool:
+        """One AdamW step of every tensor of the plan; False, with nothing done, when it no longer matches.
+
+        ``params`` is the parameter list the plan was built over, in the same order.
+        """
+        counts = None
+        if self.host_steps:  # the counts after this step's increment, as float32 computes them
+            counts = (torch.stack(self.host_steps) + 1).tolist()
+            if any(len({counts[i] for i in launch.host_steps}) > 1 for launch in self.launches):
+                return False
+        if self.device_steps:
+            torch._foreach_add_(self.device_steps, 1.0)
+        if self.host_steps:
+            torch._foreach_add_(self.host_steps, 1.0)
+        self._launch(params, counts)
+        return True
+
+    def _launch(self, params, counts) -> None:
+        from .kernels import adam_kernel, adam_tensor_kernel
+
+        hyper: dict[int, tuple] = {}
+        for launch in self.launches:
+            group = launch.group
+            values = hyper.get(id(group))
+            if values is None:
+                beta1, beta2 = (_scalar(b) for b in group["betas"])
+                values = hyper[id(group)] = (_scalar(group["lr"]), beta1, beta2, float(group["eps"]),
+                                             float(group["weight_decay"]), -1.0 if group["maximize"] else 1.0,
+                                             self.decoupled(group))
+            lr, beta1, beta2, eps, weight_decay, sign, decoupled = values
+            if launch.on_device:
+                step_size, bc2_sqrt = 0.0, 1.0
+            else:
+                count = counts[launch.host_steps[0]]
+                step_size, bc2_sqrt = lr / (1 - beta1**count), (1 - beta2**count) ** 0.5
+            if launch.table is None:
+                e = self.entries[launch.members[0]]
+                p = e.p
+                adam_tensor_kernel[(triton_cdiv(e.numel, BLOCK),)](
+                    p, params[e.index].grad, e.m, e.v, p if e.ids is None else e.ids,
+                    p if e.scales is None else e.scales, p if e.thresholds is None else e.thresholds,
+                    e.step if launch.on_device else p, e.numel, lr, beta1, beta2, eps, weight_decay, sign, step_size,
+                    bc2_sqrt, DECOUPLED=decoupled, MODE=launch.mode, K=launch.k, ABS=launch.absolute,
+                    STEP_ON_DEVICE=launch.on_device, BLOCK=BLOCK)
+                continue
+            e, table = self.entries[launch.members[0]], launch.table
+            adam_kernel[(table.programs,)](
+                table.addresses, table.numels, table.block_tensor, table.first_block, e.p, params[e.index].grad, e.m,
+                e.v, e.step if launch.on_device else e.p, lr, beta1, beta2, eps, weight_decay, sign, step_size,
+                bc2_sqrt, DECOUPLED=decoupled, MODE=launch.mode, K=launch.k, ABS=launch.absolute,
+                STEP_ON_DEVICE=launch.on_device, ALIGNED=launch.aligned, BLOCK=BLOCK)
+
+
+def _adam(items, decoupled) -> AdamPlan:
+    """One fused AdamW step of ``items``; returns its plan, which later steps of the same tensors may replay."""
+    params = [p for _, p, _, _ in items]
+    plan = AdamPlan(items, params, None, decoupled)
+    plan.step(params)
+    return plan
 
 
 def _lamb(items) -> None:

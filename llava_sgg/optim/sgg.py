@@ -50,6 +50,10 @@ def _eligible(p: Tensor) -> bool:
     return p.requires_grad and p.ndim >= 2
 
 
+def _decoupled_weight_decay(adamw: bool, group: dict) -> bool:
+    return group.get("decoupled_weight_decay", adamw)
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -125,6 +129,10 @@ class SGG(Optimizer):
         self._placeholders: set[Tensor] = set()  # layers made by distributed.prepare_state_for_load
         self._sgg_step = 0
         self.global_mda: float | None = None
+        # The fused AdamW step's launches (fused.AdamPlan), kept between re-clusterings. Dropped
+        # wherever ids, scales or state are replaced: _recluster, load_state_dict, add_param_group
+        # (and distributed's load templates); a moved gradient or parameter is caught by its check.
+        self._adam_plan: fused_steps.AdamPlan | None = None
 
     # ----------------------------------------------------------------- public API
     def cluster_ids(self, p: Tensor) -> Tensor | None:
@@ -176,6 +184,7 @@ class SGG(Optimizer):
         if self._wrapping:  # called by Optimizer.__init__ on the base's own groups
             return super().add_param_group(param_group)
         self._check_group(param_group)
+        self._adam_plan = None
         self.optimizer.add_param_group(param_group)
         self._check_group(self.optimizer.param_groups[-1])
 
@@ -211,6 +220,7 @@ class SGG(Optimizer):
                 raise ValueError(f"state dict was saved with assignment={sgg['assignment']!r}, "
                                  f"this SGG has assignment={self.assignment!r}")
         self.optimizer.load_state_dict(state_dict)
+        self._adam_plan = None
         # The base optimizer replaces its groups and state objects on load.
         self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state
         if sgg is None:
@@ -250,7 +260,7 @@ class SGG(Optimizer):
         return x.abs() if self.cluster_on == "abs" else x
 
     def _decoupled(self, group: dict) -> bool:
-        return group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))
+        return _decoupled_weight_decay(isinstance(self.optimizer, torch.optim.AdamW), group)
 
     def _current_statistic(self, p: Tensor) -> Tensor | None:
         state = self.state.get(p)
@@ -285,6 +295,13 @@ class SGG(Optimizer):
 
     def _split_step(self, recluster: bool) -> None:
         steps = self._steps
+        if self.fused and not recluster and self._adam_plan is not None:
+            # Between re-clusterings the fused AdamW step of the same tensors replays its plan:
+            # a check of the addresses and a few launches, no walk over the tensors.
+            params = self._all_params()
+            if self._adam_plan.matches(params, self.state) and self._adam_plan.step(params):
+                return
+        self._adam_plan = None
         active = [(g, p) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if self.fused and not recluster:
             # Between re-clusterings: one fused pass per tensor where a kernel covers it.
@@ -295,6 +312,17 @@ class SGG(Optimizer):
                 if view is not None and fused_steps.supports(steps, group, view[0]):
                     by_device.setdefault(view[0].device, []).append((group, *view, self._scale_source(p)))
                     done.add(id(p))
+            cacheable = (steps is AdamSteps and len(by_device) == 1 and len(done) == len(active)
+                         and not any(D.is_dtensor(p) for _, p in active))
+            if cacheable:  # everything on one device took the fused AdamW step: keep its plan
+                params = self._all_params()
+                # The plan gets a function of the group alone: a bound method would tie it back to
+                # self, a cycle that only the garbage collector frees (a dropped SGG held its memory).
+                decoupled = partial(_decoupled_weight_decay, isinstance(self.optimizer, torch.optim.AdamW))
+                self._adam_plan = fused_steps.AdamPlan(next(iter(by_device.values())), params, self.state, decoupled)
+                if self._adam_plan.step(params):
+                    return
+                self._adam_plan = None  # unequal step counts in one launch group: cannot happen when built
             for items in by_device.values():
                 fused_steps.fused_steps(steps, items, self._decoupled)
             active = [(g, p) for g, p in active if id(p) not in done]
@@ -370,6 +398,7 @@ class SGG(Optimizer):
         Every element then gets its id in one pass, and the model-wide median is
         exact over all elements (:func:`.functional.deviation_median`).
         """
+        self._adam_plan = None  # new ids, thresholds and scale tensors
         if not statistics:
             return
         params = list(statistics)
