@@ -280,7 +280,7 @@ def test_gpu_batched_kmeans_equals_the_torch_loop_and_ids_of_all_layers_equal_ea
     # With the same sums, the Lloyd kernel is the torch loop to the bit.
     start = F.kmeans_1d_rows(xs, k, signed=signed, lloyd_iters=1, grid=64)
     assert torch.equal(F._lloyd_gpu(xs, p1, p2, start, k, signed, 10),
-                       _torch_lloyd(xs, p1, p2, start, k, signed, 10))
+                       F._lloyd_torch(xs, p1, p2, start, k, signed, 10))
     monkeypatch.undo()
     layers = [xs[0, :60_000].reshape(300, 200).contiguous(), xs[1, 1:].contiguous(), xs[2, 3:].contiguous()[1:]]
     thresholds = torch.stack([F.kmeans_1d_rows(x.reshape(1, -1).sort(dim=1).values, 3)[0] for x in layers])
@@ -289,22 +289,6 @@ def test_gpu_batched_kmeans_equals_the_torch_loop_and_ids_of_all_layers_equal_ea
         expected = F.assign_ids(x.cpu(), t.cpu(), signed=signed)
         assert torch.equal(got.cpu(), expected)
         assert torch.equal(size.cpu(), torch.bincount(expected.flatten().long(), minlength=3))
-
-
-def _torch_lloyd(xs, p1, p2, thresholds, k, signed, iters):
-    """functional.kmeans_1d_rows's torch loop, from given thresholds and prefix sums."""
-    best_sse, cnt, sums = F._partition_sse(xs, p1, p2, thresholds, signed)
-    for _ in range(iters):
-        centres = sums / cnt.clamp(min=1)
-        candidate = ((centres[:, :-1] + centres[:, 1:]) / 2).to(xs.dtype)
-        sse, new_cnt, new_sums = F._partition_sse(xs, p1, p2, candidate, signed)
-        ok = (cnt > 0).all(dim=1) & (new_cnt > 0).all(dim=1) & (sse <= best_sse)
-        ok = ok & (candidate.diff(dim=1) >= 0).all(dim=1) if k > 2 else ok
-        thresholds = torch.where(ok[:, None], candidate, thresholds)
-        best_sse = torch.where(ok, sse, best_sse)
-        cnt = torch.where(ok[:, None], new_cnt, cnt)
-        sums = torch.where(ok[:, None], new_sums, sums)
-    return thresholds
 
 
 @pytest.mark.slow

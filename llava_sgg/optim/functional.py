@@ -365,10 +365,14 @@ def kmeans_1d_rows(xs: Tensor, n_clusters: int, *, signed: bool = False, grid: i
         picked.append(j)
     thresholds = bounds.gather(1, torch.cat(picked[::-1], dim=1))
 
-    if gpu:
-        return _lloyd_gpu(xs, p1, p2, thresholds, n_clusters, signed, max(lloyd_iters, 1))
+    lloyd = _lloyd_gpu if gpu else _lloyd_torch
+    return lloyd(xs, p1, p2, thresholds, n_clusters, signed, max(lloyd_iters, 1))
+
+
+def _lloyd_torch(xs, p1, p2, thresholds, n_clusters: int, signed: bool, iters: int) -> torch.Tensor:
+    """Lloyd steps on all rows at once; a row keeps a step only if it lowers its SSE (``_lloyd_gpu``: one launch)."""
     best_sse, cnt, sums = _partition_sse(xs, p1, p2, thresholds, signed)
-    for _ in range(max(lloyd_iters, 1)):
+    for _ in range(iters):
         centres = sums / cnt.clamp(min=1)
         candidate = ((centres[:, :-1] + centres[:, 1:]) / 2).to(xs.dtype)
         sse, new_cnt, new_sums = _partition_sse(xs, p1, p2, candidate, signed)
