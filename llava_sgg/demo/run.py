@@ -70,7 +70,7 @@ VISION = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3, 
           "image_size": 48, "patch_size": 16}
 # Measured (README, "The demo"): a truncated SmolLM2 learns where-is-digit questions soon, but questions
 # that match a named digit against the image (POPE, MME existence, MMBench options) only after ~1000
-# full fine-tuning steps; LoRA (r 16 or 64) never left chance there in 1500 steps. So: full fine-tuning
+# full fine-tuning steps; LoRA (r 16 or 64) did not learn them stably in 1500. So: full fine-tuning
 # at a full-model learning rate, six question-answer turns per scene with a presence pair and a
 # multiple-choice question in each, bf16. On 2 CPU cores that buys CPU_STEPS steps in ten minutes;
 # a GPU runs the same recipe for GPU_STEPS.
