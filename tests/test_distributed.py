@@ -32,6 +32,18 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(12, 33), nn.Tanh(), nn.Linear(33, 17), nn.Tanh(), nn.Linear(17, 5))
 
 
+def _sharded_model() -> nn.Module:
+    """_model under FSDP2: one unit per Linear, then the whole."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
 def _batches():
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(8, 12, generator=g), torch.randn(8, 5, generator=g)) for _ in range(STEPS)]
@@ -81,7 +93,6 @@ def reference_run(steps: int = STEPS, model=None, opt=None, start: int = 0, make
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        from torch.distributed.fsdp import fully_shard
         from torch.nn.parallel import DistributedDataParallel
 
         import torch.distributed.checkpoint as dcp
@@ -95,11 +106,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
             opt.step()
         results = {"ddp": _record(ddp.module, opt)}
 
-        model = _model()
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+        model = _sharded_model()
         opt = _optimizer(model)
         for step, (x, y) in enumerate(_batches(), start=1):
             opt.zero_grad()
@@ -110,11 +117,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         results["fsdp2"] = _record(model, opt)
 
         # LAMB's trust ratio takes whole-tensor norms: on DTensors they are reduced across ranks.
-        model = _model()
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer)
-        fully_shard(model)
+        model = _sharded_model()
         opt = _lamb(model)
         for x, y in _batches():
             opt.zero_grad()
@@ -307,18 +310,12 @@ def test_finetune_script_takes_the_launcher(llava_assets, tmp_path, launcher):
     import subprocess
     import sys
 
-    import yaml
+    from train_fixtures import tiny_config_file
 
     from llava_sgg.model.loading import load_trained
 
     _, parts, data = llava_assets
-    tiny = tmp_path / "tiny.yaml"
-    tiny.write_text(yaml.safe_dump({
-        "model": {**parts, "torch_dtype": "float32", "mm_projector": None},
-        "data": {**data, "model_max_length": 128},
-        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "lora_r": 4, "lora_alpha": 8,
-                  "gradient_checkpointing": False, "bf16": False, "warmup_ratio": 0.0},
-    }))
+    tiny = tiny_config_file(tmp_path, parts, data)
     env = {**os.environ, "NGPUS": "2", "LAUNCHER": launcher, "GLOBAL_BATCH": "4", "PER_DEVICE": "1",
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}

@@ -147,14 +147,13 @@ def test_gpu_deviation_median_and_ids_equal_the_cpu_ones():
         float(expected[(expected.numel() - 1) // 2]), rel=1e-6)
 
 
-@cuda
-def test_multi_tensor_adam_step_on_unaligned_views_equals_the_reference():
+def _assert_fused_adam_equals_the_reference(make_params, **options):
+    """Five AdamW+SGG steps (re-clustering every 2) of make_params(generator), fused and not: same parameters."""
     results = []
     for fused in (True, False):
         g = torch.Generator().manual_seed(0)
-        flat = torch.randn(1 + 333 * 70 + 50 * 9, generator=g).cuda()
-        params = [torch.nn.Parameter(flat[1:1 + 333 * 70].view(333, 70)), torch.nn.Parameter(flat[-50 * 9:].view(50, 9))]
-        opt = build_optimizer(params, "adamw_sgg", lr=1e-2, recluster_interval=2, fused=fused)
+        params = make_params(g)
+        opt = build_optimizer(params, "adamw_sgg", lr=1e-2, recluster_interval=2, fused=fused, **options)
         for _ in range(5):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=g).cuda()
@@ -162,6 +161,15 @@ def test_multi_tensor_adam_step_on_unaligned_views_equals_the_reference():
         results.append([p.detach().cpu() for p in params])
     for a, b in zip(*results):
         assert float((a - b).norm() / b.norm()) < 1e-6
+
+
+@cuda
+def test_multi_tensor_adam_step_on_unaligned_views_equals_the_reference():
+    def params(g):
+        flat = torch.randn(1 + 333 * 70 + 50 * 9, generator=g).cuda()
+        return [torch.nn.Parameter(flat[1:1 + 333 * 70].view(333, 70)), torch.nn.Parameter(flat[-50 * 9:].view(50, 9))]
+
+    _assert_fused_adam_equals_the_reference(params)
 
 
 @cuda
@@ -169,24 +177,16 @@ def test_multi_tensor_adam_step_on_unaligned_views_equals_the_reference():
 def test_adam_step_of_a_group_mixing_large_and_small_tensors_equals_the_reference(assignment):
     from llava_sgg.optim import fused as fused_module
 
-    results = []
-    for fused in (True, False):
-        g = torch.Generator().manual_seed(0)
+    def params(g):
         rows = fused_module.LARGE // 1024 + 3  # (rows, 1025): above the per-tensor threshold, partial last block
         flat = torch.randn(1 + rows * 1025, generator=g).cuda()
-        params = [torch.nn.Parameter(torch.randn(fused_module.LARGE // 1024, 1024, generator=g).cuda()),
-                  torch.nn.Parameter(flat[1:].view(rows, 1025)),  # large and off a 16-byte boundary
-                  torch.nn.Parameter(torch.randn(333, 70, generator=g).cuda()),
-                  torch.nn.Parameter(torch.randn(fused_module.LARGE + 5, generator=g).cuda()),  # large, no scale
-                  torch.nn.Parameter(torch.randn(700, generator=g).cuda())]
-        opt = build_optimizer(params, "adamw_sgg", lr=1e-2, recluster_interval=2, fused=fused, assignment=assignment)
-        for _ in range(5):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=g).cuda()
-            opt.step()
-        results.append([p.detach().cpu() for p in params])
-    for a, b in zip(*results):
-        assert float((a - b).norm() / b.norm()) < 1e-6
+        return [torch.nn.Parameter(torch.randn(fused_module.LARGE // 1024, 1024, generator=g).cuda()),
+                torch.nn.Parameter(flat[1:].view(rows, 1025)),  # large and off a 16-byte boundary
+                torch.nn.Parameter(torch.randn(333, 70, generator=g).cuda()),
+                torch.nn.Parameter(torch.randn(fused_module.LARGE + 5, generator=g).cuda()),  # large, no scale
+                torch.nn.Parameter(torch.randn(700, generator=g).cuda())]
+
+    _assert_fused_adam_equals_the_reference(params, assignment=assignment)
 
 
 def replayed_run(device, sgg_fused, base_fused=False, assignment="frozen", large=None):

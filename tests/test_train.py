@@ -13,7 +13,7 @@ from llava_sgg.model.loading import load_trained, merge_lora
 from llava_sgg.optim import OPTIMIZER_NAMES
 from llava_sgg.train.config import ConfigError, build_run_config, load_run_config
 from llava_sgg.train.run import build_trainer, save_outputs, train
-from train_fixtures import make_dataset, make_parts, tiny_run
+from train_fixtures import make_dataset, make_parts, tiny_config_file, tiny_run
 
 ROOT = Path(__file__).parent.parent
 
@@ -172,20 +172,6 @@ def test_config_files_compose_and_unknown_keys_are_errors(tmp_path):
         load_run_config([str(broken)])
 
 
-def _tiny_config_file(tmp_path, assets) -> Path:
-    import yaml
-
-    parts, data = assets
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {**parts, "torch_dtype": "float32", "mm_projector": None},
-        "data": {**data, "model_max_length": 128},
-        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "lora_r": 4, "lora_alpha": 8,
-                  "gradient_checkpointing": False, "bf16": False, "warmup_ratio": 0.0},
-    }))
-    return path
-
-
 SCRIPTS = ["finetune_full.sh", "finetune_lora.sh", "finetune_qlora.sh"]
 ONE_OPTIMIZER_EACH = [("finetune_full.sh", "adamw_sgg"), ("finetune_lora.sh", "lamb_sgg"),
                       ("finetune_qlora.sh", "adafactor_sgg")]
@@ -195,7 +181,7 @@ EVERY_PAIR = [pytest.param(s, o, marks=pytest.mark.slow) for s in SCRIPTS for o 
 
 @pytest.mark.parametrize("script, optim", ONE_OPTIMIZER_EACH + EVERY_PAIR)
 def test_finetune_scripts_train_a_tiny_model_end_to_end(assets, tmp_path, script, optim):
-    tiny = _tiny_config_file(tmp_path, assets)
+    tiny = tiny_config_file(tmp_path, *assets)
     env = {"NGPUS": "0", "GLOBAL_BATCH": "4", "PER_DEVICE": "2", "PATH": "/usr/bin:/bin",
            "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"

@@ -69,3 +69,17 @@ def tiny_run(parts: dict, data: dict, output: Path, mode: str = "full", optimize
                   "save_steps": 1000, "warmup_ratio": 0.0, "mm_projector_lr": 1e-3, **train},
         "optimizer": optimizer or {"name": "adamw", "lr": 1e-3},
     })
+
+
+def tiny_config_file(folder: Path, parts: dict, data: dict) -> Path:
+    """A YAML run config over the tiny parts and dataset, for the finetune scripts (2 LoRA-sized steps)."""
+    import yaml
+
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {**parts, "torch_dtype": "float32", "mm_projector": None},
+        "data": {**data, "model_max_length": 128},
+        "train": {"output_dir": str(folder / "out"), "max_steps": 2, "lora_r": 4, "lora_alpha": 8,
+                  "gradient_checkpointing": False, "bf16": False, "warmup_ratio": 0.0},
+    }))
+    return path

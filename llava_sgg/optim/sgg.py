@@ -452,12 +452,9 @@ class SGG(Optimizer):
                 if sampled[i]:  # sizes of the whole layer, not of its sample
                     counts[i] = layer_sizes
         # Eq. 6-7 for all layers of a device at once: [L, K] tensors, a few launches instead of ~10 per layer.
-        ones = {}
         for device, members in self._by_device(range(len(params)), values).items():
             old = [self._layers.get(params[i], {}).get("cluster_scales") for i in members]
-            if any(s is None for s in old):
-                ones[device] = torch.ones(self.n_clusters, device=device)
-            previous = torch.stack([ones[device] if s is None else s for s in old])
+            previous = torch.stack([torch.ones(self.n_clusters, device=device) if s is None else s for s in old])
             target = F.target_scales(global_mda.to(device), torch.stack([mda[i] for i in members]), self.scale_bounds,
                                      self.eps)
             updated = F.ema_scales(previous, target, torch.stack([counts[i] for i in members]), self.beta3)
