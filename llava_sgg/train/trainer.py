@@ -89,20 +89,34 @@ class LlavaTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The causal LM loss, with logits computed only where a trained token follows.
 
-        LLaVA trains on answers only; the LM head over a 32k-50k vocabulary at every
-        other position is most of the head's time and memory for nothing. Same value
-        as the model's own loss: summed token cross-entropy over the trained tokens,
-        divided by their count (across accumulation steps when Trainer gives it).
+        LLaVA trains on answers only: in a batch of multi-turn samples a few percent of
+        the positions are answer tokens. The LM head over a 32k-50k vocabulary at every
+        other position is most of the head's time and memory for nothing. The model is
+        called as usual (so DDP, FSDP and PEFT wrappers see their forward) on the columns
+        where any row trains, and a pre-hook on the output embeddings keeps, of those,
+        the (row, column) pairs that train: outputs.logits is then (trained tokens,
+        vocabulary). Same value as the model's own loss: summed token cross-entropy over
+        the trained tokens, divided by their count (across accumulation steps when
+        Trainer gives it).
         """
         labels = inputs["labels"]
         targets = labels[:, 1:]
         keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+        kept = targets[:, keep]
+        trained = kept != IGNORE_INDEX
+
+        def trained_rows(module, args):
+            return (args[0][trained.to(args[0].device)],) + tuple(args[1:])
+
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        hook = head.register_forward_pre_hook(trained_rows)
+        try:
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+        finally:
+            hook.remove()
         logits = outputs.logits
-        kept = targets[:, keep].to(logits.device)
-        loss = nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), kept.reshape(-1),
-                                           ignore_index=IGNORE_INDEX, reduction="sum")
-        count = num_items_in_batch if num_items_in_batch is not None else (kept != IGNORE_INDEX).sum()
+        loss = nn.functional.cross_entropy(logits.float(), kept[trained].to(logits.device), reduction="sum")
+        count = num_items_in_batch if num_items_in_batch is not None else trained.sum()
         loss = loss / count
         return (loss, outputs) if return_outputs else loss
 
