@@ -147,6 +147,42 @@ def test_gpu_deviation_median_and_ids_equal_the_cpu_ones():
         float(expected[(expected.numel() - 1) // 2]), rel=1e-6)
 
 
+def _lower_median_of_deviations(layers, means):
+    d = torch.cat([(x - m).abs().flatten() for x, m in zip(layers, means)]).sort().values
+    return float(d[(d.numel() - 1) // 2])
+
+
+@cuda
+def test_gpu_deviation_median_through_a_bracket_is_exact_and_the_full_passes_take_over_when_it_fails(monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    flat = torch.randn(1 + 70_001, generator=g)
+    layers = [torch.randn(400, 1000, generator=g) ** 3, flat[1:], (torch.randn(30_000, generator=g) * 4).round(),
+              torch.randn(77, generator=g)]  # heavy tails, off a 16-byte boundary, many ties, a partial block
+    periodic = (100 + torch.randn(4096, generator=g)) * torch.randn(4096, generator=g).sign()
+    periodic[::4] = 0  # the evenly spaced sample sees only these: its bracket misses the median
+
+    def check(layers, sample, found_expected):
+        layers = [x.cuda() for x in layers]
+        means = [x.mean() for x in layers]
+        expected = _lower_median_of_deviations(layers, means)
+        total = sum(x.numel() for x in layers)
+        rank = torch.full((), (total - 1) // 2, device="cuda")
+        bits, found = F._bracket_median(layers, torch.stack(means), rank, total, sample)
+        assert bool(found) == found_expected
+        if found_expected:
+            assert float(bits.view(torch.float32)) == expected
+        assert float(F.deviation_median(layers, means, sample=sample)) == expected
+
+    check(layers, 1024, True)
+    check(layers, 2**14, True)
+    check([periodic], 1024, False)
+    # More deviations inside the bracket than its buffer holds: the overflow is seen, the full passes run.
+    monkeypatch.setattr(F, "_BRACKET_ROOM", 0.0)
+    monkeypatch.setattr(F, "_HISTOGRAM_ITERS", 1)
+    monkeypatch.setattr(F, "_BRACKET_SIGMAS", 1000)
+    check(layers, 1024, False)
+
+
 def _assert_fused_adam_equals_the_reference(make_params, **options):
     """Five AdamW+SGG steps (re-clustering every 2) of make_params(generator), fused and not: same parameters."""
     results = []
@@ -318,6 +354,9 @@ def test_triton_kernels_equal_the_reference_path_under_the_interpreter():
         mu = [t.mean() for t in x]
         d = torch.cat([(t - m).abs() for t, m in zip(x, mu)]).sort().values
         assert float(F.deviation_median(x, mu)) == float(d[(d.numel() - 1) // 2])
+        rank = torch.full((), (d.numel() - 1) // 2)
+        bits, found = F._bracket_median(x, torch.stack(mu), rank, d.numel(), 256)  # the GPU's one-pass median
+        assert bool(found) and float(bits.view(torch.float32)) == float(d[(d.numel() - 1) // 2])
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}

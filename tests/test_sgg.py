@@ -435,6 +435,17 @@ def test_large_layers_are_clustered_from_a_sample():
     torch.testing.assert_close(scales[1000], scales[2**22], rtol=0.1, atol=0.0)
 
 
+def test_a_batch_of_work_rows_holds_whole_layers_and_seeded_samples_of_large_ones():
+    # A layer of exactly sample_size values is clustered whole, in the same batch as the samples.
+    whole, large = torch.randn(600), torch.randn(2000)
+    opt = SGG(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]), exact_limit=1000, sample_size=600, seed=3)
+    opt._sgg_step = 500
+    rows = opt._work_rows([whole, large], [0, 1], 600)
+    assert torch.equal(rows[0], whole)
+    generator = torch.Generator().manual_seed(3 * 1_000_003 + 500 * 7919 + 1)  # seed, step and layer index
+    assert torch.equal(rows[1], large[torch.randint(2000, (600,), generator=generator)])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"n_clusters": 0}, "n_clusters"),
     ({"n_clusters": 2.5}, "n_clusters"),

@@ -290,7 +290,7 @@ def _row_range(xs: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     if signed:
         return xs[:, :1], xs[:, -1:]
     n = xs.shape[1]
-    inf = torch.tensor(float("inf"), dtype=xs.dtype, device=xs.device)
+    inf = xs.new_full((), float("inf"))  # not torch.tensor(..., device=): that copy waits for the GPU
     zero = torch.searchsorted(xs, xs.new_zeros(xs.shape[0], 1))  # the first x >= 0
     smallest_nonneg = torch.where(zero < n, xs.gather(1, zero.clamp(max=n - 1)).abs(), inf)
     largest_neg = torch.where(zero > 0, -xs.gather(1, (zero - 1).clamp(min=0)), inf)
@@ -533,10 +533,25 @@ def assign_ids_many(xs: list[Tensor], thresholds: Tensor, *, signed: bool = Fals
 _LEVELS = ((31, 23, 256), (23, 15, 256), (15, 7, 256), (7, 0, 128))
 _HISTOGRAM_ITERS = 16  # blocks each GPU program counts before adding to the histogram
 
+# The GPU's shortcut (see deviation_median): a sample of this many deviations gives a bracket around
+# the median, this many standard deviations of the sample median's rank to each side (about 0.6% of
+# all deviations with 2^20 samples), and a buffer of twice the expected number inside, in this many
+# slices, each filled through its own atomic counter.
+MEDIAN_SAMPLE = 1 << 20
+_BRACKET_SIGMAS = 6
+_BRACKET_ROOM = 2.0
+_BRACKET_SLOTS = 64
+_NOT_A_DEVIATION = 0x7FFFFFFF  # fills the buffer's unused places: above every deviation's bit pattern
 
-def _deviation_histograms(tensors: list[Tensor], means: list[Tensor], prefix: Tensor, level: tuple[int, int, int],
-                          out: Tensor) -> None:
-    """Add one level's histogram of all ``tensors`` to ``out``: one launch on a GPU, else per tensor."""
+
+def _deviation_histograms(tensors: list[Tensor], means: Tensor, prefix: Tensor, level: tuple[int, int, int],
+                          out: Tensor, *, skip: Tensor | None = None, raw: bool = False) -> None:
+    """Add one level's histogram of all ``tensors`` to ``out``: one launch on a GPU, else per tensor.
+
+    ``means`` [T]: each tensor's mean. On a GPU only: ``raw`` tensors hold the bit patterns of
+    deviations themselves (no mean is taken off), and a nonzero ``skip`` (a device flag) leaves
+    ``out`` as it is, decided on the device.
+    """
     match_shift, shift, nbins = level
     if all(available_gpu(x) for x in tensors):
         from .fused import BLOCK, aligned, tensor_table
@@ -546,14 +561,75 @@ def _deviation_histograms(tensors: list[Tensor], means: list[Tensor], prefix: Te
         table = tensor_table(rows, [x.numel() for x in tensors], _HISTOGRAM_ITERS * BLOCK, out.device)
         if table.programs:
             deviation_histogram_kernel[(table.programs,)](
-                table.addresses, table.numels, torch.cat(means), table.block_tensor, table.first_block, prefix, out,
-                MATCH_SHIFT=match_shift, SHIFT=shift, NBINS=nbins, ALIGNED=aligned(a for a, in rows), BLOCK=BLOCK,
+                table.addresses, table.numels, means, table.block_tensor, table.first_block, prefix, out,
+                prefix if skip is None else skip, MATCH_SHIFT=match_shift, SHIFT=shift, NBINS=nbins,
+                GATED=skip is not None, RAW=raw, ALIGNED=aligned(a for a, in rows), BLOCK=BLOCK,
                 ITERS=_HISTOGRAM_ITERS)
         return
+    if skip is not None or raw:
+        raise ValueError("skip and raw are for the GPU path")
     for x, mean in zip(tensors, means):
         bits = _float_bits((x.float() - mean).abs()).flatten()
         keep = (bits >> match_shift) == prefix
         out += torch.bincount((bits[keep] >> shift) & (nbins - 1), minlength=nbins)
+
+
+def _select_bits(tensors: list[Tensor], means: Tensor, rank: Tensor, *,
+                 reduce: Callable[[Tensor], Tensor] | None = None, skip: Tensor | None = None,
+                 raw: bool = False) -> Tensor:
+    """int32 bit pattern of the deviation of 0-based ``rank`` (a 0-d device tensor) among all ``tensors``.
+
+    One histogram pass per bit field of :data:`_LEVELS`; the rank bookkeeping stays on the device.
+    """
+    prefix = torch.zeros((), dtype=torch.int32, device=rank.device)
+    for level in _LEVELS:
+        hist = torch.zeros(level[2], dtype=torch.long, device=rank.device)
+        _deviation_histograms(tensors, means, prefix, level, hist, skip=skip, raw=raw)
+        if reduce is not None:
+            hist = reduce(hist)
+        cum = hist.cumsum(0)
+        b = torch.searchsorted(cum, rank.reshape(1), right=True)[0]
+        rank = rank - torch.where(b > 0, cum[(b - 1).clamp(min=0)], torch.zeros_like(rank))
+        prefix = (prefix << (level[0] - level[1])) | b.to(torch.int32)
+    return prefix
+
+
+def _bracket_median(tensors: list[Tensor], means: Tensor, rank: Tensor, total: int, sample: int
+                    ) -> tuple[Tensor, Tensor]:
+    """The deviation of ``rank`` among all ``tensors`` (float32 on a GPU) through a bracket: (int32 bits, found).
+
+    ``found`` (a 0-d bool on the device) is False where the bracket missed the rank or its buffer
+    overflowed; the bits are then meaningless. Three launches over the data's size, one pass over it.
+    """
+    from .fused import BLOCK, aligned, tensor_table, triton_cdiv
+    from .kernels import deviation_bracket_kernel, deviation_sample_kernel
+
+    device = means.device
+    rows = [(x.data_ptr(),) for x in tensors]
+    table = tensor_table(rows, [x.numel() for x in tensors], _HISTOGRAM_ITERS * BLOCK, device)
+    ends = table.numels.cumsum(0)
+    picked = torch.empty(sample, dtype=torch.int32, device=device)
+    deviation_sample_kernel[(triton_cdiv(sample, BLOCK),)](
+        table.addresses, table.numels, ends, means, picked, len(tensors), total, sample,
+        STEPS=len(tensors).bit_length(), BLOCK=BLOCK)
+    picked = picked.sort().values
+    # The sample's count below the median is Binomial(sample, 1/2): standard deviation sqrt(sample) / 2.
+    half = int(_BRACKET_SIGMAS * sample**0.5 / 2) + 1
+    lo, hi = max(sample // 2 - half, 0), min(sample // 2 + half, sample - 1)
+    bounds = picked[lo:hi + 1:hi - lo].contiguous()  # bit patterns [low, high], both inside
+    slots = max(1, min(_BRACKET_SLOTS, table.programs))
+    expected = (hi - lo + 1) / sample * total
+    slot_size = int(_BRACKET_ROOM * expected / slots) + _HISTOGRAM_ITERS * BLOCK
+    inside = torch.full((slots * slot_size,), _NOT_A_DEVIATION, dtype=torch.int32, device=device)
+    fill = torch.zeros(slots, dtype=torch.long, device=device)
+    below = torch.zeros((), dtype=torch.long, device=device)
+    deviation_bracket_kernel[(table.programs,)](
+        table.addresses, table.numels, means, table.block_tensor, table.first_block, bounds, below, fill, inside,
+        slot_size, SLOTS=slots, ALIGNED=aligned(a for a, in rows), BLOCK=BLOCK, ITERS=_HISTOGRAM_ITERS)
+    rank = rank - below
+    found = (rank >= 0) & (rank < fill.sum()) & (fill <= slot_size).all()
+    bits = _select_bits([inside.view(torch.float32)], means.new_zeros(1), rank.clamp(0, inside.numel() - 1), raw=True)
+    return bits, found
 
 
 def available_gpu(x: Tensor) -> bool:
@@ -563,7 +639,7 @@ def available_gpu(x: Tensor) -> bool:
 
 
 def deviation_median(tensors: list[Tensor], means: list[Tensor], *, total: int | None = None,
-                     reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                     reduce: Callable[[Tensor], Tensor] | None = None, sample: int = MEDIAN_SAMPLE) -> Tensor:
     """Exact lower median of |x - mean| pooled over all elements of all ``tensors`` (0-d float32).
 
     Four passes, each a histogram of one bit field of the deviations among
@@ -572,21 +648,24 @@ def deviation_median(tensors: list[Tensor], means: list[Tensor], *, total: int |
     sharded model sums them across ranks before each choice: ``tensors`` are
     then this rank's pieces, ``total`` the number of elements over all ranks,
     and ``reduce`` sums a histogram over the ranks (an all-reduce).
+
+    On one GPU, with at least 4 * ``sample`` deviations, one pass instead of four: ``sample``
+    deviations at evenly spaced positions of the pool give a bracket that holds the median
+    with near certainty and a small share of the pool; one pass counts the deviations below
+    it and copies those inside to a buffer, and the median is found in that buffer. The four
+    passes still run, but each GPU program reads first whether the bracket held the median
+    and returns at once if it did, so the result is exact either way and no host
+    synchronisation decides between the two. On the 1.34 B elements of the 1B set (H100):
+    3.6 ms of GPU work, where the four passes took 18 ms.
     """
     device = tensors[0].device
     total = sum(t.numel() for t in tensors) if total is None else total
     if not total:
         raise ValueError("deviation_median needs at least one value")
-    rank = torch.tensor((total - 1) // 2, device=device)  # 0-based rank of the lower median
-    prefix = torch.zeros((), dtype=torch.int32, device=device)
-    means = [m.float().reshape(1) for m in means]
-    for level in _LEVELS:
-        hist = torch.zeros(level[2], dtype=torch.long, device=device)
-        _deviation_histograms(tensors, means, prefix, level, hist)
-        if reduce is not None:
-            hist = reduce(hist)
-        cum = hist.cumsum(0)
-        b = torch.searchsorted(cum, rank.reshape(1), right=True)[0]
-        rank = rank - torch.where(b > 0, cum[(b - 1).clamp(min=0)], torch.zeros_like(rank))
-        prefix = (prefix << (level[0] - level[1])) | b.to(torch.int32)
-    return prefix.view(torch.float32)
+    rank = torch.full((), (total - 1) // 2, dtype=torch.long, device=device)  # 0-based rank of the lower median
+    means = torch.cat([m.float().reshape(1) for m in means]).to(device)
+    if reduce is None and 16 <= sample <= total // 4 and all(available_gpu(x) for x in tensors):
+        bits, found = _bracket_median(tensors, means, rank, total, sample)
+        everywhere = _select_bits(tensors, means, rank, skip=found.to(torch.int32))
+        return torch.where(found, bits, everywhere).view(torch.float32)
+    return _select_bits(tensors, means, rank, reduce=reduce).view(torch.float32)

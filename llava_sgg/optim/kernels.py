@@ -252,8 +252,9 @@ def assign_kernel(x_ptr, thr_ptr, ids_ptr, n, K: tl.constexpr, ABS: tl.constexpr
 
 @triton.jit
 def deviation_histogram_kernel(addr_ptr, numel_ptr, mean_ptr, block_tensor_ptr, first_block_ptr, prefix_ptr,
-                               hist_ptr, MATCH_SHIFT: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr,
-                               ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                               hist_ptr, skip_ptr, MATCH_SHIFT: tl.constexpr, SHIFT: tl.constexpr,
+                               NBINS: tl.constexpr, GATED: tl.constexpr, RAW: tl.constexpr, ALIGNED: tl.constexpr,
+                               BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """Histogram of bit fields of dev = |x - mean| among the elements whose higher bits equal a prefix.
 
     Over many float32 tensors in one launch (row t of the address table: tensor
@@ -263,8 +264,13 @@ def deviation_histogram_kernel(addr_ptr, numel_ptr, mean_ptr, block_tensor_ptr, 
     ``tl.histogram`` costs in proportion to its bins, and with 2048 the pass was
     bound by that arithmetic, not by memory. Each program counts ITERS blocks in
     registers and adds its counts to the global histogram once, so atomics stay
-    far fewer than elements.
+    far fewer than elements. RAW: the tensors hold deviations' bit patterns
+    already. GATED: a nonzero ``skip_ptr[0]`` ends every program at once (the
+    caller decides on the device whether this pass is needed).
     """
+    if GATED:
+        if tl.load(skip_ptr) != 0:
+            return
     t, chunk = _tensor_and_block(block_tensor_ptr, first_block_ptr)
     x_ptr = tl.load(addr_ptr + t).to(tl.pointer_type(tl.float32))
     if ALIGNED:  # here, not in a helper: the hint does not survive a call
@@ -274,16 +280,26 @@ def deviation_histogram_kernel(addr_ptr, numel_ptr, mean_ptr, block_tensor_ptr, 
     prefix = tl.load(prefix_ptr)
     base = chunk.to(tl.int64) * BLOCK * ITERS
     if base + BLOCK * ITERS <= n:  # a whole chunk: constant masks, wide loads (see adam_kernel)
-        counts, dropped = _deviation_counts(x_ptr, base, n, mu, prefix, False, MATCH_SHIFT, SHIFT, NBINS, BLOCK, ITERS)
+        counts, dropped = _deviation_counts(x_ptr, base, n, mu, prefix, False, MATCH_SHIFT, SHIFT, NBINS, RAW,
+                                            BLOCK, ITERS)
     else:
-        counts, dropped = _deviation_counts(x_ptr, base, n, mu, prefix, True, MATCH_SHIFT, SHIFT, NBINS, BLOCK, ITERS)
+        counts, dropped = _deviation_counts(x_ptr, base, n, mu, prefix, True, MATCH_SHIFT, SHIFT, NBINS, RAW,
+                                            BLOCK, ITERS)
     counts = counts - tl.where(tl.arange(0, NBINS) == 0, dropped, 0)
     tl.atomic_add(hist_ptr + tl.arange(0, NBINS), counts.to(tl.int64), mask=counts > 0)
 
 
 @triton.jit
+def _deviation_bits(x, mu, RAW: tl.constexpr):
+    if RAW:
+        return x.to(tl.int32, bitcast=True)
+    return tl.abs(x - mu).to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def _deviation_counts(x_ptr, base, n, mu, prefix, MASKED: tl.constexpr, MATCH_SHIFT: tl.constexpr,
-                      SHIFT: tl.constexpr, NBINS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                      SHIFT: tl.constexpr, NBINS: tl.constexpr, RAW: tl.constexpr, BLOCK: tl.constexpr,
+                      ITERS: tl.constexpr):
     counts = tl.zeros((NBINS,), dtype=tl.int32)
     dropped = 0
     for i in tl.range(ITERS):
@@ -293,13 +309,94 @@ def _deviation_counts(x_ptr, base, n, mu, prefix, MASKED: tl.constexpr, MATCH_SH
         else:
             mask = tl.full((BLOCK,), 1, tl.int1)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        bits = tl.abs(x - mu).to(tl.int32, bitcast=True)
+        bits = _deviation_bits(x, mu, RAW)
         keep = mask & ((bits >> MATCH_SHIFT) == prefix)
         key = tl.where(keep, (bits >> SHIFT) & (NBINS - 1), 0)
         counts += tl.histogram(key, NBINS)
         # Elements left out were counted in bin 0: the caller takes them back out.
         dropped += BLOCK - tl.sum(keep.to(tl.int32), axis=0)
     return counts, dropped
+
+
+@triton.jit
+def deviation_sample_kernel(addr_ptr, numel_ptr, ends_ptr, mean_ptr, out_ptr, T, total, m, STEPS: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    """Bit patterns of |x - mean| at m evenly spaced positions of many float32 tensors pooled end to end.
+
+    ``ends_ptr``: the running sum of the tensors' sizes; position q lies in the tensor of the first
+    end above q (a binary search per lane).
+    """
+    s = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = s < m
+    q = tl.minimum(s, m - 1) * total // m
+    lo = tl.zeros((BLOCK,), tl.int64)  # the first t with ends[t] > q
+    hi = tl.zeros((BLOCK,), tl.int64) + T
+    for _ in tl.static_range(STEPS):
+        active = lo < hi
+        mid = lo + (hi - lo) // 2
+        above = tl.load(ends_ptr + mid, mask=active, other=0) > q
+        lo = tl.where(active & ~above, mid + 1, lo)
+        hi = tl.where(active & above, mid, hi)
+    t = tl.minimum(lo, T - 1)
+    local = q - (tl.load(ends_ptr + t) - tl.load(numel_ptr + t))
+    x_ptr = tl.load(addr_ptr + t).to(tl.pointer_type(tl.float32))
+    x = tl.load(x_ptr + local, mask=mask, other=0.0)
+    tl.store(out_ptr + s, tl.abs(x - tl.load(mean_ptr + t)).to(tl.int32, bitcast=True), mask=mask)
+
+
+@triton.jit
+def deviation_bracket_kernel(addr_ptr, numel_ptr, mean_ptr, block_tensor_ptr, first_block_ptr, bounds_ptr, below_ptr,
+                             fill_ptr, inside_ptr, slot_size, SLOTS: tl.constexpr, ALIGNED: tl.constexpr,
+                             BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """One pass of functional.deviation_median's shortcut over many float32 tensors (as deviation_histogram_kernel).
+
+    Counts the deviations whose bit patterns lie below ``bounds_ptr[0]`` and copies those within
+    [bounds_ptr[0], bounds_ptr[1]] to ``inside_ptr``: program p writes to slice p % SLOTS of
+    ``slot_size`` places through that slice's counter ``fill_ptr[p % SLOTS]``; counters go on past
+    the slice's end (nothing is written there), so the caller sees an overflow. Written by hand
+    for the reason deviation_histogram_kernel is: torch has no order statistic over many tensors,
+    and one over their concatenation would copy the whole model.
+    """
+    t, chunk = _tensor_and_block(block_tensor_ptr, first_block_ptr)
+    x_ptr = tl.load(addr_ptr + t).to(tl.pointer_type(tl.float32))
+    if ALIGNED:  # here, not in a helper: the hint does not survive a call
+        x_ptr = tl.multiple_of(x_ptr, 16)
+    n = tl.load(numel_ptr + t)
+    mu = tl.load(mean_ptr + t)
+    low = tl.load(bounds_ptr)
+    high = tl.load(bounds_ptr + 1)
+    slot = tl.program_id(0) % SLOTS
+    out_ptr = inside_ptr + slot.to(tl.int64) * slot_size
+    base = chunk.to(tl.int64) * BLOCK * ITERS
+    if base + BLOCK * ITERS <= n:  # a whole chunk: constant masks, wide loads (see adam_kernel)
+        below = _bracket_blocks(x_ptr, base, n, mu, low, high, fill_ptr + slot, out_ptr, slot_size, False, BLOCK,
+                                ITERS)
+    else:
+        below = _bracket_blocks(x_ptr, base, n, mu, low, high, fill_ptr + slot, out_ptr, slot_size, True, BLOCK,
+                                ITERS)
+    tl.atomic_add(below_ptr, below.to(tl.int64))
+
+
+@triton.jit
+def _bracket_blocks(x_ptr, base, n, mu, low, high, fill_ptr, out_ptr, slot_size, MASKED: tl.constexpr,
+                    BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    below = 0
+    for i in tl.range(ITERS):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        if MASKED:
+            mask = offs < n
+        else:
+            mask = tl.full((BLOCK,), 1, tl.int1)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        bits = _deviation_bits(x, mu, False)
+        below += tl.sum((mask & (bits < low)).to(tl.int32), axis=0)
+        inside = (mask & (bits >= low) & (bits <= high)).to(tl.int32)
+        count = tl.sum(inside, axis=0)
+        if count > 0:
+            start = tl.atomic_add(fill_ptr, count.to(tl.int64))
+            place = start + tl.cumsum(inside, axis=0).to(tl.int64) - 1
+            tl.store(out_ptr + place, bits, mask=(inside > 0) & (place < slot_size))
+    return below
 
 
 @triton.jit
