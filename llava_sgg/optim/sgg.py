@@ -273,16 +273,20 @@ class SGG(Optimizer):
             return None
         return self._steps.statistic(group, p, state)
 
-    def _element_scale(self, p: Tensor, statistic: Callable[[], Tensor]) -> Tensor | None:
-        """S_l[C_l(i)] for every element i of p, or None while p has no clusters."""
+    def _element_scale(self, p: Tensor, statistic: Callable[[], Tensor], part: slice | None = None) -> Tensor | None:
+        """S_l[C_l(i)] for every element i of p (of p's flat view[part], if given), or None while p has no clusters."""
         layer = self._layers.get(p)
         if layer is None:
             return None
         if self.assignment == "frozen":
-            ids = layer["cluster_ids"].int()
+            ids = layer["cluster_ids"] if part is None else layer["cluster_ids"].view(-1)[part]
         else:
-            ids = F.assign_clusters(self._clustered_value(D.local(statistic()).float()), layer["thresholds"])
-        return D.like(layer["cluster_scales"][ids], p)
+            values = D.local(statistic())
+            values = values if part is None else values.view(-1)[part]
+            ids = F.assign_clusters(self._clustered_value(values.float()), layer["thresholds"])
+        # index_select: half the time of advanced indexing on a CPU, the same values.
+        scales = layer["cluster_scales"].index_select(0, ids.reshape(-1).int()).view(ids.shape)
+        return scales if part is not None else D.like(scales, p)
 
     def _scale_source(self, p: Tensor) -> fused_steps.ScaleSource | None:
         layer = self._layers.get(p) if _eligible(p) else None
@@ -334,7 +338,11 @@ class SGG(Optimizer):
         if recluster:
             self._recluster(statistics)
         for group, p in active:
-            scale = self._element_scale(p, statistics[p]) if p in statistics else None
+            scale = None
+            if p in statistics and steps is AdamSteps:  # takes the scale part by part (steps.cpu_parts)
+                scale = partial(self._element_scale, p, statistics[p])
+            elif p in statistics:
+                scale = self._element_scale(p, statistics[p])
             steps.apply(group, p, self.state[p], scale)
 
     def _fused_view(self, group: dict, p: Tensor) -> tuple[Tensor, dict] | None:
