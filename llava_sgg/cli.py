@@ -104,7 +104,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
-    run_demo(args.output, quick=args.quick, cache=args.cache)
+    run_demo(args.output, quick=args.quick, cache=args.cache, steps=args.steps)
     return 0
 
 
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a seconds-long version on tiny parts (used by the tests)")
     demo.add_argument("--output", default="runs/demo", help="folder for models, answers, metrics, report and plots")
     demo.add_argument("--cache", default=None, help="cache for data and model copies (default ~/.cache/llava-sgg)")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="stage-2 steps of each run (default 100 on a CPU, 2500 on a GPU)")
     demo.set_defaults(func=_demo)
 
     example = commands.add_parser(

@@ -44,3 +44,35 @@ def test_recipe_precision_follows_settings_else_the_device(tmp_path, monkeypatch
     assert trains_in_bf16(run.FULL) is run.native_bf16()
     # The recipe the README states: full fine-tuning of the 4-layer decoder, more steps on a GPU.
     assert run.FULL.mode == "full" and run.FULL.decoder_layers == 4 and run.GPU_STEPS > run.CPU_STEPS == run.FULL.steps
+
+
+def test_steps_override_the_recipe_and_bad_counts_are_errors(capsys):
+    from llava_sgg.demo import run
+
+    assert run.recipe(quick=False, gpu=False).steps == run.CPU_STEPS
+    assert run.recipe(quick=False, gpu=True).steps == run.GPU_STEPS
+    assert run.recipe(quick=False, gpu=False, steps=1200).steps == 1200
+    assert run.recipe(quick=True, gpu=False, steps=5) == __import__("dataclasses").replace(run.QUICK, steps=5)
+    assert main(["demo", "--steps", "0", "--output", "unused"]) == 2
+    assert "demo steps must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_verdict_names_each_metric_below_the_better_baseline():
+    import dataclasses
+
+    from llava_sgg.demo import run
+
+    n = len(run.METRICS)
+    rows = [("adamw", [70.0] * n), ("adamw_sgg", [60.0] + [70.0] * (n - 1)),
+            ("chance", [50.0] * n), ("majority", [66.7] + [10.0] * (n - 1))]
+    missed = run.shortfalls(rows)
+    # The better baseline is taken per metric: majority's 66.7 on the first, chance's 50 elsewhere.
+    assert missed == {"adamw": [], "adamw_sgg": [f"{run.METRICS[0][1]} (60.0 vs 66.7)"]}
+    lines = run.verdict(rows, dataclasses.replace(run.FULL, steps=100))
+    assert lines[0] == "adamw: beats chance and majority on every metric."
+    assert lines[1].startswith("adamw_sgg: does not beat the better baseline on POPE F1 (60.0 vs 66.7)")
+    assert f"--steps {run.GPU_STEPS}" in lines[2]
+    # A tie is not a win; at the GPU recipe's steps there is no hint to run longer.
+    tied = [("adamw", [50.0] * n), ("chance", [50.0] * n), ("majority", [0.0] * n)]
+    assert len(run.shortfalls(tied)["adamw"]) == n
+    assert len(run.verdict(tied, dataclasses.replace(run.FULL, steps=run.GPU_STEPS))) == 1
