@@ -137,6 +137,9 @@ def test_assign_ids_many_equals_the_ids_and_sizes_of_each_layer():
         if size is not None:
             assert size.tolist() == [int((expected == c).sum()) for c in range(3)]
     assert sizes[1] is None
+    none, only_sizes = F.assign_ids_many(layers, thresholds, ids=False)  # dynamic ids want the sizes alone
+    assert none == [None] * 3
+    assert [s.tolist() for s in only_sizes] == [s.tolist() for s in F.assign_ids_many(layers, thresholds)[1]]
 
 
 def test_batched_kmeans_gpu_kernels_equal_the_torch_path_under_the_triton_interpreter():
@@ -171,6 +174,19 @@ def test_batched_kmeans_gpu_kernels_equal_the_torch_path_under_the_triton_interp
             expected = (x.abs()[..., None] > t).sum(-1)
             assert torch.equal(got.long(), expected)
             assert size.tolist() == [int((expected == c).sum()) for c in range(3)]
+        none, only_sizes = F.assign_ids_many(layers, thresholds, ids=False)  # the count-only kernel
+        assert none == [None, None] and [s.tolist() for s in only_sizes] == [s.tolist() for s in sizes]
+        # The group-median search in one launch: the torch search's medians to the bit, ties and empty groups too.
+        for signed in (False, True):
+            xs = (torch.randn(3, 3000, generator=g) ** 3).sort(dim=1).values
+            xs[1, :1000] = xs[1, 1000]
+            thresholds = torch.tensor([[0.2, 1.5], [0.1, 0.3], [100.0, 200.0]]) * (torch.tensor([-1.0, 1.0]) if signed else 1)
+            means = xs.mean(dim=1)
+            F.available_gpu = lambda t: False
+            expected = F.rows_cluster_mda(xs, means, thresholds, signed=signed)
+            F.available_gpu = lambda t: True
+            got = F.rows_cluster_mda(xs, means, thresholds, signed=signed)
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), signed
         print("ok")
     """)
     helper = textwrap.dedent("""

@@ -327,6 +327,23 @@ def test_gpu_batched_kmeans_equals_the_torch_loop_and_ids_of_all_layers_equal_ea
         assert torch.equal(size.cpu(), torch.bincount(expected.flatten().long(), minlength=3))
 
 
+@cuda
+@pytest.mark.parametrize("signed", [False, True])
+def test_gpu_cluster_median_search_equals_the_torch_search_to_the_bit(signed, monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    xs = ((torch.randn(5, 300_000, generator=g) ** 3) * torch.rand(5, 1, generator=g)).sort(dim=1).values
+    xs[1, :100_000] = xs[1, 100_000]  # ties
+    xs = xs.cuda()
+    means = xs.mean(dim=1)
+    thresholds = F.kmeans_1d_rows(xs, 3, signed=signed)
+    thresholds[4] = torch.tensor([1e30, 2e30]) * (torch.tensor([-1.0, 1.0]) if signed else 1)  # empty clusters
+    got = F.rows_cluster_mda(xs, means, thresholds, signed=signed)  # one launch
+    monkeypatch.setattr(F, "available_gpu", lambda t: False)
+    expected = F.rows_cluster_mda(xs, means, thresholds, signed=signed)  # the torch ops, on the GPU
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert (expected[1][4] > 0).sum() == 1
+
+
 @pytest.mark.slow
 def test_triton_kernels_equal_the_reference_path_under_the_interpreter():
     script = textwrap.dedent("""

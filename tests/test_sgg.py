@@ -446,6 +446,16 @@ def test_a_batch_of_work_rows_holds_whole_layers_and_seeded_samples_of_large_one
     assert torch.equal(rows[1], large[torch.randint(2000, (600,), generator=generator)])
 
 
+def test_sorted_rows_of_whole_layers_are_their_values_sorted_and_samples_are_sorted_work_rows():
+    g = torch.Generator().manual_seed(4)
+    opt = SGG(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]), exact_limit=1000, sample_size=600, seed=3)
+    opt._sgg_step = 500
+    whole = [torch.randn(600, generator=g) ** 3 for _ in range(3)]
+    assert torch.equal(opt._sorted_rows(whole, [0, 1, 2], 600), torch.stack(whole).sort(dim=1).values)
+    mixed = [whole[0], torch.randn(2000, generator=g)]
+    assert torch.equal(opt._sorted_rows(mixed, [0, 1], 600), opt._work_rows(mixed, [0, 1], 600).sort(dim=1).values)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"n_clusters": 0}, "n_clusters"),
     ({"n_clusters": 2.5}, "n_clusters"),

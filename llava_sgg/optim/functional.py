@@ -418,6 +418,7 @@ def _cluster_ranges(xs: Tensor, thresholds: Tensor, signed: bool) -> tuple[Tenso
 
 
 _MEDIAN_WAYS = 256  # values of t tried at once by rows_cluster_mda's search
+_MEDIAN_ROUNDS = 4  # rounds of _MEDIAN_WAYS - 1 tries that narrow [0, +inf)'s 2^31 bit patterns to one
 
 
 def rows_cluster_mda(xs: Tensor, mean: Tensor, thresholds: Tensor, *, signed: bool = False
@@ -429,13 +430,22 @@ def rows_cluster_mda(xs: Tensor, mean: Tensor, thresholds: Tensor, *, signed: bo
     smallest t with at least k+1 of the cluster's elements inside
     [mean - t, mean + t] (an index window of the sorted row), k = (count-1)//2.
     Each round tries 255 values of t at once, so the [0, +inf) range of 2^31
-    patterns shrinks to one in 4 rounds (a few dozen launches, not 31 rounds of
-    a bisection: the queries are tiny and the launches were the cost).
+    patterns shrinks to one in 4 rounds. On a GPU the rounds run in one launch
+    (:func:`.kernels.cluster_median_kernel`, one program per row and cluster);
+    elsewhere a few dozen torch ops, not 31 rounds of a bisection.
     """
     neg_lo, neg_hi, pos_lo, pos_hi = _cluster_ranges(xs, thresholds, signed)
     counts = (neg_hi - neg_lo) + (pos_hi - pos_lo)
-    need = ((counts - 1) // 2 + 1)[..., None]
     L, K = counts.shape
+    if available_gpu(xs) and L:
+        from .kernels import cluster_median_kernel
+
+        bits = torch.empty(L, K, dtype=torch.int32, device=xs.device)
+        cluster_median_kernel[(L, K)](xs, mean.to(xs.dtype).contiguous(), torch.stack([neg_lo, neg_hi, pos_lo, pos_hi]),
+                                      bits, xs.shape[1], xs.shape[1].bit_length(), K=K, WAYS=_MEDIAN_WAYS,
+                                      ROUNDS=_MEDIAN_ROUNDS)
+        return bits.view(torch.float32), counts
+    need = ((counts - 1) // 2 + 1)[..., None]
     mean = mean.to(xs.dtype)[:, None]
     lo = torch.zeros_like(counts)
     hi = torch.full_like(counts, 0x7F800000)  # bit pattern of +inf, where every element is inside
@@ -443,7 +453,7 @@ def rows_cluster_mda(xs: Tensor, mean: Tensor, thresholds: Tensor, *, signed: bo
     ranges = [r[..., None] for r in (neg_lo, neg_hi, pos_lo, pos_hi)]
     # With R = hi - lo, probes at lo + floor(R j / W) leave at most floor(R / W) (W = 256):
     # 2^31 > R0 -> < 2^23 -> < 2^15 -> < 2^7 -> 0.
-    for _ in range(4):
+    for _ in range(_MEDIAN_ROUNDS):
         mid = lo[..., None] + (hi - lo)[..., None] * probes // _MEDIAN_WAYS  # [L, K, W-1]
         t = mid.to(torch.int32).view(torch.float32).to(xs.dtype).reshape(L, -1)
         w_lo = torch.searchsorted(xs, (mean - t).contiguous()).view(mid.shape)
@@ -495,11 +505,13 @@ _ASSIGN_ITERS = 16  # blocks each GPU program of assign_ids_many handles
 
 
 def assign_ids_many(xs: list[Tensor], thresholds: Tensor, *, signed: bool = False,
-                    sizes: list[bool] | None = None) -> tuple[list[Tensor], list[Tensor | None]]:
+                    sizes: list[bool] | None = None, ids: bool = True
+                    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
     """:func:`assign_ids` of every tensor of ``xs`` by its row of ``thresholds`` [L, K-1], and cluster sizes.
 
     Returns (uint8 ids shaped like each tensor, int64 [K] sizes of each tensor's ids or None).
-    ``sizes[l]`` asks for tensor l's sizes (all of them when ``sizes`` is None). On a GPU, with
+    ``sizes[l]`` asks for tensor l's sizes (all of them when ``sizes`` is None); with ``ids=False``
+    only the sizes are wanted, and the ids are Nones (on a GPU never written). On a GPU, with
     contiguous float32 tensors, one launch assigns every tensor and counts every size (a re-clustering
     of a 1B model has 170 layers: per-layer launches were host time the GPU waited for); elsewhere
     the per-tensor torch ops.
@@ -511,21 +523,22 @@ def assign_ids_many(xs: list[Tensor], thresholds: Tensor, *, signed: bool = Fals
         from .kernels import assign_many_kernel
 
         device = xs[0].device
-        ids = [torch.empty(x.shape, dtype=torch.uint8, device=device) for x in xs]
+        out = [torch.empty(x.shape, dtype=torch.uint8, device=device) if ids else x for x in xs]
         nbins = max(2, 1 << (n_clusters - 1).bit_length())
         counts = torch.zeros(len(xs), nbins, dtype=torch.long, device=device)
         thr = thresholds.to(device, torch.float32).contiguous() if n_clusters > 1 else counts
-        rows = [(x.data_ptr(), i.data_ptr()) for x, i in zip(xs, ids)]
+        rows = [(x.data_ptr(), i.data_ptr()) for x, i in zip(xs, out)]
         table = tensor_table(rows, [x.numel() for x in xs], _ASSIGN_ITERS * BLOCK, device)
         if table.programs:
             assign_many_kernel[(table.programs,)](
                 table.addresses, table.numels, table.block_tensor, table.first_block, thr, counts, K=n_clusters,
-                NBINS=nbins, ABS=not signed, ALIGNED=aligned(a for row in rows for a in row), BLOCK=BLOCK,
+                NBINS=nbins, ABS=not signed, WRITE=ids, ALIGNED=aligned(a for row in rows for a in row), BLOCK=BLOCK,
                 ITERS=_ASSIGN_ITERS)
         counts = counts[:, :n_clusters]
-        return ids, [c if want else None for c, want in zip(counts.unbind(0), sizes)]
-    ids = [assign_ids(x, t, signed=signed) for x, t in zip(xs, thresholds)]
-    return ids, [cluster_sizes(i, n_clusters) if want else None for i, want in zip(ids, sizes)]
+        return out if ids else [None] * len(xs), [c if want else None for c, want in zip(counts.unbind(0), sizes)]
+    found = [assign_ids(x, t, signed=signed) for x, t in zip(xs, thresholds)]
+    return (found if ids else [None] * len(xs),
+            [cluster_sizes(i, n_clusters) if want else None for i, want in zip(found, sizes)])
 
 
 # Bit fields of the deviation's float32 pattern, high first: 8 + 8 + 8 + 7 bits (the sign bit is 0).

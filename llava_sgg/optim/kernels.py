@@ -416,14 +416,15 @@ def id_counts_kernel(ids_ptr, counts_ptr, n, NBINS: tl.constexpr, BLOCK: tl.cons
 
 @triton.jit
 def assign_many_kernel(addr_ptr, numel_ptr, block_tensor_ptr, first_block_ptr, thr_ptr, counts_ptr,
-                       K: tl.constexpr, NBINS: tl.constexpr, ABS: tl.constexpr, ALIGNED: tl.constexpr,
-                       BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                       K: tl.constexpr, NBINS: tl.constexpr, ABS: tl.constexpr, WRITE: tl.constexpr,
+                       ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """uint8 ids of many float32 tensors in one launch, and how many of each tensor's ids equal each value.
 
     Row t of the address table: tensor t's values and its ids; ``thr_ptr`` rows of K-1 thresholds,
     ``counts_ptr`` rows of NBINS counts, one per tensor. One launch for all layers of a
     re-clustering, where a launch per layer (and a second for the sizes) left the GPU waiting on
     the host; each program counts ITERS blocks in registers and adds them to its tensor's row once.
+    Without WRITE only the counts are made (dynamic ids need the sizes of sampled layers alone).
     """
     t, chunk = _tensor_and_block(block_tensor_ptr, first_block_ptr)
     x_ptr = tl.load(addr_ptr + t * 2).to(tl.pointer_type(tl.float32))
@@ -435,17 +436,17 @@ def assign_many_kernel(addr_ptr, numel_ptr, block_tensor_ptr, first_block_ptr, t
     base = chunk.to(tl.int64) * BLOCK * ITERS
     if base + BLOCK * ITERS <= n:  # a whole chunk: constant masks, wide loads (see adam_kernel)
         counts, dropped = _assign_counts(x_ptr, ids_ptr, thr_ptr + t * (K - 1), base, n, False, K, NBINS, ABS,
-                                         BLOCK, ITERS)
+                                         WRITE, BLOCK, ITERS)
     else:
         counts, dropped = _assign_counts(x_ptr, ids_ptr, thr_ptr + t * (K - 1), base, n, True, K, NBINS, ABS,
-                                         BLOCK, ITERS)
+                                         WRITE, BLOCK, ITERS)
     counts = counts - tl.where(tl.arange(0, NBINS) == 0, dropped, 0)
     tl.atomic_add(counts_ptr + t * NBINS + tl.arange(0, NBINS), counts.to(tl.int64), mask=counts > 0)
 
 
 @triton.jit
 def _assign_counts(x_ptr, ids_ptr, thr_ptr, base, n, MASKED: tl.constexpr, K: tl.constexpr, NBINS: tl.constexpr,
-                   ABS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                   ABS: tl.constexpr, WRITE: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     counts = tl.zeros((NBINS,), dtype=tl.int32)
     dropped = 0
     for i in tl.range(ITERS):
@@ -459,7 +460,8 @@ def _assign_counts(x_ptr, ids_ptr, thr_ptr, base, n, MASKED: tl.constexpr, K: tl
         ids = tl.zeros(value.shape, dtype=tl.int32)
         for j in tl.static_range(K - 1):
             ids += (value > tl.load(thr_ptr + j)).to(tl.int32)
-        tl.store(ids_ptr + offs, ids.to(tl.uint8), mask=mask)
+        if WRITE:
+            tl.store(ids_ptr + offs, ids.to(tl.uint8), mask=mask)
         counts += tl.histogram(tl.where(mask, ids, 0), NBINS)
         dropped += BLOCK - tl.sum(mask.to(tl.int32), axis=0)  # counted in bin 0
     return counts, dropped
@@ -586,3 +588,63 @@ def prefix_sums_kernel(x_ptr, start_ptr, p1_ptr, p2_ptr, N, row, ABS: tl.constex
     s2 = tl.cumsum(x * x, axis=0) + tl.load(start_ptr + row + pid)
     tl.store(p1_ptr + 1 + offs, s1, mask=mask)
     tl.store(p2_ptr + 1 + offs, s2, mask=mask)
+
+
+@triton.jit
+def cluster_median_kernel(xs_ptr, mean_ptr, ranges_ptr, out_ptr, n, steps, K: tl.constexpr, WAYS: tl.constexpr,
+                          ROUNDS: tl.constexpr):
+    """The search of functional.rows_cluster_mda for one (row, cluster) per program: int32 bits of the median.
+
+    The torch version is some 50 tiny launches per batch of rows, host time the GPU waited for. Here
+    each round tries WAYS - 1 values of t at once, one per lane (lane 0 idle), with the same integer
+    arithmetic, the same float32 windows and the same searches (``steps`` halvings of a row of n),
+    so the same result to the bit. Loops, not unrolled: unrolled, the searches took minutes to compile.
+    ``ranges_ptr``: [4, L, K] int64 (neg_lo, neg_hi, pos_lo, pos_hi), the cluster's index ranges.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cluster = tl.program_id(1)
+    L = tl.num_programs(0).to(tl.int64)
+    at = row * K + cluster
+    r0 = tl.load(ranges_ptr + at)
+    r1 = tl.load(ranges_ptr + L * K + at)
+    r2 = tl.load(ranges_ptr + 2 * L * K + at)
+    r3 = tl.load(ranges_ptr + 3 * L * K + at)
+    count = (r1 - r0) + (r3 - r2)
+    need = (count - 1) // 2 + 1
+    mean = tl.load(mean_ptr + row)
+    xs_ptr += row * n
+    lane = tl.arange(0, WAYS).to(tl.int64)
+    probe = lane > 0
+    lo = r0 * 0
+    hi = lo + 0x7F800000  # bit pattern of +inf, where every element is inside
+    for _ in tl.range(ROUNDS):
+        mid = lo + (hi - lo) * lane // WAYS
+        t = mid.to(tl.int32).to(tl.float32, bitcast=True)
+        w_lo = _searchsorted_loop(xs_ptr, mean - t, n, steps, False)
+        w_hi = _searchsorted_loop(xs_ptr, mean + t, n, steps, True)
+        inside = (tl.maximum(tl.minimum(r1, w_hi) - tl.maximum(r0, w_lo), 0)
+                  + tl.maximum(tl.minimum(r3, w_hi) - tl.maximum(r2, w_lo), 0))
+        enough = probe & (inside >= need)
+        new_hi = tl.min(tl.where(enough, mid, hi), axis=0)
+        new_lo = tl.max(tl.where(enough | ~probe, lo - 1, mid), axis=0) + 1
+        hi = tl.minimum(hi, new_hi)
+        lo = tl.maximum(lo, new_lo)
+    tl.store(out_ptr + at, tl.where(count > 0, hi, 0).to(tl.int32))
+
+
+@triton.jit
+def _searchsorted_loop(row_ptr, v, n, steps, RIGHT: tl.constexpr):
+    """:func:`_searchsorted` with its halvings in a loop (``steps`` >= bit length of n), not unrolled."""
+    lo = tl.zeros(v.shape, tl.int64)
+    hi = tl.zeros(v.shape, tl.int64) + n
+    for _ in tl.range(steps):
+        active = lo < hi
+        mid = lo + (hi - lo) // 2
+        x = tl.load(row_ptr + mid, mask=active, other=0.0)
+        if RIGHT:
+            right = ~(x > v)
+        else:
+            right = ~(x >= v)
+        lo = tl.where(active & right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    return lo
