@@ -313,11 +313,10 @@ def shortfalls(rows) -> dict[str, list[str]]:
 
 def verdict(rows, settings: DemoSettings) -> list[str]:
     """One line per trained model: does it beat both baselines everywhere, and if not, where not and why."""
-    lines = []
-    for name, missed in shortfalls(rows).items():
-        lines.append(f"{name}: beats chance and majority on every metric." if not missed else
-                     f"{name}: does not beat the better baseline on {', '.join(missed)}.")
-    if any(shortfalls(rows).values()) and settings.steps < GPU_STEPS:
+    missed_by = shortfalls(rows)
+    lines = [f"{name}: beats chance and majority on every metric." if not missed else
+             f"{name}: does not beat the better baseline on {', '.join(missed)}." for name, missed in missed_by.items()]
+    if any(missed_by.values()) and settings.steps < GPU_STEPS:
         lines.append(f"{settings.steps} steps are too few for the questions that name a digit to find (POPE, MME, "
                      f"MMBench): they are learned after about 1000 steps (README, \"The demo\"). "
                      f"`llava-sgg demo --steps {GPU_STEPS}` runs the GPU recipe here.")

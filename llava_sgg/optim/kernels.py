@@ -468,6 +468,19 @@ def _assign_counts(x_ptr, ids_ptr, thr_ptr, base, n, MASKED: tl.constexpr, K: tl
 
 
 @triton.jit
+def _halve(row_ptr, v, lo, hi, RIGHT: tl.constexpr):
+    """One halving of the binary searches below: torch's lower (upper, RIGHT) bound predicates."""
+    active = lo < hi
+    mid = lo + (hi - lo) // 2
+    x = tl.load(row_ptr + mid, mask=active, other=0.0)
+    if RIGHT:
+        right = ~(x > v)
+    else:
+        right = ~(x >= v)
+    return tl.where(active & right, mid + 1, lo), tl.where(active & ~right, mid, hi)
+
+
+@triton.jit
 def _searchsorted(row_ptr, v, n, RIGHT: tl.constexpr, STEPS: tl.constexpr):
     """torch.searchsorted(row, v, right=RIGHT) of every lane of ``v`` in one sorted row of n values.
 
@@ -476,15 +489,7 @@ def _searchsorted(row_ptr, v, n, RIGHT: tl.constexpr, STEPS: tl.constexpr):
     lo = tl.zeros(v.shape, tl.int64)
     hi = tl.zeros(v.shape, tl.int64) + n
     for _ in tl.static_range(STEPS):
-        active = lo < hi
-        mid = lo + (hi - lo) // 2
-        x = tl.load(row_ptr + mid, mask=active, other=0.0)
-        if RIGHT:
-            right = ~(x > v)
-        else:
-            right = ~(x >= v)
-        lo = tl.where(active & right, mid + 1, lo)
-        hi = tl.where(active & ~right, mid, hi)
+        lo, hi = _halve(row_ptr, v, lo, hi, RIGHT)
     return lo
 
 
@@ -638,13 +643,5 @@ def _searchsorted_loop(row_ptr, v, n, steps, RIGHT: tl.constexpr):
     lo = tl.zeros(v.shape, tl.int64)
     hi = tl.zeros(v.shape, tl.int64) + n
     for _ in tl.range(steps):
-        active = lo < hi
-        mid = lo + (hi - lo) // 2
-        x = tl.load(row_ptr + mid, mask=active, other=0.0)
-        if RIGHT:
-            right = ~(x > v)
-        else:
-            right = ~(x >= v)
-        lo = tl.where(active & right, mid + 1, lo)
-        hi = tl.where(active & ~right, mid, hi)
+        lo, hi = _halve(row_ptr, v, lo, hi, RIGHT)
     return lo

@@ -338,11 +338,7 @@ class SGG(Optimizer):
         if recluster:
             self._recluster(statistics)
         for group, p in active:
-            scale = None
-            if p in statistics and steps is AdamSteps:  # takes the scale part by part (steps.cpu_parts)
-                scale = partial(self._element_scale, p, statistics[p])
-            elif p in statistics:
-                scale = self._element_scale(p, statistics[p])
+            scale = partial(self._element_scale, p, statistics[p]) if p in statistics else None
             steps.apply(group, p, self.state[p], scale)
 
     def _fused_view(self, group: dict, p: Tensor) -> tuple[Tensor, dict] | None:
@@ -517,8 +513,6 @@ class SGG(Optimizer):
         per layer, gives the same indices as a generator per layer): no copy of the batch by
         torch.stack, and fewer small ops per layer for the host to launch.
         """
-        if all(x.numel() <= self.exact_limit for x in xs):
-            return torch.stack(xs)
         rows = xs[0].new_empty(len(xs), size)
         generator = torch.Generator(device=xs[0].device)
         for row, x, index in zip(rows, xs, indices):

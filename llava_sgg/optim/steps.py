@@ -33,6 +33,11 @@ __all__ = ["AdamSteps", "AdafactorSteps", "LambSteps", "cpu_parts"]
 CPU_PART = 2**20
 
 
+# The per-element scale as each ``apply`` takes it: a function of a part of p's flat view (None: all
+# of p) returning that part's scale, or None where p has none; None instead of the function: unscaled.
+ScaleOf = Callable[[slice | None], Tensor | None]
+
+
 def cpu_parts(p: Tensor) -> list[slice] | None:
     """Slices of ``p``'s flat view to run its elementwise update in, or None to run it whole."""
     if p.device.type != "cpu" or p.numel() <= CPU_PART or not p.is_contiguous() or is_dtensor(p):
@@ -93,10 +98,8 @@ class AdamSteps:
     statistic = staticmethod(first_moment)
 
     @staticmethod
-    def apply(group: dict, p: Tensor, state: dict,
-              scale: Tensor | Callable[[slice | None], Tensor | None] | None) -> None:
-        """The update; ``scale`` is the per-element scale, or a function of a part of p's flat view
-        (None: all of p) that returns that part's scale, so a CPU update in parts never builds it whole."""
+    def apply(group: dict, p: Tensor, state: dict, scale: ScaleOf | None) -> None:
+        """The update; on a CPU in parts, each part's scale made alone (never the whole tensor of scales)."""
         beta1, beta2 = (_scalar(b) for b in group["betas"])
         step = float(state["step"])
         constants = (_scalar(group["lr"]) / (1 - beta1**step), (1 - beta2**step) ** 0.5, group["eps"])
@@ -106,15 +109,11 @@ class AdamSteps:
             second = state["max_exp_avg_sq"]
         parts = cpu_parts(p)
         if parts is None:
-            _adam_update(p, state["exp_avg"], second, scale(None) if callable(scale) else scale, *constants)
+            _adam_update(p, state["exp_avg"], second, None if scale is None else scale(None), *constants)
             return
         flat = [t.view(-1) for t in (p, state["exp_avg"], second)]
         for part in parts:
-            if callable(scale):
-                scale_part = scale(part)
-            else:
-                scale_part = None if scale is None else scale.reshape(-1)[part]
-            _adam_update(*(t[part] for t in flat), scale_part, *constants)
+            _adam_update(*(t[part] for t in flat), None if scale is None else scale(part), *constants)
 
 
 class AdafactorSteps:
@@ -203,7 +202,8 @@ class AdafactorSteps:
         return cls.normalized_update(group, p, state)
 
     @classmethod
-    def apply(cls, group: dict, p: Tensor, state: dict, scale: Tensor | None) -> None:
+    def apply(cls, group: dict, p: Tensor, state: dict, scale: ScaleOf | None) -> None:
+        scale = None if scale is None else scale(None)
         lr = cls._lr(group, state)
         if group["beta1"] is not None:
             update = state["exp_avg"]
@@ -246,7 +246,8 @@ class LambSteps:
     statistic = staticmethod(first_moment)
 
     @staticmethod
-    def apply(group: dict, p: Tensor, state: dict, scale: Tensor | None) -> None:
+    def apply(group: dict, p: Tensor, state: dict, scale: ScaleOf | None) -> None:
+        scale = None if scale is None else scale(None)
         beta1, beta2 = group["betas"]
         step = float(state["step"])
         denom = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
