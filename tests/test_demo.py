@@ -22,6 +22,10 @@ def test_quick_demo_runs_to_the_table_report_and_plots(tmp_path, capsys):
             assert (output / name / "answers" / f"{bench}.jsonl").is_file()
             assert (output / name / "metrics" / f"{bench}_metrics.json").is_file()
         assert (output / name / "model.safetensors").is_file()
+    # The quick recipe plans its steps from a measured step, as the CPU recipe does, and aligns its connector.
+    assert summary["seconds_per_step"] > 0 and summary["steps"] == 2 and summary["time_budget"] > 0
+    assert 0 <= summary["connector_alignment"]["eval_nearest_accuracy"] <= 1
+    assert not (output / "step-probe").exists()
     # The majority baseline answers "Yes" everywhere: POPE F1 2/3, MME acc+ 0.
     assert abs(summary["table"]["majority"][0] - 200 / 3) < 1e-9
 
@@ -42,24 +46,29 @@ def test_recipe_precision_follows_settings_else_the_device(tmp_path, monkeypatch
     assert trains_in_bf16(dataclasses.replace(run.FULL, bf16=True)) is True
     assert trains_in_bf16(dataclasses.replace(run.FULL, bf16=False)) is False
     assert trains_in_bf16(run.FULL) is run.native_bf16()
-    # The recipe the README states: full fine-tuning of the 4-layer decoder, more steps on a GPU.
-    assert run.FULL.mode == "full" and run.FULL.decoder_layers == 4 and run.GPU_STEPS > run.CPU_STEPS == run.FULL.steps
+    # The recipe the README states: full fine-tuning of the 4-layer decoder, GPU_STEPS on a GPU.
+    assert run.FULL.mode == "full" and run.FULL.decoder_layers == 4 and run.FULL.steps == run.GPU_STEPS
 
 
 def test_steps_override_the_recipe_and_bad_counts_are_errors(capsys):
+    import dataclasses
+
     from llava_sgg.demo import run
 
-    assert run.recipe(quick=False, gpu=False).steps == run.CPU_STEPS
-    assert run.recipe(quick=False, gpu=True).steps == run.GPU_STEPS
-    assert run.recipe(quick=False, gpu=False, steps=1200).steps == 1200
-    assert run.recipe(quick=True, gpu=False, steps=5) == __import__("dataclasses").replace(run.QUICK, steps=5)
+    cpu = run.recipe(quick=False, gpu=False)
+    # On a CPU: at most CPU_MAX_STEPS, cut to the time budget, no captions stage (the alignment makes the connector).
+    assert (cpu.steps, cpu.time_budget, cpu.connector) == (run.CPU_MAX_STEPS, run.CPU_BUDGET_S, None)
+    assert cpu.alignment is not None and cpu.tower.position_weight > 0
+    gpu = run.recipe(quick=False, gpu=True)
+    assert (gpu.steps, gpu.time_budget) == (run.GPU_STEPS, None) and gpu.connector is not None
+    fixed = run.recipe(quick=False, gpu=False, steps=1200)
+    assert (fixed.steps, fixed.time_budget) == (1200, None)
+    assert run.recipe(quick=True, gpu=False, steps=5) == dataclasses.replace(run.QUICK, steps=5, time_budget=None)
     assert main(["demo", "--steps", "0", "--output", "unused"]) == 2
     assert "demo steps must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_verdict_names_each_metric_below_the_better_baseline():
-    import dataclasses
-
     from llava_sgg.demo import run
 
     n = len(run.METRICS)
@@ -68,11 +77,23 @@ def test_verdict_names_each_metric_below_the_better_baseline():
     missed = run.shortfalls(rows)
     # The better baseline is taken per metric: majority's 66.7 on the first, chance's 50 elsewhere.
     assert missed == {"adamw": [], "adamw_sgg": [f"{run.METRICS[0][1]} (60.0 vs 66.7)"]}
-    lines = run.verdict(rows, dataclasses.replace(run.FULL, steps=100))
+    lines = run.verdict(rows, 100)
     assert lines[0] == "adamw: beats chance and majority on every metric."
     assert lines[1].startswith("adamw_sgg: does not beat the better baseline on POPE F1 (60.0 vs 66.7)")
     assert f"--steps {run.GPU_STEPS}" in lines[2]
     # A tie is not a win; at the GPU recipe's steps there is no hint to run longer.
     tied = [("adamw", [50.0] * n), ("chance", [50.0] * n), ("majority", [0.0] * n)]
     assert len(run.shortfalls(tied)["adamw"]) == n
-    assert len(run.verdict(tied, dataclasses.replace(run.FULL, steps=run.GPU_STEPS))) == 1
+    assert len(run.verdict(tied, run.GPU_STEPS)) == 1
+
+
+def test_plan_steps_fits_two_runs_and_their_evaluations_in_the_budget():
+    from llava_sgg.demo import run
+
+    # 540 s budget, 140 s gone, 0.5 s a step: two evaluations cost 2 * 40 * 0.5 = 40 s, leaving 360 s
+    # for two runs of 0.5 s steps: 360 steps each.
+    assert run.plan_steps(540, 140, 0.5, most=1000) == 360
+    assert run.plan_steps(540, 140, 0.5, most=200) == 200          # capped by the recipe's steps
+    assert run.plan_steps(540, 500, 5.0, most=400) == run.MIN_STEPS  # over budget already: train a little anyway
+    assert run.plan_steps(100, 0, 1.0, most=1000, runs=1) == 60
+    assert run.plan_steps(540, 500, 5.0, most=2) == 2                # never more than the recipe asks

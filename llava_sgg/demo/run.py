@@ -24,6 +24,7 @@ from ..model.builder import MM_PROJECTOR_FILE
 from ..plotting import plot_curves, pyplot, save
 from ..train.config import build_run_config
 from ..train.run import build_trainer, save_outputs
+from .align import ConnectorAlignment, align_connector
 from .data import DemoDataConfig, build_demo_data
 from .tower import TowerPretraining, pretrain_vision_tower
 
@@ -55,13 +56,21 @@ class DemoSettings:
     # Pretrain the tower on the training scenes first (tower.py) and keep it frozen while fine-tuning, as
     # LLaVA-v1.5 keeps CLIP; None: train the from-config tower along with the connector instead.
     tower: TowerPretraining | None = TowerPretraining()
+    # Before stage 1: fit the connector onto the decoder's word embeddings of each patch's digit and
+    # place (align.py); None: stage 1 starts from a random connector, as LLaVA's does.
+    alignment: ConnectorAlignment | None = None
     # Stage 1 before the two fine-tuning runs, shared by both (as LLaVA's released projector is); None: skip.
     connector: ConnectorPretraining | None = ConnectorPretraining()
+    # Trim the decoder's vocabulary to the tokens the demo's texts use (model/vocabulary.py): the same
+    # tokens for every text the demo feeds it, 100x fewer embedding rows to train and update.
+    trim_vocabulary: bool = True
     eval_batch_size: int = 32
     max_new_tokens: int = 8
     seed: int = 0
     # bf16 autocast; None: where the device computes it natively (see native_bf16).
     bf16: bool | None = None
+    # Seconds the whole demo may take: stage 2's steps are cut to fit (plan_steps); None: run ``steps``.
+    time_budget: float | None = None
 
 
 # One 16-px patch per grid cell: each image token sees exactly one whole digit at a fixed place, so the
@@ -71,21 +80,27 @@ VISION = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3, 
 # Measured (README, "The demo"): a truncated SmolLM2 learns where-is-digit questions soon, but questions
 # that match a named digit against the image (POPE, MME existence, MMBench options) only after ~1000
 # full fine-tuning steps; LoRA (r 16 or 64) did not learn them stably in 1500. So: full fine-tuning
-# at a full-model learning rate, six question-answer turns per scene with a presence pair and a
-# multiple-choice question in each, bf16. On 2 CPU cores that buys CPU_STEPS steps in ten minutes;
-# a GPU runs the same recipe for GPU_STEPS.
-CPU_STEPS, GPU_STEPS = 100, 2500
+# at a full-model learning rate, about five question-answer turns per scene with a presence pair and a
+# multiple-choice question in each. A GPU runs GPU_STEPS; a CPU as many as its time budget allows.
+GPU_STEPS = 2500
+# "Two CPU cores" differ tenfold: a step of the recipe took 0.55 s on a Xeon with AMX (bf16) and 5 s on
+# an AMD EPYC with AVX2 only (float32, 35 GFLOP/s). So on a CPU the stage-2 steps are planned from a
+# measured step (plan_steps) so that the whole demo ends within CPU_BUDGET_S, at most CPU_MAX_STEPS.
+CPU_BUDGET_S, CPU_MAX_STEPS, MIN_STEPS = 540.0, 400, 10
 # FULL's longest training conversation is 262 tokens with SmolLM2's tokenizer, its nine image tokens
 # included (tests/test_smollm.py); a limit of 256 cut the last turns off 128 of the 800.
 MAX_LENGTH = 320
 FULL = DemoSettings(data=DemoDataConfig(canvas=48, grid=3, digit_size=16, train_scenes=800, eval_scenes=60,
                                         max_turns=6, always_ask=("presence", "multiple_choice")),
-                    decoder_layers=4, vision=VISION, steps=CPU_STEPS, batch_size=8, lr=2e-4, mm_projector_lr=1e-3,
+                    decoder_layers=4, vision=VISION, steps=GPU_STEPS, batch_size=8, lr=2e-4, mm_projector_lr=1e-3,
                     sgg={"n_clusters": 3, "recluster_interval": 50, "beta3": 0.9}, mode="full",
+                    tower=TowerPretraining(position_weight=1.0), alignment=ConnectorAlignment(),
                     connector=ConnectorPretraining(steps=120))
 QUICK = DemoSettings(data=DemoDataConfig(train_scenes=16, eval_scenes=6), decoder_layers=0,
                      vision={**VISION, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2},
-                     steps=2, batch_size=4, lr=1e-3, mm_projector_lr=1e-3, tower=TowerPretraining(steps=3),
+                     steps=2, batch_size=4, lr=1e-3, mm_projector_lr=1e-3,
+                     tower=TowerPretraining(steps=3, position_weight=1.0), alignment=ConnectorAlignment(steps=2),
+                     time_budget=CPU_BUDGET_S,
                      connector=ConnectorPretraining(steps=2, batch_size=4),
                      sgg={"n_clusters": 3, "recluster_interval": 1, "beta3": 0.5}, eval_batch_size=8,
                      max_new_tokens=3)
@@ -118,7 +133,31 @@ def vision_tower(cache: Path, vision: dict, seed: int) -> Path:
     return folder
 
 
-def decoder(cache: Path, layers: int | None) -> Path:
+def demo_texts(data, eos: str, image_token: str = "<image>") -> list[str]:
+    """Every text the demo feeds the decoder: training conversations (both stages) and evaluation prompts.
+
+    Rendered as the pipeline renders them, with the image placeholder cut out (it becomes an added
+    token, outside the BPE vocabulary). ``eos`` is the decoder's end-of-answer token.
+    """
+    from ..data import load_llava_json, render_conversation, render_prompt
+    from ..data.tokenization import move_image_to_front
+    from ..evaluation.generate import mmbench_prompts, question_prompts
+
+    texts = []
+    for path, template in ((data.train_json, "vicuna_v1"), (data.pretrain_json, "plain")):
+        for sample in load_llava_json(path, image_token=image_token):
+            turns = move_image_to_front(sample.turns, image_token)
+            texts.append(render_conversation(turns, eos=eos, template=template, image_token=image_token).text)
+    prompts = [p.text for files in (data.pope, data.gqa, data.mme)
+               for p in question_prompts(files.question_file, files.image_folder)]
+    prompts += [p.text for p in mmbench_prompts(data.mmbench.question_file, all_rounds=True)]
+    texts += [render_prompt(f"{image_token}\n{q.replace(image_token, '').strip()}", eos=eos) for q in prompts]
+    return [piece for text in texts for piece in text.split(image_token) if piece]
+
+
+def decoder(cache: Path, layers: int | None, data=None) -> Path:
+    """The decoder's folder: tiny from config (``layers`` 0), or SmolLM2's first ``layers`` (None: all),
+    its vocabulary trimmed to what ``data``'s texts use when ``data`` is given."""
     if layers == 0:
         from transformers import LlamaForCausalLM
 
@@ -130,9 +169,15 @@ def decoder(cache: Path, layers: int | None) -> Path:
             LlamaForCausalLM(tiny_text_config()).save_pretrained(folder)
             tiny_tokenizer().save_pretrained(folder)
         return folder
+    from ..model.vocabulary import trim_vocabulary
     from .smollm import smollm2_checkpoint
 
-    return smollm2_checkpoint(cache, num_layers=layers)
+    from transformers import AutoTokenizer
+
+    source = smollm2_checkpoint(cache, num_layers=layers)
+    if data is None:
+        return source
+    return trim_vocabulary(source, demo_texts(data, AutoTokenizer.from_pretrained(source).eos_token), cache)
 
 
 class ScaleRecorder(TrainerCallback):
@@ -153,17 +198,23 @@ class ScaleRecorder(TrainerCallback):
                     self.history.setdefault(self.names.get(p, "?"), []).append(scales.tolist())
 
 
-def pretrain_connector(settings: DemoSettings, vision: Path, language_model: Path, data, cache: Path) -> Path:
-    """Stage 1 through `llava-sgg train` with mode pretrain; cached by its inputs. Returns mm_projector.safetensors."""
+def pretrain_connector(settings: DemoSettings, vision: Path, language_model: Path, data, cache: Path,
+                       initial: Path | None = None) -> Path:
+    """Stage 1 through `llava-sgg train` with mode pretrain, from the connector at ``initial`` (None: random).
+
+    Cached by its inputs. Returns mm_projector.safetensors.
+    """
     recipe = settings.connector
     key = json.dumps({"vision": vision.name, "decoder": language_model.name, "data": data.root.name,
-                      "recipe": dataclasses.asdict(recipe), "seed": settings.seed}, sort_keys=True)
+                      "recipe": dataclasses.asdict(recipe), "seed": settings.seed,
+                      "initial": initial.parent.name if initial else None}, sort_keys=True)
     output = cache / f"connector-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     projector = output / MM_PROJECTOR_FILE
     if projector.is_file():
         return projector
     cfg = build_run_config({
-        "model": {"vision_tower": str(vision), "language_model": str(language_model)},
+        "model": {"vision_tower": str(vision), "language_model": str(language_model),
+                  "mm_projector": str(initial) if initial else None},
         "data": {"data_path": str(data.pretrain_json), "image_folder": str(data.image_folder),
                  "model_max_length": 256, "image_aspect_ratio": "pad", "template": "plain"},
         "train": {"output_dir": str(output.with_name(output.name + ".partial")), "mode": "pretrain",
@@ -314,13 +365,13 @@ def shortfalls(rows) -> dict[str, list[str]]:
             for name, values in rows if name not in ("chance", "majority")}
 
 
-def verdict(rows, settings: DemoSettings) -> list[str]:
+def verdict(rows, steps: int) -> list[str]:
     """One line per trained model: does it beat both baselines everywhere, and if not, where not and why."""
     missed_by = shortfalls(rows)
     lines = [f"{name}: beats chance and majority on every metric." if not missed else
              f"{name}: does not beat the better baseline on {', '.join(missed)}." for name, missed in missed_by.items()]
-    if any(missed_by.values()) and settings.steps < GPU_STEPS:
-        lines.append(f"{settings.steps} steps are too few for the questions that name a digit to find (POPE, MME, "
+    if any(missed_by.values()) and steps < GPU_STEPS:
+        lines.append(f"{steps} steps are too few for the questions that name a digit to find (POPE, MME, "
                      f"MMBench): they are learned after about 1000 steps (README, \"The demo\"). "
                      f"`llava-sgg demo --steps {GPU_STEPS}` runs the GPU recipe here.")
     return lines
@@ -353,12 +404,13 @@ def plot_report(runs: dict[str, dict], output: Path) -> list[Path]:
 
 
 def write_report(output: Path, settings: DemoSettings, rows, runs, seconds: float, device: str, plots,
-                 tower_report: dict | None = None) -> Path:
+                 tower_report: dict | None = None, alignment_report: dict | None = None,
+                 seconds_per_step: float | None = None) -> Path:
     if tower_report is None:
         tower = "trained here from its random initialisation along with the connector"
     else:
         tower = (f"pretrained here for {settings.tower.steps} steps on the training scenes to classify each patch "
-                 f"token's digit and the scene's digits (patch accuracy on the evaluation scenes "
+                 f"token's digit, the scene's digits and the token's place (patch accuracy on the evaluation scenes "
                  f"{100 * tower_report['eval_patch_accuracy']:.1f}%), then frozen as LLaVA-v1.5 freezes CLIP")
     lines = [
         "# llava-sgg demo report", "",
@@ -370,17 +422,23 @@ def write_report(output: Path, settings: DemoSettings, rows, runs, seconds: floa
         f"Data: {settings.data.train_scenes} training scenes, {settings.data.eval_scenes} evaluation scenes of "
         "scikit-learn handwritten digits (disjoint source scans), evaluation files in the official POPE, GQA, "
         "MMBench (circular, all option rotations) and MME formats, scored by `llava-sgg score`.", "",
+        (f"Connector aligned to the decoder's word embeddings of each patch's digit and place "
+         f"({settings.alignment.steps} steps; on the evaluation scenes "
+         f"{100 * alignment_report['eval_nearest_accuracy']:.1f}% of patch tokens land nearest their own words)."
+         if alignment_report else "No alignment: stage 1 starts from a random connector."), "",
         (f"Stage 1 (shared by both runs): the connector alone on the training scenes' captions (template "
          f"plain), {settings.connector.steps} steps, batch {settings.connector.batch_size}, lr "
-         f"{settings.connector.lr}." if settings.connector else "No stage 1: the connector starts at random."), "",
+         f"{settings.connector.lr}." if settings.connector else "No captions stage."), "",
         f"Stage 2: {settings.steps} steps, batch {settings.batch_size}, lr {settings.lr} "
         f"(connector {settings.mm_projector_lr}), cosine, warmup 3%, {'bf16' if bf16(settings) else 'float32'}; "
-        f"SGG {settings.sgg}.", "",
+        f"SGG {settings.sgg}."
+        + (f" Steps planned from a measured {seconds_per_step:.2f} s per step to end within "
+           f"{settings.time_budget:.0f} s." if seconds_per_step else ""), "",
         "| | " + " | ".join(label for _, label, _ in METRICS) + " |",
         "|---|" + "---|" * len(METRICS),
     ]
     lines += [f"| {name} | " + " | ".join(f"{v:.1f}" for v in values) + " |" for name, values in rows]
-    lines += [""] + verdict(rows, settings)
+    lines += [""] + verdict(rows, settings.steps)
     lines += ["", "Training time per run: " + ", ".join(f"{n} {r['train_seconds']:.0f} s" for n, r in runs.items()),
               ""] + [f"![{p.stem}]({p.name})" for p in plots]
     path = output / "report.md"
@@ -389,13 +447,54 @@ def write_report(output: Path, settings: DemoSettings, rows, runs, seconds: floa
 
 
 def recipe(quick: bool, gpu: bool, steps: int | None = None) -> DemoSettings:
-    """QUICK, or FULL with CPU_STEPS (GPU_STEPS on a GPU) stage-2 steps; ``steps`` overrides the count."""
-    settings = QUICK if quick else dataclasses.replace(FULL, steps=GPU_STEPS if gpu else CPU_STEPS)
+    """QUICK; FULL on a GPU; on a CPU, FULL within CPU_BUDGET_S and without the captions stage.
+
+    On a CPU the alignment alone makes the connector (align.py): the captions stage costs as much per
+    step as fine-tuning. ``steps`` fixes stage 2's step count (no time budget).
+    """
+    if quick:
+        settings = QUICK
+    elif gpu:
+        settings = FULL
+    else:
+        settings = dataclasses.replace(FULL, steps=CPU_MAX_STEPS, connector=None, time_budget=CPU_BUDGET_S)
     if steps is not None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"demo steps must be a positive integer, got {steps!r}")
-        settings = dataclasses.replace(settings, steps=steps)
+        settings = dataclasses.replace(settings, steps=steps, time_budget=None)
     return settings
+
+
+def step_seconds(settings: DemoSettings, vision, language_model, data, output: Path, projector) -> float:
+    """Seconds per stage-2 step here, from a few real steps of a throwaway AdamW run (the first not counted)."""
+    probe = dataclasses.replace(settings, steps=3)
+    cfg = run_config(probe, vision, language_model, data, output, "adamw", projector)
+    trainer, _ = build_trainer(cfg)
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.time())
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    shutil.rmtree(output, ignore_errors=True)
+    return (times[-1] - times[0]) / (len(times) - 1)
+
+
+# Answering all benchmarks costs about this many training steps' time (measured: 25 on an AMD EPYC,
+# float32; 1641 prompts, batch 32, answers of 1-2 tokens).
+EVAL_STEPS_EQUIVALENT = 40
+
+
+def plan_steps(budget: float, elapsed: float, step: float, most: int, runs: int = len(OPTIMIZERS)) -> int:
+    """Stage-2 steps per run that fit ``budget`` seconds after ``elapsed``: ``runs`` runs and their evaluations.
+
+    At most ``most``; at least MIN_STEPS (or ``most`` if fewer): the demo then runs over budget rather
+    than not train.
+    """
+    left = budget - elapsed - runs * EVAL_STEPS_EQUIVALENT * step
+    return min(most, max(MIN_STEPS, int(left / (runs * step))))
 
 
 def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | None = None,
@@ -415,10 +514,20 @@ def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | Non
     tower_report = None
     if settings.tower is not None:
         vision, tower_report = pretrain_vision_tower(vision, data, settings.data, cache / "models", settings.tower)
-    language_model = decoder(cache / "models", settings.decoder_layers)
-    projector = None
+    language_model = decoder(cache / "models", settings.decoder_layers, data if settings.trim_vocabulary else None)
+    projector = alignment_report = None
+    if settings.alignment is not None:
+        projector, alignment_report = align_connector(vision, language_model, data, settings.data, cache / "models",
+                                                      settings.alignment)
     if settings.connector is not None:
-        projector = pretrain_connector(settings, vision, language_model, data, cache / "models")
+        projector = pretrain_connector(settings, vision, language_model, data, cache / "models", projector)
+    seconds_per_step = None
+    if settings.time_budget is not None:
+        seconds_per_step = step_seconds(settings, vision, language_model, data, output / "step-probe", projector)
+        steps = plan_steps(settings.time_budget, time.time() - start, seconds_per_step, settings.steps)
+        print(f"stage 2: {seconds_per_step:.2f} s per step here; {steps} steps per run fit the demo's "
+              f"{settings.time_budget:.0f} s")
+        settings = dataclasses.replace(settings, steps=steps)
 
     runs, scores = {}, {}
     for name in OPTIMIZERS:
@@ -434,13 +543,15 @@ def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | Non
     seconds = time.time() - start
     device = torch.cuda.get_device_name(0) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     plots = plot_report(runs, output)
-    report = write_report(output, settings, rows, runs, seconds, device, plots, tower_report)
+    report = write_report(output, settings, rows, runs, seconds, device, plots, tower_report, alignment_report,
+                          seconds_per_step)
     summary = {"device": device, "seconds": seconds, "quick": quick, "metrics": [label for _, label, _ in METRICS],
-               "tower_pretraining": tower_report,
+               "tower_pretraining": tower_report, "connector_alignment": alignment_report,
                "table": {name: values for name, values in rows}, "steps": settings.steps,
+               "seconds_per_step": seconds_per_step, "time_budget": settings.time_budget,
                "below_baseline": shortfalls(rows),
                "train_seconds": {n: r["train_seconds"] for n, r in runs.items()},
                "final_loss": {n: r["losses"][-1] for n, r in runs.items()}}
     (output / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"\n{format_table(rows)}\n\n" + "\n".join(verdict(rows, settings)) + f"\n\nwall time {seconds:.0f} s on {device}; report: {report}")
+    print(f"\n{format_table(rows)}\n\n" + "\n".join(verdict(rows, settings.steps)) + f"\n\nwall time {seconds:.0f} s on {device}; report: {report}")
     return summary
