@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from ..model.builder import MM_PROJECTOR_FILE, save_mm_projector
+from ..model.builder import MM_PROJECTOR_FILE, PROJECTOR_OPTIONS, save_mm_projector
 from .data import POSITION_NAMES, DemoData, DemoDataConfig
-from .tower import EMPTY, load_split, patch_cells
+from .tower import EMPTY, load_split, patch_cells, patch_features
 
 __all__ = ["ConnectorAlignment", "align_connector", "patch_targets", "word_embedding"]
 
@@ -87,9 +87,8 @@ def patch_targets(labels: torch.Tensor, cells: list[int], config: DemoDataConfig
 
 @torch.no_grad()
 def _features(tower, pixels: torch.Tensor, layer: int, batch_size: int = 256) -> torch.Tensor:
-    out = [tower(pixel_values=pixels[i:i + batch_size], output_hidden_states=True).hidden_states[layer][:, 1:]
-           for i in range(0, len(pixels), batch_size)]
-    return torch.cat(out)
+    return torch.cat([patch_features(tower, pixels[i:i + batch_size], layer)
+                      for i in range(0, len(pixels), batch_size)])
 
 
 def _nearest_accuracy(predicted: torch.Tensor, targets: torch.Tensor) -> float:
@@ -125,8 +124,7 @@ def align_connector(vision: Path, language_model: Path, data: DemoData, data_con
                          patch_targets(labels, cells, data_config, tokenizer, embeddings, recipe.place_weight))
 
     config = LlavaConfig(vision_config=tower.config.to_dict(),
-                         text_config=AutoConfig.from_pretrained(language_model).to_dict(),
-                         projector_hidden_act="gelu", multimodal_projector_bias=True)
+                         text_config=AutoConfig.from_pretrained(language_model).to_dict(), **PROJECTOR_OPTIONS)
     torch.manual_seed(recipe.seed)
     projector = LlavaMultiModalProjector(config)
     optimizer = torch.optim.AdamW(projector.parameters(), lr=recipe.lr, weight_decay=0.0)

@@ -139,19 +139,18 @@ def demo_texts(data, eos: str, image_token: str = "<image>") -> list[str]:
     Rendered as the pipeline renders them, with the image placeholder cut out (it becomes an added
     token, outside the BPE vocabulary). ``eos`` is the decoder's end-of-answer token.
     """
-    from ..data import load_llava_json, render_conversation, render_prompt
-    from ..data.tokenization import move_image_to_front
-    from ..evaluation.generate import mmbench_prompts, question_prompts
+    from ..data import load_llava_json, move_image_to_front, render_conversation
+    from ..evaluation.generate import mmbench_prompts, prompt_text, question_prompts
 
     texts = []
     for path, template in ((data.train_json, "vicuna_v1"), (data.pretrain_json, "plain")):
         for sample in load_llava_json(path, image_token=image_token):
             turns = move_image_to_front(sample.turns, image_token)
             texts.append(render_conversation(turns, eos=eos, template=template, image_token=image_token).text)
-    prompts = [p.text for files in (data.pope, data.gqa, data.mme)
+    prompts = [p for files in (data.pope, data.gqa, data.mme)
                for p in question_prompts(files.question_file, files.image_folder)]
-    prompts += [p.text for p in mmbench_prompts(data.mmbench.question_file, all_rounds=True)]
-    texts += [render_prompt(f"{image_token}\n{q.replace(image_token, '').strip()}", eos=eos) for q in prompts]
+    prompts += mmbench_prompts(data.mmbench.question_file, all_rounds=True)
+    texts += [prompt_text(p, image_token=image_token, template="vicuna_v1", eos=eos) for p in prompts]
     return [piece for text in texts for piece in text.split(image_token) if piece]
 
 
@@ -169,10 +168,10 @@ def decoder(cache: Path, layers: int | None, data=None) -> Path:
             LlamaForCausalLM(tiny_text_config()).save_pretrained(folder)
             tiny_tokenizer().save_pretrained(folder)
         return folder
+    from transformers import AutoTokenizer
+
     from ..model.vocabulary import trim_vocabulary
     from .smollm import smollm2_checkpoint
-
-    from transformers import AutoTokenizer
 
     source = smollm2_checkpoint(cache, num_layers=layers)
     if data is None:
@@ -482,8 +481,8 @@ def step_seconds(settings: DemoSettings, vision, language_model, data, output: P
     return (times[-1] - times[0]) / (len(times) - 1)
 
 
-# Answering all benchmarks costs about this many training steps' time (measured: 25 on an AMD EPYC,
-# float32; 1641 prompts, batch 32, answers of 1-2 tokens).
+# Answering all benchmarks costs about this many training steps' time, with margin (measured: 19 on an
+# AMD EPYC in float32, 120-125 s per model at 6.6 s a step; 1641 prompts, batch 32, up to 8 new tokens).
 EVAL_STEPS_EQUIVALENT = 40
 
 

@@ -23,7 +23,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModel
 from ..data.image import load_image, process_image
 from .data import N_LABELS, DemoData, DemoDataConfig
 
-__all__ = ["EMPTY", "TowerPretraining", "load_split", "patch_cells", "patch_labels", "pretrain_vision_tower"]
+__all__ = ["EMPTY", "TowerPretraining", "load_split", "patch_cells", "patch_features", "patch_labels", "pretrain_vision_tower"]
 
 EMPTY = N_LABELS  # the class of a patch whose cell holds no digit
 # The head's outputs per patch token: its digit (or empty), the digits present anywhere, its place.
@@ -89,10 +89,14 @@ def load_split(data: DemoData, split: str, processor, config: DemoDataConfig, vi
     return pixels, labels
 
 
+def patch_features(tower, pixels, feature_layer):
+    """[batch, patches, hidden]: the patch tokens LLaVA reads (CLS dropped, its "default" feature strategy)."""
+    return tower(pixel_values=pixels, output_hidden_states=True).hidden_states[feature_layer][:, 1:]
+
+
 def _patch_logits(tower, head, pixels, feature_layer):
     """[batch, patches, 11 + 10 + patches]: see DIGIT, PRESENT and PLACE."""
-    hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[feature_layer]
-    return head(hidden[:, 1:])  # drop CLS, as LLaVA's "default" feature strategy
+    return head(patch_features(tower, pixels, feature_layer))
 
 
 def _presence(labels: torch.Tensor) -> torch.Tensor:

@@ -50,11 +50,17 @@ def get_chunk(items: Sequence, num_chunks: int, chunk_idx: int) -> list:
     return list(items[chunk_idx * size:(chunk_idx + 1) * size])
 
 
-def encode_prompt(prompt: Prompt, tokenizer, *, image_token: str, num_image_tokens: int, template: str) -> list[int]:
+def prompt_text(prompt: Prompt, *, image_token: str, template: str, eos: str | None) -> str:
+    """The text the model is prompted with: the image placeholder (if any) first, then the question."""
     question = prompt.text.replace(image_token, "").strip() if prompt.image is not None else prompt.text
     if prompt.image is not None:
         question = f"{image_token}\n{question}"
-    ids = tokenizer(render_prompt(question, eos=tokenizer.eos_token, template=template))["input_ids"]
+    return render_prompt(question, eos=eos, template=template)
+
+
+def encode_prompt(prompt: Prompt, tokenizer, *, image_token: str, num_image_tokens: int, template: str) -> list[int]:
+    text = prompt_text(prompt, image_token=image_token, template=template, eos=tokenizer.eos_token)
+    ids = tokenizer(text)["input_ids"]
     image_id = tokenizer.convert_tokens_to_ids(image_token)
     expanded = []
     for token in ids:  # the model expects one placeholder per image patch feature

@@ -173,6 +173,8 @@ def load_mm_projector(projector: LlavaMultiModalProjector, path: str | os.PathLi
 
 
 MM_PROJECTOR_FILE = "mm_projector.safetensors"
+# LLaVA-v1.5's mlp2x_gelu connector, as LlavaConfig options (every connector built here uses them).
+PROJECTOR_OPTIONS = {"projector_hidden_act": "gelu", "multimodal_projector_bias": True}
 
 
 def save_mm_projector(projector: LlavaMultiModalProjector, folder: str | os.PathLike) -> Path:
@@ -197,9 +199,9 @@ def build_llava(cfg: ModelConfig):
     num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
     config = LlavaConfig(
         vision_config=vision_config.to_dict(), text_config=decoder.config.to_dict(), image_token_id=image_token_id,
-        projector_hidden_act="gelu", vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy="default",  # drop CLS, as LLaVA's "patch" features
-        image_seq_length=num_patches, multimodal_projector_bias=True,
+        image_seq_length=num_patches, **PROJECTOR_OPTIONS,
         tie_word_embeddings=getattr(decoder.config, "tie_word_embeddings", False),
     )
     dtype = DTYPES[cfg.torch_dtype]

@@ -84,6 +84,16 @@ def _renumber_post_processor(processor, new_id: dict[int, int]) -> None:
         _renumber_post_processor(inner, new_id)
 
 
+def _renumber_token_ids(config, new_id: dict[int, int]) -> None:
+    """Renumber a model or generation config's special token ids (an id or a list of ids) in place."""
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            setattr(config, name, new_id[value])
+        elif isinstance(value, list):
+            setattr(config, name, [new_id[v] for v in value if v in new_id])
+
+
 def trim_vocabulary(source: str | Path, texts: Sequence[str], cache: str | Path) -> Path:
     """A copy of the causal LM at ``source`` whose vocabulary holds what ``texts`` need; cached under ``cache``.
 
@@ -128,18 +138,8 @@ def trim_vocabulary(source: str | Path, texts: Sequence[str], cache: str | Path)
         model.get_input_embeddings().weight.copy_(rows)
         if head_rows is not None:
             model.get_output_embeddings().weight.copy_(head_rows)
-    config = model.config
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            setattr(config, name, new_id[value])
-    generation = getattr(model, "generation_config", None)
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(generation, name, None) if generation is not None else None
-        if isinstance(value, int):
-            setattr(generation, name, new_id[value])
-        elif isinstance(value, list):
-            setattr(generation, name, [new_id[v] for v in value if v in new_id])
+    for config in (model.config, getattr(model, "generation_config", None)):
+        _renumber_token_ids(config, new_id)
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
