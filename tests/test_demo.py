@@ -24,6 +24,7 @@ def test_quick_demo_runs_to_the_table_report_and_plots(tmp_path, capsys):
         assert (output / name / "model.safetensors").is_file()
     # The quick recipe plans its steps from a measured step, as the CPU recipe does, and aligns its connector.
     assert summary["seconds_per_step"] > 0 and summary["steps"] == 2 and summary["time_budget"] > 0
+    assert summary["evaluation_seconds_estimate"] > 0 and "per evaluation" in report
     assert 0 <= summary["connector_alignment"]["eval_nearest_accuracy"] <= 1
     assert not (output / "step-probe").exists()
     # The majority baseline answers "Yes" everywhere: POPE F1 2/3, MME acc+ 0.
@@ -97,3 +98,6 @@ def test_plan_steps_fits_two_runs_and_their_evaluations_in_the_budget():
     assert run.plan_steps(540, 500, 5.0, most=400) == run.MIN_STEPS  # over budget already: train a little anyway
     assert run.plan_steps(100, 0, 1.0, most=1000, runs=1) == 60
     assert run.plan_steps(540, 500, 5.0, most=2) == 2                # never more than the recipe asks
+    # A measured evaluation replaces the allowance, counted at EVAL_MARGIN times: 2 * 1.25 * 16 s = 40 s.
+    assert run.plan_steps(540, 140, 0.5, most=1000, evaluation=16) == 360
+    assert run.plan_steps(540, 140, 1.0, most=1000, evaluation=0.0) == 200

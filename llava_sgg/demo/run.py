@@ -289,17 +289,24 @@ def _score_all(data, answers: dict[str, Path], out: Path) -> dict[str, dict]:
     }
 
 
-def answer_benchmarks(model, processor, data, out: Path, settings: DemoSettings, model_id: str) -> dict[str, Path]:
-    from ..evaluation.generate import mmbench_prompts, question_prompts, write_answers
+def evaluation_prompts(data) -> dict:
+    """Every benchmark's prompts, as the official question files give them (MMBench: all rotations)."""
+    from ..evaluation.generate import mmbench_prompts, question_prompts
 
-    options = {"batch_size": settings.eval_batch_size, "max_new_tokens": settings.max_new_tokens,
-               "model_id": model_id}
-    jobs = {
+    return {
         "pope": question_prompts(data.pope.question_file, data.pope.image_folder),
         "gqa": question_prompts(data.gqa.question_file, data.gqa.image_folder),
         "mmbench": mmbench_prompts(data.mmbench.question_file, all_rounds=True),
         "mme": question_prompts(data.mme.question_file, data.mme.image_folder),
     }
+
+
+def answer_benchmarks(model, processor, data, out: Path, settings: DemoSettings, model_id: str) -> dict[str, Path]:
+    from ..evaluation.generate import write_answers
+
+    options = {"batch_size": settings.eval_batch_size, "max_new_tokens": settings.max_new_tokens,
+               "model_id": model_id}
+    jobs = evaluation_prompts(data)
     # Answer in the precision the model trained in (autocast), as fast as training.
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16(settings)):
         return {name: write_answers(model, processor, prompts, out / f"{name}.jsonl", desc=f"{model_id}: {name}",
@@ -404,7 +411,7 @@ def plot_report(runs: dict[str, dict], output: Path) -> list[Path]:
 
 def write_report(output: Path, settings: DemoSettings, rows, runs, seconds: float, device: str, plots,
                  tower_report: dict | None = None, alignment_report: dict | None = None,
-                 seconds_per_step: float | None = None) -> Path:
+                 seconds_per_step: float | None = None, eval_seconds: float | None = None) -> Path:
     if tower_report is None:
         tower = "trained here from its random initialisation along with the connector"
     else:
@@ -431,8 +438,9 @@ def write_report(output: Path, settings: DemoSettings, rows, runs, seconds: floa
         f"Stage 2: {settings.steps} steps, batch {settings.batch_size}, lr {settings.lr} "
         f"(connector {settings.mm_projector_lr}), cosine, warmup 3%, {'bf16' if bf16(settings) else 'float32'}; "
         f"SGG {settings.sgg}."
-        + (f" Steps planned from a measured {seconds_per_step:.2f} s per step to end within "
-           f"{settings.time_budget:.0f} s." if seconds_per_step else ""), "",
+        + (f" Steps planned from a measured {seconds_per_step:.2f} s per step"
+           + (f" and an estimated {eval_seconds:.0f} s per evaluation" if eval_seconds else "")
+           + f" to end within {settings.time_budget:.0f} s." if seconds_per_step else ""), "",
         "| | " + " | ".join(label for _, label, _ in METRICS) + " |",
         "|---|" + "---|" * len(METRICS),
     ]
@@ -464,11 +472,19 @@ def recipe(quick: bool, gpu: bool, steps: int | None = None) -> DemoSettings:
     return settings
 
 
-def step_seconds(settings: DemoSettings, vision, language_model, data, output: Path, projector) -> float:
-    """Seconds per stage-2 step here, from a few real steps of a throwaway AdamW run (the first not counted)."""
+def probe_costs(settings: DemoSettings, vision, language_model, data, output: Path, projector) -> tuple[float, float]:
+    """Seconds per stage-2 step and seconds to answer every benchmark once, both measured here.
+
+    A throwaway AdamW run times three steps (the first not counted), then answers an even sample of
+    all the evaluation prompts (a warm-up batch not counted); the sample's time per prompt, times the
+    prompt count, is the evaluation's cost. The barely trained probe tends to run to
+    ``max_new_tokens`` where trained models stop early, so the estimate errs long.
+    """
+    from ..evaluation.generate import generate
+
     probe = dataclasses.replace(settings, steps=3)
     cfg = run_config(probe, vision, language_model, data, output, "adamw", projector)
-    trainer, _ = build_trainer(cfg)
+    trainer, processor = build_trainer(cfg)
     times = []
 
     class Clock(TrainerCallback):
@@ -477,22 +493,42 @@ def step_seconds(settings: DemoSettings, vision, language_model, data, output: P
 
     trainer.add_callback(Clock())
     trainer.train()
+    step = (times[-1] - times[0]) / (len(times) - 1)
+
+    prompts = [p for group in evaluation_prompts(data).values() for p in group]
+    batch = settings.eval_batch_size
+    sample = prompts[::max(1, len(prompts) // (2 * batch))][:2 * batch]
+    warm, timed = sample[:batch], sample[batch:] or sample[:batch]
+    model = trainer.model.eval()
+    options = {"batch_size": batch, "max_new_tokens": settings.max_new_tokens, "progress": False}
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16(settings)):
+        for _ in generate(model, processor, warm, **options):
+            pass
+        start = time.time()
+        for _ in generate(model, processor, timed, **options):
+            pass
+        per_prompt = (time.time() - start) / len(timed)
     shutil.rmtree(output, ignore_errors=True)
-    return (times[-1] - times[0]) / (len(times) - 1)
+    return step, per_prompt * len(prompts)
 
 
-# Answering all benchmarks costs about this many training steps' time, with margin (measured: 19 on an
-# AMD EPYC in float32, 120-125 s per model at 6.6 s a step; 1641 prompts, batch 32, up to 8 new tokens).
-EVAL_STEPS_EQUIVALENT = 40
+# Without a measured evaluation, answering all benchmarks is counted as this many training steps' time
+# (measured: 19 on an AVX2-only AMD EPYC in float32, 120-125 s per model at 6.6 s a step; about 15 on a
+# Zen 4 EPYC in bf16; 1641 prompts, batch 32, up to 8 new tokens); a measured one (probe_costs) at
+# EVAL_MARGIN times its estimate.
+EVAL_STEPS_EQUIVALENT, EVAL_MARGIN = 40, 1.25
 
 
-def plan_steps(budget: float, elapsed: float, step: float, most: int, runs: int = len(OPTIMIZERS)) -> int:
+def plan_steps(budget: float, elapsed: float, step: float, most: int, runs: int = len(OPTIMIZERS),
+               evaluation: float | None = None) -> int:
     """Stage-2 steps per run that fit ``budget`` seconds after ``elapsed``: ``runs`` runs and their evaluations.
 
+    ``evaluation``: measured seconds of one model's evaluation (None: EVAL_STEPS_EQUIVALENT steps).
     At most ``most``; at least MIN_STEPS (or ``most`` if fewer): the demo then runs over budget rather
     than not train.
     """
-    left = budget - elapsed - runs * EVAL_STEPS_EQUIVALENT * step
+    evaluation = EVAL_STEPS_EQUIVALENT * step if evaluation is None else EVAL_MARGIN * evaluation
+    left = budget - elapsed - runs * evaluation
     return min(most, max(MIN_STEPS, int(left / (runs * step))))
 
 
@@ -520,12 +556,14 @@ def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | Non
                                                       settings.alignment)
     if settings.connector is not None:
         projector = pretrain_connector(settings, vision, language_model, data, cache / "models", projector)
-    seconds_per_step = None
+    seconds_per_step = eval_seconds = None
     if settings.time_budget is not None:
-        seconds_per_step = step_seconds(settings, vision, language_model, data, output / "step-probe", projector)
-        steps = plan_steps(settings.time_budget, time.time() - start, seconds_per_step, settings.steps)
-        print(f"stage 2: {seconds_per_step:.2f} s per step here; {steps} steps per run fit the demo's "
-              f"{settings.time_budget:.0f} s")
+        seconds_per_step, eval_seconds = probe_costs(settings, vision, language_model, data, output / "step-probe",
+                                                     projector)
+        steps = plan_steps(settings.time_budget, time.time() - start, seconds_per_step, settings.steps,
+                           evaluation=eval_seconds)
+        print(f"stage 2: {seconds_per_step:.2f} s per step and about {eval_seconds:.0f} s per evaluation here; "
+              f"{steps} steps per run fit the demo's {settings.time_budget:.0f} s")
         settings = dataclasses.replace(settings, steps=steps)
 
     runs, scores = {}, {}
@@ -543,11 +581,12 @@ def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | Non
     device = torch.cuda.get_device_name(0) if gpu else f"CPU ({torch.get_num_threads()} threads)"
     plots = plot_report(runs, output)
     report = write_report(output, settings, rows, runs, seconds, device, plots, tower_report, alignment_report,
-                          seconds_per_step)
+                          seconds_per_step, eval_seconds)
     summary = {"device": device, "seconds": seconds, "quick": quick, "metrics": [label for _, label, _ in METRICS],
                "tower_pretraining": tower_report, "connector_alignment": alignment_report,
                "table": {name: values for name, values in rows}, "steps": settings.steps,
-               "seconds_per_step": seconds_per_step, "time_budget": settings.time_budget,
+               "seconds_per_step": seconds_per_step, "evaluation_seconds_estimate": eval_seconds,
+               "time_budget": settings.time_budget,
                "below_baseline": shortfalls(rows),
                "train_seconds": {n: r["train_seconds"] for n, r in runs.items()},
                "final_loss": {n: r["losses"][-1] for n, r in runs.items()}}
