@@ -301,14 +301,18 @@ def evaluation_prompts(data) -> dict:
     }
 
 
+def answering_precision(model, settings: DemoSettings):
+    """Answer in the precision the model trained in (bf16 autocast or float32), as fast as training."""
+    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16(settings))
+
+
 def answer_benchmarks(model, processor, data, out: Path, settings: DemoSettings, model_id: str) -> dict[str, Path]:
     from ..evaluation.generate import write_answers
 
     options = {"batch_size": settings.eval_batch_size, "max_new_tokens": settings.max_new_tokens,
                "model_id": model_id}
     jobs = evaluation_prompts(data)
-    # Answer in the precision the model trained in (autocast), as fast as training.
-    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16(settings)):
+    with answering_precision(model, settings):
         return {name: write_answers(model, processor, prompts, out / f"{name}.jsonl", desc=f"{model_id}: {name}",
                                     **options) for name, prompts in jobs.items()}
 
@@ -475,13 +479,9 @@ def recipe(quick: bool, gpu: bool, steps: int | None = None) -> DemoSettings:
 def probe_costs(settings: DemoSettings, vision, language_model, data, output: Path, projector) -> tuple[float, float]:
     """Seconds per stage-2 step and seconds to answer every benchmark once, both measured here.
 
-    A throwaway AdamW run times three steps (the first not counted), then answers an even sample of
-    all the evaluation prompts (a warm-up batch not counted); the sample's time per prompt, times the
-    prompt count, is the evaluation's cost. The barely trained probe tends to run to
-    ``max_new_tokens`` where trained models stop early, so the estimate errs long.
+    A throwaway AdamW run times three steps (the first not counted); its model then times the
+    evaluation (evaluation_seconds).
     """
-    from ..evaluation.generate import generate
-
     probe = dataclasses.replace(settings, steps=3)
     cfg = run_config(probe, vision, language_model, data, output, "adamw", projector)
     trainer, processor = build_trainer(cfg)
@@ -494,22 +494,30 @@ def probe_costs(settings: DemoSettings, vision, language_model, data, output: Pa
     trainer.add_callback(Clock())
     trainer.train()
     step = (times[-1] - times[0]) / (len(times) - 1)
+    evaluation = evaluation_seconds(trainer.model.eval(), processor, data, settings)
+    shutil.rmtree(output, ignore_errors=True)
+    return step, evaluation
+
+
+def evaluation_seconds(model, processor, data, settings: DemoSettings) -> float:
+    """Seconds ``model`` takes to answer every benchmark, from an even sample of two batches of prompts.
+
+    The first batch is a warm-up, not counted; the second's time per prompt, times the prompt count,
+    is the estimate. A barely trained model tends to run to ``max_new_tokens`` where trained models
+    stop early, so for the probe's model the estimate errs long.
+    """
+    from ..evaluation.generate import generate
 
     prompts = [p for group in evaluation_prompts(data).values() for p in group]
     batch = settings.eval_batch_size
     sample = prompts[::max(1, len(prompts) // (2 * batch))][:2 * batch]
     warm, timed = sample[:batch], sample[batch:] or sample[:batch]
-    model = trainer.model.eval()
     options = {"batch_size": batch, "max_new_tokens": settings.max_new_tokens, "progress": False}
-    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16(settings)):
-        for _ in generate(model, processor, warm, **options):
-            pass
+    with answering_precision(model, settings):
+        list(generate(model, processor, warm, **options))
         start = time.time()
-        for _ in generate(model, processor, timed, **options):
-            pass
-        per_prompt = (time.time() - start) / len(timed)
-    shutil.rmtree(output, ignore_errors=True)
-    return step, per_prompt * len(prompts)
+        list(generate(model, processor, timed, **options))
+    return (time.time() - start) / len(timed) * len(prompts)
 
 
 # Without a measured evaluation, answering all benchmarks is counted as this many training steps' time
