@@ -57,11 +57,15 @@ def main(config_path: str, out: str) -> None:
         sgg = sgg.optimizer
     record = {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
               "fsdp": trainer.is_fsdp_enabled, "params": {}, "exp_avg": {}, "ids": {}, "scales": {},
-              "global_mda": sgg.global_mda if isinstance(sgg, SGG) else None}
+              "global_mda": sgg.global_mda if isinstance(sgg, SGG) else None,
+              "log_history": trainer.state.log_history, "dtypes": {}}
+    policy = getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "mixed_precision_policy", None)
+    record["mp_policy"] = None if policy is None else (str(policy.param_dtype), str(policy.reduce_dtype))
     for name, p in trainer.model.named_parameters():
         if not p.requires_grad:
             continue
         record["params"][name] = _full(p.detach()).float().cpu().clone()
+        record["dtypes"][name] = str(p.dtype)
         if isinstance(sgg, SGG) and p.ndim >= 2:
             record["exp_avg"][name] = _full(sgg.state[p]["exp_avg"]).float().cpu().clone()
             ids = sgg.cluster_ids(p)

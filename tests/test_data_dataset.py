@@ -203,17 +203,37 @@ def test_missing_images_are_all_listed(tmp_path):
     with pytest.raises(DataError) as info:
         dataset(path, folder)
     message = str(info.value)
-    assert "2 missing image files" in message
+    assert f"images missing or unreadable under {folder}: 2 problems:" in message
     assert f"(id '000000033471'): image not found: {folder / 'coco/000000033471.jpg'}" in message
     assert f"(id 7): image not found: {folder / 'ocr/7.png'}" in message
+    assert message.endswith("Set data.bad_samples=skip to train on the rest (each sample left out is then "
+                            "listed with its reason in skipped_samples.jsonl in train.output_dir)")
 
 
-def test_a_corrupt_image_names_the_sample_and_path(tmp_path):
+def test_empty_and_corrupt_images_are_found_before_training(tmp_path):
     path, folder = write_data(tmp_path)
     (folder / "ocr/7.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    ds = dataset(path, folder)  # existence is checked up front, decoding when the image is read
-    with pytest.raises(DataError, match=rf"llava\.json\[2\] \(id 7\): cannot read image {folder / 'ocr/7.png'}"):
-        ds[2]
+    (folder / "coco/000000033471.jpg").write_bytes(b"")
+    message = bad_images(path, folder)
+    assert f"(id 7): cannot read image {folder / 'ocr/7.png'}" in message
+    assert f"(id '000000033471'): image is empty (0 bytes" in message
+
+
+def bad_images(path, folder):
+    with pytest.raises(DataError) as info:
+        dataset(path, folder)
+    return str(info.value)
+
+
+def test_a_truncated_image_names_the_sample_and_path_when_read(tmp_path):
+    path, folder = write_data(tmp_path)
+    image = folder / "coco/000000033471.jpg"
+    Image.effect_noise((64, 40), 60).convert("RGB").save(image)
+    image.write_bytes(image.read_bytes()[:-400])  # a valid JPEG header, the scan cut: only decoding finds it
+    ds = dataset(path, folder)  # the error mode reads headers up front, decodes when the image is read
+    with pytest.raises(DataError, match=rf"llava\.json\[0\] \(id '000000033471'\): cannot read image {image}: "
+                                        r".*truncated.*set data\.bad_samples=skip"):
+        ds[0]
 
 
 def test_a_sample_whose_answers_are_all_truncated_is_an_error(tmp_path):

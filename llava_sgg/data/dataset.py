@@ -10,13 +10,21 @@ or JSON Lines with one sample per line, of
 ``image`` is optional (text-only samples, e.g. ShareGPT). Official LLaVA reads it
 unchecked and fails, or silently trains at loss 0, hours into a run; here the
 whole file is checked, and every sample tokenized, before training starts.
+
+A bad sample stops the run by default (``bad_samples="error"``, every problem
+listed). With ``bad_samples="skip"`` (the config's ``data.bad_samples: skip``) it
+is left out instead, and listed with its reason: the official mix665k references
+OCR-VQA images many users cannot download.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +35,17 @@ from tqdm.auto import tqdm
 
 from .conversation import get_template
 from .errors import DataError
-from .image import IMAGE_ASPECT_RATIOS, load_image, process_image
+from .image import IMAGE_ASPECT_RATIOS, image_problem, load_image, process_image
 from .tokenization import EncodedConversation, check_tokenizer, encode_conversation, move_image_to_front
 
-__all__ = ["LlavaSFTDataset", "Sample", "load_llava_json"]
+__all__ = ["BAD_SAMPLES", "LlavaSFTDataset", "Sample", "SkippedSample", "load_llava_json"]
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("human", "gpt")
+BAD_SAMPLES = ("error", "skip")
+SKIP_HINT = ("set data.bad_samples=skip to train on the rest (each sample left out is then listed with its "
+             "reason in skipped_samples.jsonl in train.output_dir)")
 
 
 @dataclass(frozen=True)
@@ -52,8 +63,45 @@ class Sample:
         return f"{self.where} (id {self.id!r})"
 
 
+@dataclass(frozen=True)
+class SkippedSample:
+    """A sample left out under ``bad_samples="skip"``, and why: one line of ``skipped_samples.jsonl``.
+
+    ``reason`` is one of ``invalid_json`` (a JSON Lines line that does not parse),
+    ``invalid_sample`` (fields or turns malformed), ``duplicate_id`` (the later
+    occurrences; the first is kept), ``missing_image``, ``empty_image`` (0 bytes),
+    ``unreadable_image`` (not an image, or does not decode) and ``tokenization``
+    (fails the tokenization checks, e.g. every answer truncated away); ``detail``
+    is the problem as ``bad_samples="error"`` would report it.
+    """
+
+    id: str | int | None
+    where: str
+    image: str | None  # as written in the data file, relative to the image folder
+    reason: str
+    detail: str
+
+
+def _valid_id(sample_id) -> bool:
+    return isinstance(sample_id, (str, int)) and not isinstance(sample_id, bool) and sample_id != ""
+
+
+def _record_name(record, where: str) -> str:
+    """How errors name a record: its place, and its id when it has a valid one."""
+    sample_id = record.get("id") if isinstance(record, dict) else None
+    return f"{where} (id {sample_id!r})" if _valid_id(sample_id) else where
+
+
+def _skipped(record, where: str, reason: str, messages: list[str]) -> SkippedSample:
+    fields = record if isinstance(record, dict) else {}
+    sample_id = fields.get("id") if _valid_id(fields.get("id")) else None
+    image = fields.get("image") if isinstance(fields.get("image"), str) else None
+    prefix = _record_name(record, where) + ": "
+    return SkippedSample(sample_id, where, image, reason, "; ".join(m.removeprefix(prefix) for m in messages))
+
+
 def _read_records(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
-    """(where, record) for every sample in a JSON list or a JSON Lines file, and per-line syntax problems."""
+    """(where, record) for every sample in a JSON list or a JSON Lines file, and (where, problem) per bad line."""
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -67,9 +115,9 @@ def _read_records(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
             try:
                 records.append((f"{path}:{lineno}", json.loads(line.decode("utf-8"))))
             except UnicodeDecodeError as e:
-                problems.append(f"{path}:{lineno}: not UTF-8 (byte {e.start + 1} of the line)")
+                problems.append((f"{path}:{lineno}", f"not UTF-8 (byte {e.start + 1} of the line)"))
             except json.JSONDecodeError as e:
-                problems.append(f"{path}:{lineno}: invalid JSON at column {e.colno}: {e.msg}")
+                problems.append((f"{path}:{lineno}", f"invalid JSON at column {e.colno}: {e.msg}"))
         return records, problems
 
     try:
@@ -93,8 +141,8 @@ def _parse_sample(record, where: str, image_token: str) -> tuple[Sample | None, 
         return None, [f"{where}: a sample must be a JSON object, got {type(record).__name__}"]
     problems = []
     sample_id = record.get("id")
-    id_ok = isinstance(sample_id, (str, int)) and not isinstance(sample_id, bool) and sample_id != ""
-    name = f"{where} (id {sample_id!r})" if id_ok else where
+    id_ok = _valid_id(sample_id)
+    name = _record_name(record, where)
 
     def problem(message):
         problems.append(f"{name}: {message}")
@@ -165,32 +213,61 @@ def load_llava_json(path: str | os.PathLike, *, image_token: str = "<image>") ->
     each naming file, line or index, and id); nothing is dropped silently.
     """
     path = Path(path)
-    records, problems = _read_records(path)
+    samples, _, problems, n_records = _load_samples(path, image_token)
+    if problems:
+        raise DataError.from_problems(f"{path} ({n_records} samples)", problems)
+    return samples
+
+
+def _load_samples(path: Path, image_token: str) -> tuple[list[Sample], list[SkippedSample], list[str], int]:
+    """(valid samples, the bad ones as SkippedSample, every problem as an error line, number of records).
+
+    Whole-file problems (unreadable, not UTF-8, not a JSON list, no samples) raise.
+    """
+    records, line_problems = _read_records(path)
+    skipped = [SkippedSample(None, where, None, "invalid_json", message) for where, message in line_problems]
+    problems = [f"{where}: {message}" for where, message in line_problems]
     samples, seen = [], {}
     for where, record in records:
         sample, found = _parse_sample(record, where, image_token)
-        problems += found
         if sample is None:
+            problems += found
+            skipped.append(_skipped(record, where, "invalid_sample", found))
             continue
         first = seen.setdefault(str(sample.id), sample)
         if first is not sample:
             problems.append(f"{sample.name}: duplicate id; first used at {first.where}")
+            skipped.append(SkippedSample(sample.id, where, sample.image, "duplicate_id",
+                                         f"duplicate id; first used at {first.where}"))
+            continue
         samples.append(sample)
-    if problems:
-        raise DataError.from_problems(f"{path} ({len(records)} samples)", problems)
-    if not samples:
+    if not records and not line_problems:
         raise DataError(f"{path}: no samples")
-    return samples
+    return samples, skipped, problems, len(records) + len(line_problems)
+
+
+def _cpus_per_process() -> int:
+    """This process's share of the CPUs it may run on (every rank of a node checks the same images)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 class LlavaSFTDataset(Dataset):
     """LLaVA-v1.5 supervised fine-tuning samples: token ids, labels and the image.
 
     At construction the file is loaded and validated (:func:`load_llava_json`),
-    every image file is checked to exist, and every sample is tokenized, so a bad
-    sample stops the run before training rather than during it. ``validate=False``
-    skips the image check and the tokenization (for a file already checked);
-    ``lengths`` are then an estimate (words, plus ``num_image_tokens``).
+    every image file is checked (present, not empty, a readable image header), and
+    every sample is tokenized, so a bad sample stops the run before training rather
+    than during it. ``validate=False`` skips the image check and the tokenization
+    (for a file already checked); ``lengths`` are then an estimate (words, plus
+    ``num_image_tokens``).
+
+    ``bad_samples="skip"`` leaves bad samples out instead of raising: every image is
+    then also decoded up front (one that passes loads at batch time too), each sample
+    left out is in :attr:`skipped` and, when ``skipped_samples_file`` is given,
+    written there as JSON Lines (:class:`SkippedSample`), and the counts by reason are
+    logged. More than ``max_bad_fraction`` of the file bad is still an error.
+    Whole-file problems (not a JSON list, not UTF-8, no samples) always raise.
 
     An item is ``{"input_ids", "labels", "pixel_values" (only with an image), "id"}``.
     ``num_image_tokens`` comes from the model config (576 for LLaVA-1.5's CLIP
@@ -201,7 +278,14 @@ class LlavaSFTDataset(Dataset):
     def __init__(self, data_path: str | os.PathLike, image_folder: str | os.PathLike | None, tokenizer,
                  image_processor=None, *, num_image_tokens: int, model_max_length: int,
                  image_token: str = "<image>", image_aspect_ratio: str = "pad", template: str = "vicuna_v1",
-                 validate: bool = True):
+                 validate: bool = True, bad_samples: str = "error", max_bad_fraction: float = 0.01,
+                 skipped_samples_file: str | os.PathLike | None = None):
+        if bad_samples not in BAD_SAMPLES:
+            raise ValueError(f"unknown bad_samples {bad_samples!r}; choose one of: {', '.join(BAD_SAMPLES)}")
+        if bad_samples == "skip" and not validate:
+            raise ValueError("bad_samples='skip' needs validate=True: bad samples are found by the validation")
+        if isinstance(max_bad_fraction, bool) or not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be a number in [0, 1], got {max_bad_fraction!r}")
         if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
             raise ValueError(f"unknown image_aspect_ratio {image_aspect_ratio!r}; "
                              f"choose one of: {', '.join(IMAGE_ASPECT_RATIOS)}")
@@ -215,27 +299,52 @@ class LlavaSFTDataset(Dataset):
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.num_image_tokens, self.model_max_length = num_image_tokens, model_max_length
         self.image_token, self.image_aspect_ratio = image_token, image_aspect_ratio
+        self.bad_samples = bad_samples
 
-        self.samples = load_llava_json(data_path, image_token=image_token)
+        # self.skipped: the samples left out under bad_samples="skip", each stage adding its own.
+        self.samples, self.skipped, problems, n_records = _load_samples(Path(data_path), image_token)
+        if problems and bad_samples == "error":
+            raise DataError.from_problems(f"{data_path} ({n_records} samples)", problems, hint=SKIP_HINT)
         n_images = sum(s.image is not None for s in self.samples)
         if n_images and (self.image_folder is None or image_processor is None):
             raise ValueError(f"{data_path}: {n_images} samples have images; pass image_folder and image_processor")
         if validate:
-            self._check_images_exist(data_path)
+            self._check_images(data_path)
             self._lengths = self._tokenize_all(data_path)
         else:
             self._lengths = [sum(len(v.split()) for turn in s.turns for v in turn)
                              + (num_image_tokens if s.image else 0) for s in self.samples]
+        if bad_samples == "skip":
+            self._report_skipped(data_path, n_records, max_bad_fraction, skipped_samples_file)
 
     def _image_path(self, sample: Sample) -> Path:
         return self.image_folder / sample.image
 
-    def _check_images_exist(self, data_path) -> None:
-        missing = [f"{s.name}: image not found: {self._image_path(s)}" for s in self.samples
-                   if s.image is not None and not self._image_path(s).is_file()]
-        if missing:
-            raise DataError.from_problems(f"{data_path}: {len(missing)} missing image files under "
-                                          f"{self.image_folder}", missing)
+    def _check_images(self, data_path) -> None:
+        """Each image file once (samples share images), in threads: PIL reads and decodes without the GIL."""
+        # Header reads are cheap (well under 1 ms an image); a full decode costs a few ms, so only a
+        # skipping run pays it: it must never meet an unreadable image at batch time.
+        decode = self.bad_samples == "skip"
+        with_image = [(s, self._image_path(s)) for s in self.samples if s.image is not None]
+        paths = list(dict.fromkeys(path for _, path in with_image))
+        if not paths:
+            return
+        chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
+        found = {}
+        with ThreadPoolExecutor(max_workers=max(1, min(_cpus_per_process(), len(chunks)))) as pool, \
+                tqdm(total=len(paths), desc=f"{'Decoding' if decode else 'Checking'} images of "
+                     f"{Path(data_path).name}", unit=" images") as bar:
+            for chunk, results in zip(chunks, pool.map(lambda c: [image_problem(p, decode=decode) for p in c],
+                                                         chunks)):
+                found.update((p, r) for p, r in zip(chunk, results) if r is not None)
+                bar.update(len(chunk))
+        bad = [(s, found[path]) for s, path in with_image if path in found]
+        if bad and self.bad_samples == "error":
+            raise DataError.from_problems(f"{data_path}: images missing or unreadable under {self.image_folder}",
+                                          [f"{s.name}: {message}" for s, (_, message) in bad], hint=SKIP_HINT)
+        self.skipped += [SkippedSample(s.id, s.where, s.image, reason, message) for s, (reason, message) in bad]
+        dropped = {id(s) for s, _ in bad}
+        self.samples = [s for s in self.samples if id(s) not in dropped]
 
     def _encode(self, sample: Sample) -> EncodedConversation:
         turns = move_image_to_front(sample.turns, self.image_token) if sample.image else sample.turns
@@ -247,23 +356,51 @@ class LlavaSFTDataset(Dataset):
             raise DataError(f"{sample.name}: {e}") from e
 
     def _tokenize_all(self, data_path) -> list[int]:
-        lengths, problems, truncated = [], [], 0
+        lengths, problems, truncated, kept = [], [], 0, []
         for sample in tqdm(self.samples, desc=f"Tokenizing {Path(data_path).name}", unit=" samples"):
             try:
                 encoded = self._encode(sample)
             except DataError as e:
                 problems.append(str(e))
-                lengths.append(0)
+                self.skipped.append(SkippedSample(sample.id, sample.where, sample.image, "tokenization",
+                                                  str(e).removeprefix(f"{sample.name}: ")))
                 continue
+            kept.append(sample)
             lengths.append(len(encoded.input_ids))
             truncated += encoded.truncated
-        if problems:
-            raise DataError.from_problems(f"{data_path}: {len(problems)} samples cannot be trained on", problems)
+        if problems and self.bad_samples == "error":
+            raise DataError.from_problems(f"{data_path}: {len(problems)} samples cannot be trained on", problems,
+                                          hint=SKIP_HINT)
+        self.samples = kept
         if truncated:
             # As officially, a truncated answer is trained up to the cut (without its EOS).
             logger.warning("%s: %d of %d samples are longer than model_max_length=%d and are truncated",
                            data_path, truncated, len(self.samples), self.model_max_length)
         return lengths
+
+    def _report_skipped(self, data_path, n_records: int, max_bad_fraction: float, skipped_samples_file) -> None:
+        """Write the list, log the counts by reason, and refuse when too much of the file is bad."""
+        if skipped_samples_file is not None:
+            skipped_samples_file = Path(skipped_samples_file)
+            skipped_samples_file.parent.mkdir(parents=True, exist_ok=True)
+            with skipped_samples_file.open("w") as f:
+                for entry in self.skipped:
+                    f.write(json.dumps(dataclasses.asdict(entry)) + "\n")
+        if not self.skipped:
+            return
+        counts = ", ".join(f"{reason} {n}" for reason, n in Counter(s.reason for s in self.skipped).most_common())
+        listed = f"; each is listed in {skipped_samples_file}" if skipped_samples_file is not None else ""
+        summary = f"{len(self.skipped)} of {n_records} samples ({len(self.skipped) / n_records:.2%}) are bad: {counts}"
+        if not self.samples:
+            raise DataError(f"{data_path}: {summary}{listed}; no sample is left to train on",
+                            [f"{s.where}: {s.reason}: {s.detail}" for s in self.skipped])
+        if len(self.skipped) > max_bad_fraction * n_records:
+            raise DataError(f"{data_path}: {summary}{listed}. That is more than data.max_bad_fraction="
+                            f"{max_bad_fraction} ({max_bad_fraction:.2%}) of the file: fix the data (a missing "
+                            "source of the mix?) or raise data.max_bad_fraction to train on the rest",
+                            [f"{s.where}: {s.reason}: {s.detail}" for s in self.skipped])
+        logger.warning("%s: %s; skipping them and training on the other %d%s", data_path, summary,
+                       len(self.samples), listed)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -292,6 +429,9 @@ class LlavaSFTDataset(Dataset):
             try:
                 image = load_image(path)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
-                raise DataError(f"{sample.name}: cannot read image {path}: {e}") from e
+                # Only a decode failure gets here (the file and its header were checked); the skip mode
+                # decodes every image up front.
+                hint = f"; {SKIP_HINT}" if self.bad_samples == "error" else ""
+                raise DataError(f"{sample.name}: cannot read image {path}: {e}{hint}") from e
             item["pixel_values"] = process_image(image, self.image_processor, self.image_aspect_ratio)
         return item

@@ -24,10 +24,11 @@ class DataError(ValueError):
         self.problems = list(problems) or [message]
 
     @classmethod
-    def from_problems(cls, what: str, problems: Sequence[str]) -> DataError:
-        """One error reporting every problem: ``"<what>: N problems (first 20 shown):"`` then a line each."""
+    def from_problems(cls, what: str, problems: Sequence[str], hint: str = "") -> DataError:
+        """One error reporting every problem: ``"<what>: N problems (first 20 shown):"`` then a line each,
+        then ``hint`` (what the user can do), last so that it is what a terminal shows."""
         shown = problems[:MAX_LISTED]
         head = f"{what}: {len(problems)} problem{'s' if len(problems) != 1 else ''}"
         if len(problems) > MAX_LISTED:
             head += f" (first {MAX_LISTED} shown)"
-        return cls("\n  ".join([head + ":", *shown]), problems)
+        return cls("\n  ".join([head + ":", *shown]) + (f"\n{hint[0].upper()}{hint[1:]}" if hint else ""), problems)

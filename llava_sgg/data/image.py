@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 from PIL import Image
 
-__all__ = ["IMAGE_ASPECT_RATIOS", "expand2square", "load_image", "process_image"]
+__all__ = ["IMAGE_ASPECT_RATIOS", "expand2square", "image_problem", "load_image", "process_image"]
 
 # pad: LLaVA-1.5's default (image_aspect_ratio=pad in its finetune scripts), nothing cropped away;
 # crop: the CLIP processor's own resize-shortest-side + centre crop (official "square"/default);
@@ -27,6 +29,38 @@ def load_image(path) -> Image.Image:
     """Open ``path`` fully (PIL opens lazily) and convert to RGB; PIL's errors pass through."""
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+def image_problem(path, *, decode: bool = False) -> tuple[str, str] | None:
+    """``(reason, message)`` if the image at ``path`` cannot be trained on, else None; ``reason`` is
+    ``missing_image``, ``empty_image`` or ``unreadable_image``.
+
+    Without ``decode`` only what is cheap is read: the file's size and PIL's header
+    (format, size; for PNG also ``verify()``'s chunk checksums), which finds missing,
+    zero-byte and non-image files. A truncated JPEG passes that; ``decode=True`` decodes
+    the image as :func:`load_image` does at batch time, so what passes also loads then.
+    """
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        return "missing_image", f"image not found: {path}"
+    except OSError as e:
+        return "unreadable_image", f"cannot read image {path}: {e.strerror or e}"
+    if not os.path.isfile(path):
+        return "missing_image", f"image not found (not a file): {path}"
+    if size == 0:
+        return "empty_image", f"image is empty (0 bytes, an interrupted download?): {path}"
+    try:
+        if decode:
+            load_image(path)
+        else:
+            with Image.open(path) as image:
+                image.verify()
+    # PIL's plugins report a broken file as OSError, SyntaxError, ValueError, struct.error,
+    # EOFError, IndexError, ...: any of them means the image cannot be read.
+    except Exception as e:  # noqa: BLE001
+        return "unreadable_image", f"cannot read image {path}: {e}"
+    return None
 
 
 def process_image(image: Image.Image, image_processor, aspect_ratio: str = "pad"):

@@ -8,12 +8,14 @@ checkpoint this project writes is a plain transformers checkpoint.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -52,6 +54,11 @@ class ModelConfig:
     mm_projector_type: str = "mlp2x_gelu"
     vision_feature_layer: int = -2
     image_token: str = "<image>"
+    # SentencePiece (Vicuna, Llama-2) tokenizers: whether text right after a special token (<image>, </s>)
+    # starts a new word with SentencePiece's "▁", transformers' `legacy` flag. True tokenizes as LLaVA-1.5
+    # did (tokenizer_image_token encodes the text on each side of <image> on its own); None keeps the
+    # tokenizer's own setting (Vicuna-v1.5's is false). Tokenizers without the flag ignore it.
+    tokenizer_legacy: bool | None = True
     quantization: str | None = None  # None | "8bit" | "4bit" (nf4), for the decoder only
     torch_dtype: str = "float32"
     local_files_only: bool = True  # never reach for the hub unless asked
@@ -63,6 +70,8 @@ class ModelConfig:
             raise ModelError(f"quantization must be one of none, 8bit, 4bit; got {self.quantization!r}")
         if self.torch_dtype not in DTYPES:
             raise ModelError(f"torch_dtype must be one of {', '.join(DTYPES)}; got {self.torch_dtype!r}")
+        if not (self.tokenizer_legacy is None or isinstance(self.tokenizer_legacy, bool)):
+            raise ModelError(f"tokenizer_legacy must be true, false or null; got {self.tokenizer_legacy!r}")
 
 
 def _hub_kwargs(cfg: ModelConfig) -> dict:
@@ -101,20 +110,85 @@ def load_language_model(cfg: ModelConfig):
         if cfg.quantization:
             raise ModelError("a quantized decoder is loaded from a checkpoint: save the tiny decoder first")
         return LlamaForCausalLM(tiny.tiny_text_config()), tiny.tiny_tokenizer()
+    tokenizer = load_tokenizer(cfg)
     kwargs = {**_hub_kwargs(cfg), "dtype": DTYPES[cfg.torch_dtype]}
     if cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
     if cfg.quantization:
         kwargs["quantization_config"] = quantization_config(cfg)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **{k: v for k, v in kwargs.items()
-                                                           if k in ("local_files_only", "gguf_file")})
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as error:
         raise _missing("language_model", name, cfg, error) from error
     if not (hasattr(model, "model") and hasattr(model, "lm_head")):
         raise ModelError(f"language_model {name!r} ({type(model).__name__}) is not a decoder with .model and .lm_head")
     return model, tokenizer
+
+
+SENTENCEPIECE_FILE = "tokenizer.model"  # what Vicuna and Llama-2 ship instead of (or beside) tokenizer.json
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The decoder's tokenizer, with ``cfg.tokenizer_legacy`` applied where the tokenizer has the setting."""
+    name = cfg.language_model
+    kwargs = _hub_kwargs(cfg) | ({"gguf_file": cfg.gguf_file} if cfg.gguf_file else {})
+    if not cfg.gguf_file and _has_file(name, SENTENCEPIECE_FILE) and not _has_file(name, "tokenizer.json"):
+        # transformers 5 would report a missing `tiktoken` instead, after failing to read the file.
+        missing = [package for module, package in (("sentencepiece", "sentencepiece"), ("google.protobuf", "protobuf"))
+                   if not _importable(module)]
+        if missing:
+            raise ModelError(f"language_model {name!r} has a SentencePiece {SENTENCEPIECE_FILE} and no tokenizer.json; "
+                             f"reading it needs {' and '.join(missing)}: pip install sentencepiece protobuf")
+    tokenizer = _auto_tokenizer(cfg, **kwargs)
+    if not hasattr(tokenizer, "legacy"):  # only SentencePiece tokenizers of the Llama family have the flag
+        return tokenizer
+    want = cfg.tokenizer_legacy
+    if want is not None and _prefixes_after_special_tokens(tokenizer) != want:
+        # transformers 4 applies `legacy` to a fast tokenizer only while converting it from tokenizer.model.
+        from_slow = {"from_slow": True} if int(transformers.__version__.split(".")[0]) < 5 else {}
+        tokenizer = _auto_tokenizer(cfg, legacy=want, **from_slow, **kwargs)
+        if _prefixes_after_special_tokens(tokenizer) != want:
+            raise ModelError(f"language_model {name!r}: its tokenizer ({type(tokenizer).__name__}) does not take "
+                             f"tokenizer_legacy={want}; set model.tokenizer_legacy: null to keep its own behaviour")
+    # transformers 5 does not write `legacy` to a saved tokenizer_config.json and rebuilds a reloaded Llama
+    # tokenizer with legacy=False; recorded here, a saved processor tokenizes as this one does.
+    tokenizer.init_kwargs["legacy"] = tokenizer.legacy
+    return tokenizer
+
+
+def _auto_tokenizer(cfg: ModelConfig, **kwargs):
+    try:
+        return AutoTokenizer.from_pretrained(cfg.language_model, **kwargs)
+    except (OSError, ValueError) as error:
+        raise _missing("language_model", cfg.language_model, cfg, error) from error
+
+
+def _prefixes_after_special_tokens(tokenizer) -> bool:
+    """Whether a word right after a special token gets SentencePiece's "▁" prefix (transformers' legacy)."""
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return ids(tokenizer.eos_token + "a")[1:] == ids("a")
+
+
+def _has_file(name: str, filename: str) -> bool:
+    """Whether a local folder, or a repository in the HF cache, holds ``filename``."""
+    if Path(name).is_dir():
+        return Path(name, filename).is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, filename), str)
+    except ValueError:  # not a repository id either; loading will say so
+        return False
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig:

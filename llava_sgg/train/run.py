@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import os
 from pathlib import Path
 
 import torch
@@ -11,9 +13,10 @@ import yaml
 from torch import nn
 from transformers import TrainingArguments, set_seed
 
-from ..model.builder import build_llava, save_mm_projector, save_spec
+from ..model.builder import DTYPES, build_llava, save_mm_projector, save_spec
 from ..plotting import plot_curves
 from .config import RunConfig
+from .memory import check_fits, memory_plan
 from .trainer import PROJECTOR, LlavaTrainer
 
 
@@ -24,8 +27,31 @@ def decoder_linear_names(model: nn.Module) -> list[str]:
     return sorted(prefix + name for name, module in decoder.named_modules() if isinstance(module, nn.Linear))
 
 
+def hold_trainable_in_float32(model: nn.Module) -> list[str]:
+    """Give every trainable parameter an fp32 master copy in place of its low-precision weights.
+
+    Official LLaVA trains in DeepSpeed's bf16 mode: fp32 master weights and optimizer states, bf16
+    compute. A model loaded with torch_dtype bfloat16 and handed to the optimizer as it is would
+    instead be updated in bf16, where most of an lr-2e-5 step on a weight of size 0.02 rounds away
+    and norm weights near 1.0 (bf16 spacing 0.0078) never move. Compute stays bf16 (autocast, or
+    FSDP2's param_dtype); frozen weights stay in the loaded dtype. Returns the names upcast.
+    """
+    upcast = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            upcast.append(name)
+    return upcast
+
+
 def prepare_model(cfg: RunConfig):
-    """(model, processor) ready to train in cfg.train.mode; the vision tower is always frozen."""
+    """(model, processor) ready to train in cfg.train.mode, trainable weights in fp32; the vision tower is frozen."""
+    model, processor = _trainable_model(cfg)
+    hold_trainable_in_float32(model)
+    return model, processor
+
+
+def _trainable_model(cfg: RunConfig):
     model, processor = build_llava(cfg.model)
     t = cfg.train
     if t.mode == "pretrain":
@@ -68,8 +94,8 @@ def _version_dependent(t) -> dict:
 def _sharding(t) -> dict:
     """FSDP2 through accelerate: one fully_shard unit per transformer layer (the model's
     _no_split_modules), full state dicts for the saved model so outputs load anywhere."""
-    if t.distributed != "fsdp2":
-        return {}
+    if t.distributed != "fsdp2" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return {}  # one process has nothing to shard (and Trainer refuses FSDP outside a launcher)
     return {"fsdp": "full_shard auto_wrap",
             "fsdp_config": {"version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT",
                             "cpu_ram_efficient_loading": False}}
@@ -102,6 +128,17 @@ def limit_no_split_modules(model: nn.Module) -> None:
     base._no_split_modules = [name for name in listed if name in present]
 
 
+def _skipped_samples_file(cfg: RunConfig) -> Path | None:
+    """Where data.bad_samples=skip lists what it left out: the output folder, written by global rank 0 only.
+
+    Every rank runs the same checks on the same files, so all skip the same samples; the process
+    group is not up yet (Trainer starts it), hence the launcher's RANK.
+    """
+    if cfg.data.bad_samples != "skip" or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    return Path(cfg.train.output_dir) / "skipped_samples.jsonl"
+
+
 def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
     from ..data import DataCollatorForLlava, LlavaSFTDataset
 
@@ -113,7 +150,8 @@ def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
     dataset = LlavaSFTDataset(d.data_path, d.image_folder, processor.tokenizer, processor.image_processor,
                               num_image_tokens=config.image_seq_length, image_token=cfg.model.image_token,
                               image_aspect_ratio=d.image_aspect_ratio, model_max_length=d.model_max_length,
-                              template=d.template)
+                              template=d.template, bad_samples=d.bad_samples, max_bad_fraction=d.max_bad_fraction,
+                              skipped_samples_file=_skipped_samples_file(cfg))
     trainer = LlavaTrainer(
         model=model, args=training_arguments(cfg), train_dataset=dataset,
         data_collator=DataCollatorForLlava(processor.tokenizer.pad_token_id),
@@ -136,6 +174,10 @@ def save_outputs(trainer: LlavaTrainer, processor, cfg: RunConfig) -> Path:
         (output / "training_args.bin").unlink(missing_ok=True)
         processor.save_pretrained(output)
         save_spec(cfg.model, output)
+    if trainer.is_world_process_zero():
+        # The final weights in the loaded dtype, as official LLaVA's bf16 outputs; checkpoint-* folders
+        # keep the fp32 masters, so a resumed run continues exactly.
+        cast_saved_weights(output, DTYPES[cfg.model.torch_dtype])
     (output / "llava_sgg_run.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     history = [row for row in trainer.state.log_history if "loss" in row]
     (output / "loss_history.json").write_text(json.dumps(history, indent=1))
@@ -146,8 +188,55 @@ def save_outputs(trainer: LlavaTrainer, processor, cfg: RunConfig) -> Path:
     return output
 
 
+def cast_saved_weights(folder: Path, dtype: torch.dtype) -> list[str]:
+    """Rewrite the float32 tensors of the folder's top-level safetensors files in ``dtype``.
+
+    Covers each output layout: a full model (model*.safetensors, and config.json's dtype), a LoRA
+    adapter with its fully trained connector (adapter_model.safetensors) and stage 1's connector
+    (mm_projector.safetensors). Returns the files rewritten.
+    """
+    if dtype == torch.float32:
+        return []
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    rewritten = []
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        if not any(t.dtype == torch.float32 for t in tensors.values()):
+            continue
+        tensors = {key: t.to(dtype) if t.dtype == torch.float32 else t for key, t in tensors.items()}
+        save_file(tensors, str(path), metadata=metadata)
+        rewritten.append(path.name)
+    config = folder / "config.json"
+    if rewritten and config.is_file():
+        name = str(dtype).removeprefix("torch.")
+
+        def relabel(node):  # the model's dtype and its sub-configs' (text_config, vision_config)
+            if isinstance(node, dict):
+                return {key: name if key in ("dtype", "torch_dtype") and value == "float32" else relabel(value)
+                        for key, value in node.items()}
+            return node
+
+        config.write_text(json.dumps(relabel(json.loads(config.read_text())), indent=2, sort_keys=True) + "\n")
+    return rewritten
+
+
+def check_memory(trainer: LlavaTrainer, cfg: RunConfig) -> None:
+    """On a GPU, refuse a run whose weights, gradients and optimizer states cannot fit (memory.check_fits)."""
+    if not torch.cuda.is_available():
+        return
+    plan = memory_plan(trainer.model, cfg.optimizer)
+    shards = trainer.args.world_size if trainer.is_fsdp_enabled else 1
+    capacity = torch.cuda.get_device_properties(trainer.args.device).total_memory
+    check_fits(plan, capacity, shards=shards, mode=cfg.train.mode)
+
+
 def train(cfg: RunConfig) -> Path:
     trainer, processor = build_trainer(cfg)
+    check_memory(trainer, cfg)
     resume = cfg.train.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
     return save_outputs(trainer, processor, cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration, Trainer
 
@@ -46,6 +47,17 @@ class LlavaTrainer(Trainer):
         self.optimizer_config = dict(optimizer_config)
         self.mm_projector_lr = mm_projector_lr
         self.modality_lengths = modality_lengths
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is not None and self.args.bf16 and getattr(plugin, "fsdp_version", 1) == 2:
+            # accelerate's bf16 policy also reduces gradients in bf16; DeepSpeed's bf16 mode, which the
+            # official recipe uses, reduces them in fp32. Parameters are all-gathered in bf16 for compute,
+            # the sharded fp32 masters stay fp32 (accelerate upcasts trainable parameters under FSDP2).
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -118,6 +130,12 @@ class LlavaTrainer(Trainer):
         loss = nn.functional.cross_entropy(logits.float(), kept[trained].to(logits.device), reduction="sum")
         count = num_items_in_batch if num_items_in_batch is not None else trained.sum()
         loss = loss / count
+        if num_items_in_batch is not None and getattr(self.args, "average_tokens_across_devices", False):
+            # num_items_in_batch counts the trained tokens of every process, and DDP / FSDP then
+            # average the gradients over the processes: without this factor, N processes x batch b
+            # would log 1/N of the loss of one process with batch N*b and clip at N x max_grad_norm.
+            # transformers' own compute_loss applies the same factor.
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -131,7 +149,9 @@ class LlavaTrainer(Trainer):
             and not self.is_fsdp_enabled
         if not (plain and (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        loaded = LlavaForConditionalGeneration.from_pretrained(folder, dtype=model.dtype)
+        # float32, so the fp32 master weights a checkpoint holds come back bit for bit (load_state_dict
+        # copies each tensor into the parameter's own dtype; frozen bf16 weights round-trip exactly).
+        loaded = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict(), strict=True)
 
     def _get_train_sampler(self, train_dataset=None):
