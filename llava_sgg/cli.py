@@ -70,8 +70,8 @@ def _answer(args: argparse.Namespace) -> int:
 def _answer_mmbench(args: argparse.Namespace) -> int:
     from .evaluation.generate import mmbench_prompts
 
-    return _write_answers(args, mmbench_prompts(args.question_file, all_rounds=args.all_rounds, lang=args.lang,
-                                                num_chunks=args.num_chunks, chunk_idx=args.chunk_idx))
+    return _write_answers(args, mmbench_prompts(args.question_file, rotate_options=args.rotate_options,
+                                                lang=args.lang, num_chunks=args.num_chunks, chunk_idx=args.chunk_idx))
 
 
 def _answer_sqa(args: argparse.Namespace) -> int:
@@ -172,10 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--image-folder", default=".", help="image paths are relative to it")
     answer.set_defaults(func=_answer)
 
-    mmbench = commands.add_parser("answer-mmbench", help="answer the official MMBench / MMBench-CN TSV")
+    mmbench = commands.add_parser("answer-mmbench", help="answer the official MMBench / MMBench-CN TSV, each row "
+                                  "once (the official protocol: the TSV holds the circular copies)")
     _add_generation_arguments(mmbench)
     mmbench.add_argument("--question-file", required=True, help="the official TSV (base64 images)")
-    mmbench.add_argument("--all-rounds", action="store_true", help="ask each question once per option rotation")
+    mmbench.add_argument("--rotate-options", "--all-rounds", dest="rotate_options", action="store_true",
+                         help="ask each row once per rotation of its options (the official script's --all-rounds): "
+                              "n times the compute, and on the official TSV, which already holds the rotated copies, "
+                              "a question then needs n x n right answers, so the circular accuracy is NOT "
+                              "comparable to published MMBench numbers; for a TSV with one row per question")
     mmbench.add_argument("--lang", default="en", choices=["en", "cn"], help="cn: the Chinese answer instruction")
     mmbench.set_defaults(func=_answer_mmbench)
 

@@ -1,4 +1,5 @@
-"""MMBench / MMBench-CN scoring: circular accuracy, option parsing, the submission table, bad input."""
+"""MMBench / MMBench-CN: the official protocol (each TSV row once, circular accuracy over the TSV's copies),
+the explicit rotation mode, pandas' NA strings, option parsing, the submission table, bad input."""
 
 import argparse
 import base64
@@ -11,8 +12,9 @@ import pytest
 from PIL import Image
 
 from llava_sgg.evaluation.answers import AnswerFileError
-from llava_sgg.evaluation.mmbench import (add_arguments, mmbench_questions, parse_option, read_mmbench_tsv, run,
-                                          score_mmbench, submission_table, write_submission)
+from llava_sgg.evaluation.generate import OPTION_LETTER, mmbench_prompts
+from llava_sgg.evaluation.mmbench import (ROTATION_CAVEAT, add_arguments, is_missing, mmbench_questions, parse_option,
+                                          read_mmbench_tsv, run, score_mmbench, submission_table, write_submission)
 
 COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "source", "l2-category",
            "comment", "split", "image"]
@@ -55,7 +57,7 @@ ROWS = [
 
 
 def llava_answer(index, round_id, text, n_options):
-    """One line of LLaVA's model_vqa_mmbench.py --all-rounds: options rotated left once per round."""
+    """One line of LLaVA's model_vqa_mmbench.py (--all-rounds for round_id > 0): options rotated left once per round."""
     letters = ["A", "B", "C", "D"][:n_options]
     return {"question_id": index, "round_id": round_id, "prompt": "...", "text": text,
             "options": ["..."] * n_options, "option_char": letters[round_id:] + letters[:round_id],
@@ -74,6 +76,124 @@ ALL_ROUNDS = [
 ]
 
 
+# The official protocol on a TSV that holds CircularEval's copies: row i + k * 1e6 is question i with its
+# options shifted left k places and its own answer letter. Each row is answered once.
+OFFICIAL_ROWS = [
+    dict(index=0, question="Which animal barks?", A="cat", B="dog", C="bird", D="fish", answer="B", category="object"),
+    dict(index=1_000_000, question="Which animal barks?", A="dog", B="bird", C="fish", D="cat", answer="A",
+         category="object"),
+    dict(index=2_000_000, question="Which animal barks?", A="bird", B="fish", C="cat", D="dog", answer="D",
+         category="object"),
+    dict(index=3_000_000, question="Which animal barks?", A="fish", B="cat", C="dog", D="bird", answer="C",
+         category="object"),
+    dict(index=1, question="Sky colour?", A="red", B="green", C="blue", answer="C", category="colour"),
+    dict(index=1_000_001, question="Sky colour?", A="green", B="blue", C="red", answer="B", category="colour"),
+    dict(index=2_000_001, question="Sky colour?", A="blue", B="red", C="green", answer="A", category="colour"),
+    dict(index=2, question="A cat?", A="yes", B="no", answer="A", category="colour"),
+    dict(index=1_000_002, question="A cat?", A="no", B="yes", answer="B", category="colour"),
+    dict(index=3, question="A dog?", A="yes", B="no", answer="A", category="object"),
+    dict(index=1_000_003, question="A dog?", A="no", B="yes", answer="B", category="object"),
+]
+OFFICIAL_ANSWERS = {  # question_id -> the model's text, each row once (round 0)
+    0: "B", 1_000_000: "A", 2_000_000: "D. dog", 3_000_000: "C",  # question 0: all 4 right
+    1: "C", 1_000_001: "blue", 2_000_001: "B",  # question 1: the last copy wrong
+    2: "B", 1_000_002: "B",  # question 2: its main row wrong, its copy right
+    3: "(A)", 1_000_003: "B",  # question 3: both right
+}
+
+
+def test_the_official_protocol_answers_each_row_once_and_scores_the_tsv_copies(tmp_path):
+    rows = [dict(row, image=png_base64()) for row in OFFICIAL_ROWS]
+    tsv = write_tsv(tmp_path / "mmbench_dev_20230712.tsv", rows)
+
+    prompts = mmbench_prompts(tsv)  # what `llava-sgg answer-mmbench` asks by default
+    assert [p.question_id for p in prompts] == [row["index"] for row in OFFICIAL_ROWS]
+    assert {p.record["round_id"] for p in prompts} == {0}
+    assert prompts[1].text == f"Which animal barks?\nA. dog\nB. bird\nC. fish\nD. cat\n{OPTION_LETTER}"
+
+    answers = [{"question_id": p.question_id, **p.record, "prompt": p.text, "text": OFFICIAL_ANSWERS[p.question_id]}
+               for p in prompts]
+    metrics = score_mmbench(read_mmbench_tsv(tsv), answers)
+    # By hand: circularly questions 0 and 3 are right (2 of 4); their main rows alone 0, 1 and 3 (3 of 4).
+    # object = questions 0 and 3: 100 / 100; colour = questions 1 and 2: circular 0, main rows 1 of 2.
+    assert metrics["protocol"] == "official" and "caveat" not in metrics
+    assert metrics["questions"] == 4 and metrics["rows"] == 11 and metrics["circular_copies"] == 7
+    assert metrics["answers"] == 11 and metrics["circular"] is True
+    assert metrics["circular_accuracy"] == 50.0
+    assert metrics["single_round_accuracy"] == 75.0
+    assert metrics["per_category"] == {
+        "colour": {"questions": 2, "circular_accuracy": 0.0, "single_round_accuracy": 50.0},
+        "object": {"questions": 2, "circular_accuracy": 100.0, "single_round_accuracy": 100.0}}
+    assert metrics["unparseable"] == 0
+
+
+def test_pandas_na_strings_are_missing_exactly_as_llava_reads_them():
+    pandas = pytest.importorskip("pandas")
+
+    def llava_is_none(value):  # model_vqa_mmbench.py's is_none, on what pandas.read_table returns
+        return value is None or (isinstance(value, float) and value != value) or \
+            (isinstance(value, str) and value.lower() in ("nan", "none"))
+
+    cells = ["NA", "N/A", "n/a", "null", "NULL", "None", "none", "NONE", "nan", "NaN", "-nan", "#N/A", "<NA>", "",
+             " NA", "NA ", "Na", "Null", "nil", "0", "None of these", "dog"]
+    table = "\t".join(f"c{i}" for i in range(len(cells))) + "\n" + "\t".join(cells) + "\n"
+    read = pandas.read_table(io.StringIO(table), dtype=object).iloc[0].tolist()
+    assert [is_missing(cell) for cell in cells] == [llava_is_none(value) for value in read]
+    # Spelled out: pandas' NA strings and LLaVA's "nan"/"none" in any case; nothing padded or merely similar.
+    assert [cell for cell in cells if is_missing(cell)] == cells[:14]
+
+
+def test_options_and_hints_that_pandas_reads_as_missing(tmp_path):
+    rows = [
+        # The hint "NA" is left out; option C "None" (a count of zero) is NaN to pandas: LLaVA shows A and B only.
+        dict(index=0, question="How many cats?", hint="NA", A="1", B="2", C="None", D="3", answer="B"),
+        # "N/A" as a hint is left out too; " NA" is not an NA string (pandas matches whole cells) and stays.
+        dict(index=1, question="Colour?", hint="N/A", A="red", B="blue", answer="A"),
+        dict(index=2, question="Size?", hint=" NA", A="big", B="small", answer="B"),
+        # The right option is one LLaVA never shows: the question can only be answered wrong.
+        dict(index=3, question="How many dogs?", hint="null", A="2", B="NULL", C="1", answer="B"),
+    ]
+    tsv = write_tsv(tmp_path / "mmbench.tsv", [dict(row, image=png_base64()) for row in rows])
+    prompts = {p.question_id: p.text for p in mmbench_prompts(tsv)}
+    assert prompts[0] == f"How many cats?\nA. 1\nB. 2\n{OPTION_LETTER}"
+    assert prompts[1] == f"Colour?\nA. red\nB. blue\n{OPTION_LETTER}"
+    assert prompts[2] == f" NA\nSize?\nA. big\nB. small\n{OPTION_LETTER}"
+    assert prompts[3] == f"How many dogs?\nA. 2\n{OPTION_LETTER}"
+    # Rotation rotates the options shown: two rounds for two options, one for question 3's single one.
+    assert [p.question_id for p in mmbench_prompts(tsv, rotate_options=True)] == [0, 0, 1, 1, 2, 2, 3]
+
+    questions = mmbench_questions(read_mmbench_tsv(tsv))
+    assert questions[0].options == ("1", "2") and questions[0].hidden == ("C", "D") and questions[0].hint is None
+    assert questions[2].hint == " NA" and questions[3].hidden == ("B", "C")
+    answers = [{"question_id": 0, "text": "B"}, {"question_id": 1, "text": "A"}, {"question_id": 2, "text": "A"},
+               {"question_id": 3, "text": "B"}]  # "B" is no option LLaVA showed for question 3
+    metrics = score_mmbench(read_mmbench_tsv(tsv), answers)
+    assert metrics["single_round_accuracy"] == 50.0  # questions 0 and 1 right, 2 and 3 wrong
+    assert metrics["rows_with_hidden_options"] == 2 and metrics["rows_with_hidden_options_ids"] == [0, 3]
+    assert metrics["unparseable_ids"] == [[3, 0]] and "pandas reads as missing" in metrics["note"]
+
+
+def test_the_answering_side_refuses_what_the_scorer_refuses(tmp_path):
+    rows = [dict(index=0, question="q", A="x", B="", C="z", answer="A", image=png_base64()),  # C after an empty B
+            dict(index=1, question="NA", A="x", B="y", answer="A", image=png_base64())]  # pandas: no question
+    with pytest.raises(AnswerFileError, match=r"mmbench.tsv: .*an option after an empty one: 0.*no question: 1"):
+        mmbench_prompts(write_tsv(tmp_path / "mmbench.tsv", rows))
+    rows = [dict(index=5, question="q", A="x", B="y", answer="A", image="bm90IGFuIGltYWdl")]  # base64 of "not an image"
+    with pytest.raises(AnswerFileError, match=r"mmbench.tsv: row with index 5: the image column is not a base64 image"):
+        mmbench_prompts(write_tsv(tmp_path / "mmbench.tsv", rows))
+    with pytest.raises(ValueError, match="lang"):
+        mmbench_prompts(write_tsv(tmp_path / "mmbench.tsv", rows), lang="fr")
+
+
+def test_the_command_line_answers_each_row_once_unless_asked_to_rotate():
+    from llava_sgg.cli import build_parser
+
+    base = ["answer-mmbench", "--model", "m", "--answers-file", "a.jsonl", "--question-file", "q.tsv"]
+    assert build_parser().parse_args(base).rotate_options is False
+    assert build_parser().parse_args(base + ["--rotate-options"]).rotate_options is True
+    assert build_parser().parse_args(base + ["--all-rounds"]).rotate_options is True  # the official script's name
+
+
 @pytest.fixture
 def tsv(tmp_path):
     rows = [dict(row, image=png_base64()) for row in ROWS]
@@ -81,13 +201,17 @@ def tsv(tmp_path):
     return write_tsv(tmp_path / "mmbench_dev.tsv", rows)
 
 
-def test_score_a_run_with_all_rounds(tsv, tmp_path):
+def test_rotate_options_answers_are_scored_with_a_caveat(tsv, tmp_path, capsys):
     (tmp_path / "answers").mkdir()
     answers = write_answers(tmp_path / "answers" / "llava.jsonl", ALL_ROUNDS)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     metrics = run(parser.parse_args(["--questions", str(tsv), "--answers", str(answers)]))
 
+    # Not the published protocol: the metrics and the printout say so.
+    assert metrics["protocol"] == "rotate_options" and metrics["caveat"] == ROTATION_CAVEAT
+    assert "not comparable to published MMBench numbers" in metrics["caveat"]
+    assert "CAVEAT: " in capsys.readouterr().out
     # Circularly only question 1 is right in every rotation; in round 0 questions 0 and 1 are right.
     assert metrics["circular"] is True
     assert metrics["questions"] == 3 and metrics["answers"] == 9
@@ -121,8 +245,9 @@ def test_the_official_tsv_holds_rotations_as_rows_a_million_apart(tmp_path):
 def test_one_round_only_reports_no_circular_accuracy(tsv):
     answers = [llava_answer(0, 0, "B", 4), llava_answer(1, 0, "C", 3), llava_answer(2, 0, "B", 2)]
     metrics = score_mmbench(read_mmbench_tsv(tsv), answers, benchmark="mmbench_cn")
-    assert metrics["benchmark"] == "mmbench_cn"
+    assert metrics["benchmark"] == "mmbench_cn" and metrics["protocol"] == "official" and "caveat" not in metrics
     assert metrics["circular"] is False and metrics["circular_accuracy"] is None
+    assert "no circular copies" in metrics["note"]
     assert metrics["single_round_accuracy"] == pytest.approx(200 / 3)
     assert metrics["per_split"] == {"dev": {"questions": 3, "circular_accuracy": None,
                                             "single_round_accuracy": pytest.approx(200 / 3)}}

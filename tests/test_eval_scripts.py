@@ -1,5 +1,7 @@
 """eval/<benchmark>.sh end to end on a tiny model and the demo's files, laid out as the official playground."""
 
+import csv
+import json
 import os
 import shutil
 import subprocess
@@ -28,7 +30,48 @@ def playground(tmp_path_factory):
     shutil.copytree(data.pope.annotations[0].parent, pope / "coco")
     (pope / "val2014").symlink_to(data.pope.image_folder)
     shutil.copytree(data.mme.question_file.parent, root / "MME")
+    _mmbench_with_circular_copies(data.mmbench.question_file, root / "mmbench" / "mmbench_dev_20230712.tsv")
+    _seed_bench(sorted(data.pope.image_folder.glob("*.png"))[:3], root / "seed_bench")
     return base / "tiny-llava", root
+
+
+def _mmbench_with_circular_copies(demo_tsv: Path, path: Path, questions: int = 2) -> None:
+    """The demo's first questions with CircularEval's copies as rows of their own, as the official TSV."""
+    with demo_tsv.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))[:questions]
+    copies = []
+    for row in rows:
+        options = [row[letter] for letter in "ABCD"]
+        right = options["ABCD".index(row["answer"])]
+        for k in range(1, 4):
+            shifted = options[k:] + options[:k]
+            copies.append({**row, "index": str(int(row["index"]) + k * 1_000_000),
+                           **dict(zip("ABCD", shifted)), "answer": "ABCD"[shifted.index(right)]})
+    path.parent.mkdir(parents=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows + copies)
+
+
+def _seed_bench(images: list[Path], folder: Path) -> None:
+    """SEED-Bench in LLaVA's layout: two image questions and a video one answered from its extracted frame."""
+    for sub in ("SEED-Bench-image", "SEED-Bench-video-image"):
+        (folder / sub).mkdir(parents=True)
+    shutil.copy(images[0], folder / "SEED-Bench-image" / "1.png")
+    shutil.copy(images[1], folder / "SEED-Bench-image" / "2.png")
+    shutil.copy(images[2], folder / "SEED-Bench-video-image" / "v_1.png")
+    types = {"Scene Understanding": 1, "Instance Identity": 2, "Action Recognition": 10}
+    annotation = {"question_type": types, "questions": [
+        {"question_id": "1", "question_type_id": 1, "answer": "A", "data_type": "image"},
+        {"question_id": "2", "question_type_id": 2, "answer": "B", "data_type": "image"},
+        {"question_id": "v_1", "question_type_id": 10, "answer": "C", "data_type": "video"}]}
+    (folder / "SEED-Bench.json").write_text(json.dumps(annotation))
+    suffix = "\nA. one\nB. two\nC. three\nD. four\nAnswer with the option's letter from the given choices directly."
+    lines = [{"image": "SEED-Bench-image/1.png", "text": "How many?" + suffix, "question_id": 1},
+             {"image": "SEED-Bench-image/2.png", "text": "Which?" + suffix, "question_id": 2},
+             {"image": "SEED-Bench-video-image/v_1.png", "text": "What happens?" + suffix, "question_id": "v_1"}]
+    (folder / "llava-seed-bench.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
 def _run(script: str, model: Path, root: Path) -> subprocess.CompletedProcess:
@@ -40,12 +83,30 @@ def _run(script: str, model: Path, root: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("script, answers, metrics", [
     ("pope.sh", "pope/answers/tiny-llava.jsonl", "pope/answers/tiny-llava_metrics.json"),
     ("mme.sh", "MME/answers/tiny-llava.jsonl", "MME/answers/tiny-llava_metrics.json"),
+    # 10-30 s each, so on demand (-m slow); test_the_mmbench_and_seed_scripts_follow_the_official_protocols
+    # and the scorers' own tests cover them in the default run.
+    pytest.param("seed.sh", "seed_bench/answers/tiny-llava.jsonl", "seed_bench/answers/tiny-llava_metrics.json",
+                 marks=pytest.mark.slow),
+    pytest.param("mmbench.sh", "mmbench/answers/mmbench_dev_20230712/tiny-llava.jsonl",
+                 "mmbench/answers/mmbench_dev_20230712/tiny-llava_metrics.json", marks=pytest.mark.slow),
 ])
 def test_eval_script_answers_and_scores(playground, script, answers, metrics):
     model, root = playground
     result = _run(script, model, root)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (root / answers).is_file() and (root / metrics).is_file()
+    records = [json.loads(line) for line in (root / answers).read_text().splitlines()]
+    scores = json.loads((root / metrics).read_text())
+    if script == "mmbench.sh":  # the official protocol: each of the 8 rows once, circular over the TSV's copies
+        assert sorted(r["question_id"] for r in records) == sorted(k * 1_000_000 + i for i in (0, 1) for k in range(4))
+        assert {r["round_id"] for r in records} == {0}
+        assert scores["protocol"] == "official" and scores["circular"] and scores["circular_copies"] == 6
+        assert (root / "mmbench/answers_upload/mmbench_dev_20230712/tiny-llava.tsv").is_file()
+    if script == "seed.sh":  # the video question answered from its frame, and scored
+        assert sorted(str(r["question_id"]) for r in records) == ["1", "2", "v_1"]
+        assert scores["video_questions"] == 1 and scores["video_accuracy"] is not None
+        assert scores["overall_accuracy"] is not None
+        assert len((root / "seed_bench/answers_upload/tiny-llava.jsonl").read_text().splitlines()) == 3
 
 
 def test_every_benchmark_has_a_script_naming_its_scorer():
@@ -54,3 +115,11 @@ def test_every_benchmark_has_a_script_naming_its_scorer():
     for key in SCORERS:
         text = (ROOT / "eval" / f"{key}.sh").read_text()
         assert f"llava-sgg score {key} " in text
+
+
+def test_the_mmbench_and_seed_scripts_follow_the_official_protocols():
+    for script in ("mmbench.sh", "mmbench_cn.sh"):  # each TSV row once: no rotation of the options
+        text = (ROOT / "eval" / script).read_text()
+        assert "answer-mmbench" in text and "--all-rounds" not in text and "--rotate-options" not in text
+    seed = (ROOT / "eval" / "seed.sh").read_text()  # every question, the video ones included
+    assert "--image-only" not in seed and '--questions "$D/llava-seed-bench.jsonl"' in seed

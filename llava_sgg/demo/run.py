@@ -149,7 +149,7 @@ def demo_texts(data, eos: str, image_token: str = "<image>") -> list[str]:
             texts.append(render_conversation(turns, eos=eos, template=template, image_token=image_token).text)
     prompts = [p for files in (data.pope, data.gqa, data.mme)
                for p in question_prompts(files.question_file, files.image_folder)]
-    prompts += mmbench_prompts(data.mmbench.question_file, all_rounds=True)
+    prompts += mmbench_prompts(data.mmbench.question_file, rotate_options=True)
     texts += [prompt_text(p, image_token=image_token, template="vicuna_v1", eos=eos) for p in prompts]
     return [piece for text in texts for piece in text.split(image_token) if piece]
 
@@ -296,7 +296,7 @@ def evaluation_prompts(data) -> dict:
     return {
         "pope": question_prompts(data.pope.question_file, data.pope.image_folder),
         "gqa": question_prompts(data.gqa.question_file, data.gqa.image_folder),
-        "mmbench": mmbench_prompts(data.mmbench.question_file, all_rounds=True),
+        "mmbench": mmbench_prompts(data.mmbench.question_file, rotate_options=True),
         "mme": question_prompts(data.mme.question_file, data.mme.image_folder),
     }
 
@@ -345,7 +345,7 @@ def baseline_answers(data, out: Path, kind: str, seed: int = 0) -> dict[str, Pat
         "mme": [line(r, yes_no()) for r in read_jsonl_records(data.mme.question_file)],
         "mmbench": [line({"question_id": p.question_id, "text": p.text},
                          "A" if kind == "majority" else rng.choice(p.record["option_char"]), **p.record)
-                    for p in mmbench_prompts(data.mmbench.question_file, all_rounds=True)],
+                    for p in mmbench_prompts(data.mmbench.question_file, rotate_options=True)],
     }
     return {name: _write_lines(out / f"{name}.jsonl", records) for name, records in files.items()}
 

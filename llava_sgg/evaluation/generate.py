@@ -24,12 +24,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data import load_image, process_image, render_prompt
-from .answers import AnswerFileError, read_jsonl_records
+from .answers import AnswerFileError, format_ids, read_jsonl_records
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
 OPTION_LETTER_CN = "请直接回答选项字母。"
-OPTION_CHARS = "ABCD"
 
 
 @dataclass
@@ -157,44 +156,61 @@ def question_prompts(question_file: str | os.PathLike, image_folder: str | os.Pa
         if key in seen:
             raise AnswerFileError(f"{question_file}: question {key[0]!r} with the same text appears twice")
         seen.add(key)
+    chunk = get_chunk(records, num_chunks, chunk_idx)
+    # Every absent file at once, before the first is loaded: SEED-Bench's video questions, for one,
+    # need their middle frame extracted to the path the question file names.
+    absent = [f"{record['question_id']}: {Path(image_folder, record['image'])}" for record in chunk
+              if record.get("image") and not Path(image_folder, record["image"]).is_file()]
+    if absent:
+        raise AnswerFileError(f"{question_file}: {len(absent)} question(s) name an image that is not a file "
+                              f"under {image_folder}: {format_ids(absent)}")
     prompts = []
-    for record in get_chunk(records, num_chunks, chunk_idx):
+    for record in chunk:
         image = _question_image(image_folder, record["image"], question_file, record["question_id"]) \
             if record.get("image") else None
         prompts.append(Prompt(record["question_id"], record["text"], image))
     return prompts
 
 
-def _present(value) -> bool:
-    return value is not None and str(value).strip() not in ("", "nan", "NaN", "None")
+def _mmbench_image(row: dict, tsv_file, index: int) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(row.get("image") or ""))).convert("RGB")
+    except (ValueError, OSError) as error:  # binascii.Error is a ValueError, PIL's UnidentifiedImageError an OSError
+        raise AnswerFileError(f"{tsv_file}: row with index {index}: the image column is not a base64 image "
+                              f"({type(error).__name__}: {error})") from None
 
 
-def mmbench_prompts(tsv_file: str | os.PathLike, *, all_rounds: bool = False, lang: str = "en",
-                    num_chunks: int = 1, chunk_idx: int = 0) -> list[Prompt]:
+def mmbench_prompts(tsv_file: str | os.PathLike, *, rotate_options: bool = False, lang: str = "en",
+                    num_chunks: int = 1, chunk_idx: int = 0, all_rounds: bool = False) -> list[Prompt]:
     """Prompts from the official MMBench TSV, as ``model_vqa_mmbench.py --single-pred-prompt``.
 
-    Hint, question, then "A. ..." lines; with ``all_rounds`` each question is asked
-    once per rotation of its options (circular evaluation).
+    One prompt per row, the official protocol: the TSV already holds each question's
+    circular copies as rows of their own (see ``mmbench``). Hint (when present),
+    question, "A. ..." lines, the answer instruction; options and hint absent where
+    LLaVA finds them absent (``mmbench.is_missing``, pandas' NA strings included).
+    ``rotate_options`` (the official ``--all-rounds``; ``all_rounds`` is the same)
+    asks each row once per rotation of its options instead: not the published
+    protocol on the official TSV (``mmbench.ROTATION_CAVEAT``).
     """
-    import csv
+    from .mmbench import OPTION_LETTERS, mmbench_questions, read_mmbench_tsv
 
-    csv.field_size_limit(1 << 30)  # base64 images
-    with open(tsv_file, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
+    if lang not in ("en", "cn"):
+        raise ValueError(f"lang must be 'en' or 'cn', got {lang!r}")
+    rotate = rotate_options or all_rounds
+    rows = read_mmbench_tsv(tsv_file)
+    questions = mmbench_questions(rows, source=str(tsv_file))  # the scorer's checks, before any compute
     suffix = OPTION_LETTER_CN if lang == "cn" else OPTION_LETTER
     prompts = []
     for row in get_chunk(rows, num_chunks, chunk_idx):
-        options = [row[c] for c in OPTION_CHARS if _present(row.get(c))]
-        option_chars = list(OPTION_CHARS[:len(options)])
-        image = Image.open(io.BytesIO(base64.b64decode(row["image"]))).convert("RGB")
-        for round_id in range(len(options) if all_rounds else 1):
-            question = row["question"]
-            if _present(row.get("hint")):
-                question = row["hint"] + "\n" + question
-            for char, option in zip(OPTION_CHARS, options):
-                question += f"\n{char}. {option}"
+        question = questions[int(row["index"])]
+        image = _mmbench_image(row, tsv_file, question.index)
+        options, option_chars = list(question.options), list(OPTION_LETTERS[:len(question.options)])
+        for round_id in range(question.rounds if rotate else 1):
+            text = question.question if question.hint is None else question.hint + "\n" + question.question
+            for char, option in zip(OPTION_LETTERS, options):
+                text += f"\n{char}. {option}"
             # Recorded as the official script does: the round, the rotated options and letters.
-            prompts.append(Prompt(int(row["index"]), f"{question}\n{suffix}", image,
+            prompts.append(Prompt(question.index, f"{text}\n{suffix}", image,
                                   {"round_id": round_id, "options": list(options), "option_char": list(option_chars)}))
             options, option_chars = options[1:] + options[:1], option_chars[1:] + option_chars[:1]
     return prompts

@@ -6,18 +6,24 @@ l2-category, split, image as base64, ...) and the answers jsonl of LLaVA's
 "options", "option_char", "answer_id", ...}. MMBench-CN is the same code on the
 Chinese TSV.
 
-Circular evaluation (CircularEval, the MMBench paper) comes in two layouts, both
-handled and combinable:
+The official protocol (LLaVA's mmbench.sh, the MMBench evaluation server,
+VLMEvalKit) answers every row of the TSV once. The TSV already holds
+CircularEval's copies: row ``i + k * 1e6`` is question ``i`` with its options
+shifted and its own ``answer`` letter, and a question counts correct circularly
+only if every row of its group (``index % 1e6``) is answered right. That is the
+circular accuracy of the MMBench leaderboard and of LLaVA-1.5's MMBench column.
 
-* the official TSV holds every rotation as its own row, row ``i + k * 1e6`` being
-  rotation ``k`` of question ``i`` with its own ``answer`` letter (VLMEvalKit groups
-  rows by ``index % 1e6``);
-* LLaVA's ``--all-rounds`` asks each row once per rotation: in round ``r`` the
-  letter at position ``k`` shows the row's option ``(k + r) % n``, so a predicted
-  letter is mapped back to the row's own lettering before it is compared.
+``--rotate-options`` (the official script's ``--all-rounds``) asks each row once
+per rotation instead: in round ``r`` the letter at position ``k`` shows the row's
+option ``(k + r) % n``, so a predicted letter is mapped back to the row's own
+lettering before it is compared, and every answer of the group must be right.
+On the official TSV a question then needs n x n right answers for n x the
+compute: not the published protocol (``ROTATION_CAVEAT``). On a TSV with one row
+per question (the demo's) it is the MMBench paper's CircularEval.
 
-A question counts correct circularly only if every answer of its group is.
 Single-round accuracy scores round 0 of the main rows (``index < 1e6``) alone.
+Options and hints are absent exactly where LLaVA's answering script finds them
+absent (``is_missing``), so the letters scored are the letters the model saw.
 """
 
 from __future__ import annotations
@@ -34,15 +40,23 @@ from pathlib import Path
 from .answers import (AnswerFileError, format_ids, format_metrics, metrics_path, read_jsonl_records,
                       write_metrics)
 
-__all__ = ["OPTION_LETTERS", "MMBenchQuestion", "read_mmbench_tsv", "mmbench_questions", "parse_option",
-           "score_mmbench", "submission_table", "write_submission", "add_arguments", "run"]
+__all__ = ["OPTION_LETTERS", "ROTATION_CAVEAT", "MMBenchQuestion", "is_missing", "read_mmbench_tsv",
+           "mmbench_questions", "parse_option", "score_mmbench", "submission_table", "write_submission",
+           "add_arguments", "run"]
 
 OPTION_LETTERS = ("A", "B", "C", "D")  # LLaVA's all_options
 CIRCULAR_OFFSET = 1_000_000  # rotation k of question i is row i + k * 1e6 in the official TSV
-# pandas.read_table's default NA strings: LLaVA reads the TSV with pandas, so an option
-# spelled like one of these is NaN there, and LLaVA stops listing options at it.
+# pandas.read_table's default NA strings: LLaVA and VLMEvalKit read the TSV with pandas, so an
+# option or hint spelled exactly like one of these (quoted or not) is NaN to them; LLaVA stops
+# listing options at it and leaves such a hint out.
 PANDAS_NA = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
                        "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"})
+# ... and LLaVA's is_none also drops strings that are "nan" or "none" in any case ("NONE", "NaN").
+LLAVA_NONE = ("nan", "none")
+ROTATION_CAVEAT = ("answers of --rotate-options (each row asked once per rotation of its options): on the "
+                   "official TSV, which already holds the rotated copies, a question needs n x n right answers, "
+                   "so this circular accuracy is not comparable to published MMBench numbers; answer each row "
+                   "once (the default) for those")
 # Columns LLaVA's convert_mmbench_for_submission.py drops before inserting `prediction` as column 7.
 NOT_SUBMITTED = ("hint", "category", "source", "image", "comment", "l2-category")
 SUBMISSION_PREDICTION_COLUMN = 6
@@ -61,6 +75,14 @@ class MMBenchQuestion:
     category: str | None
     l2_category: str | None
     split: str | None
+    question: str = ""
+    hint: str | None = None  # None where LLaVA leaves the hint out
+    hidden: tuple[str, ...] = ()  # letters with a text LLaVA does not show (after a pandas-NA option)
+
+    @property
+    def rounds(self) -> int:
+        """Rotations of --rotate-options; a row with no option shown is still asked once."""
+        return max(1, len(self.options))
 
     @property
     def main_index(self) -> int:
@@ -77,8 +99,9 @@ class _Judged:
     correct: bool | None  # None without ground truth
 
 
-def _is_na(value) -> bool:
-    return value is None or value in PANDAS_NA
+def is_missing(value) -> bool:
+    """Whether LLaVA's model_vqa_mmbench.py finds this TSV cell absent: pandas' NA strings, then its is_none."""
+    return value is None or value in PANDAS_NA or value.lower() in LLAVA_NONE
 
 
 @contextmanager
@@ -116,20 +139,29 @@ def read_mmbench_tsv(path) -> list[dict[str, str]]:
     return rows
 
 
-def _options(row: dict[str, str]) -> tuple[tuple[str, ...], list[str]]:
-    """LLaVA's get_options: A, B, ... up to the first absent one; a present option after a gap is reported."""
-    options, after_gap = [], []
-    for letter in OPTION_LETTERS:
-        value = row.get(letter)
-        if _is_na(value):
-            after_gap = [later for later in OPTION_LETTERS[len(options) + 1:] if not _is_na(row.get(later))]
-            break
-        options.append(value)
-    return tuple(options), after_gap
+def _options(row: dict[str, str]) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    """LLaVA's get_options: (options A, B, ... up to the first absent one, letters with a text after it, malformed).
+
+    A text after the stop is not shown by LLaVA either. When the stop is a text pandas reads
+    as NA ("None" as a counting answer) that is the official data as LLaVA and the MMBench
+    server see it, and followed; when it is an empty cell with a real option after it, the
+    TSV is malformed.
+    """
+    cells = [row.get(letter) for letter in OPTION_LETTERS]
+    stop = next((k for k, value in enumerate(cells) if is_missing(value)), len(cells))
+    hidden = tuple(letter for letter, value in zip(OPTION_LETTERS[stop:], cells[stop:]) if value)
+    empty_stop = stop < len(cells) and not cells[stop]
+    malformed = empty_stop and any(not is_missing(value) for value in cells[stop:])
+    return tuple(cells[:stop]), hidden, malformed
 
 
 def mmbench_questions(rows: list[dict[str, str]], *, source="questions") -> dict[int, MMBenchQuestion]:
-    """{index: question} from TSV rows; bad indices, options and answer letters are errors naming the rows."""
+    """{index: question} from TSV rows; bad indices, options and answer letters are errors naming the rows.
+
+    Options, hint and question are as LLaVA's answering script reads them (``is_missing``).
+    Option texts it does not show (``MMBenchQuestion.hidden``) are kept out as it does;
+    a question whose answer is among them can only be answered wrong, as officially.
+    """
     questions, problems = {}, defaultdict(list)
     for row in rows:
         try:
@@ -140,20 +172,24 @@ def mmbench_questions(rows: list[dict[str, str]], *, source="questions") -> dict
         if index in questions:
             problems["duplicated index"].append(index)
             continue
-        options, after_gap = _options(row)
-        if len(options) < 2:
-            problems["fewer than 2 options"].append(index)
-        if after_gap:
+        options, hidden, malformed = _options(row)
+        if malformed:
             problems["an option after an empty one"].append(index)
+        elif len(options) < 2 and not hidden:
+            problems["fewer than 2 options"].append(index)
+        if is_missing(row.get("question")):
+            problems["no question"].append(index)
         answer = row.get("answer")
-        answer = None if _is_na(answer) else answer.strip()
-        if answer is not None and answer not in OPTION_LETTERS[:len(options)]:
+        answer = None if is_missing(answer) else answer.strip()
+        if answer is not None and answer not in OPTION_LETTERS[:len(options)] + hidden:
             problems["answer letter not among the row's options"].append(index)
+        hint = row.get("hint")
         questions[index] = MMBenchQuestion(
             index=index, options=options, answer=answer,
-            category=None if _is_na(row.get("category")) else row["category"],
-            l2_category=None if _is_na(row.get("l2-category")) else row["l2-category"],
-            split=None if _is_na(row.get("split")) else row["split"])
+            category=None if is_missing(row.get("category")) else row["category"],
+            l2_category=None if is_missing(row.get("l2-category")) else row["l2-category"],
+            split=None if is_missing(row.get("split")) else row["split"],
+            question=row.get("question") or "", hint=None if is_missing(hint) else hint, hidden=hidden)
     orphans = [i for i in questions if i >= CIRCULAR_OFFSET and i % CIRCULAR_OFFSET not in questions]
     if orphans:
         problems[f"rotated row without its main row (index % {CIRCULAR_OFFSET})"].extend(orphans)
@@ -218,7 +254,7 @@ def _judge(questions: dict[int, MMBenchQuestion], answers, *, source) -> dict[tu
             continue
         n = len(questions[index].options)
         round_ = _round_of(record)
-        if isinstance(round_, bool) or not isinstance(round_, int) or not 0 <= round_ < n:
+        if isinstance(round_, bool) or not isinstance(round_, int) or not 0 <= round_ < questions[index].rounds:
             problems["round not an integer in 0..n_options-1"].append(f"{index} round {round_!r}")
             continue
         if (index, round_) in records:
@@ -237,13 +273,13 @@ def _judge(questions: dict[int, MMBenchQuestion], answers, *, source) -> dict[tu
             problems["a number of options different from the TSV's"].append(f"{index} round {round_}")
             continue
         records[index, round_] = record
-    all_rounds = any(round_ > 0 for _, round_ in records)
+    rotated = any(round_ > 0 for _, round_ in records)
     expected = [(index, round_) for index, question in questions.items()
-                for round_ in (range(len(question.options)) if all_rounds else (0,))]
-    missing = [f"{index} round {round_}" if all_rounds else index
+                for round_ in (range(question.rounds) if rotated else (0,))]
+    missing = [f"{index} round {round_}" if rotated else index
                for index, round_ in expected if (index, round_) not in records]
     if missing:
-        problems["no answer" + (" (answers of several rounds need every round)" if all_rounds else "")] = missing
+        problems["no answer" + (" (answers of --rotate-options need every round)" if rotated else "")] = missing
     if problems:
         raise AnswerFileError(f"{source}: " + "; ".join(f"{len(ids)} answer(s) with {what}: {format_ids(ids)}"
                                                        for what, ids in problems.items()))
@@ -265,32 +301,51 @@ def _accuracy(hits: list[bool]) -> float:
 
 
 def score_mmbench(rows: list[dict[str, str]], answers, *, benchmark: str = "mmbench",
-                  source: str = "answers") -> dict:
+                  source: str = "answers", questions_source: str = "questions") -> dict:
     """Metrics of LLaVA MMBench answers against the TSV rows (see the module docstring).
 
     ``answers`` are answer records (dicts); accuracies are percentages, None on a
     split without ground truth (the MMBench test set: upload ``submission_table``).
+    ``protocol`` says how the answers were asked: "official" (each row once; circular
+    accuracy over the TSV's copies) or "rotate_options" (with ``caveat``: not comparable
+    to published numbers).
     """
-    questions = mmbench_questions(rows)
+    questions = mmbench_questions(rows, source=questions_source)
     judged = _judge(questions, answers, source=source)
     main = [q for q in questions.values() if q.index < CIRCULAR_OFFSET]
     group = defaultdict(list)
     for item in judged.values():
         group[item.index % CIRCULAR_OFFSET].append(item.correct)
     unparseable = [[item.index, item.round] for item in judged.values() if item.shown_letter is None]
+    hidden = [q.index for q in questions.values() if q.hidden]
+    rotated = any(item.round > 0 for item in judged.values())
+    notes = [UNPARSEABLE_NOTE]
     metrics = {
         "benchmark": benchmark,
+        "protocol": "rotate_options" if rotated else "official",
         "questions": len(main),
         "rows": len(questions),
+        "circular_copies": len(questions) - len(main),  # the TSV's rows index + k * 1e6
         "answers": len(judged),
         "circular": any(len(group[q.index]) > 1 for q in main),
         "unparseable": len(unparseable),
         "unparseable_ids": unparseable,
-        "note": UNPARSEABLE_NOTE,
+        "rows_with_hidden_options": len(hidden),
+        "rows_with_hidden_options_ids": hidden,
     }
+    if rotated:
+        metrics["caveat"] = ROTATION_CAVEAT
+    elif not metrics["circular"]:
+        notes.append("the TSV holds no circular copies (rows index + k * 1e6, as the official TSVs do): "
+                     "no circular accuracy")
+    if hidden:
+        notes.append("rows with hidden options have an option text pandas reads as missing ('None', 'NA', ...): "
+                     "as in LLaVA's script only the options before it are shown, and an answer among the "
+                     "others counts wrong")
+    metrics["note"] = "; ".join(notes)
     if not any(q.answer is not None for q in questions.values()):
         metrics.update(circular_accuracy=None, single_round_accuracy=None,
-                       note=UNPARSEABLE_NOTE + "; the TSV has no answers (test split): upload the submission file")
+                       note=metrics["note"] + "; the TSV has no answers (test split): upload the submission file")
         return metrics
 
     def summary(subset: list[MMBenchQuestion]) -> dict:
@@ -309,8 +364,8 @@ def score_mmbench(rows: list[dict[str, str]], answers, *, benchmark: str = "mmbe
     return metrics
 
 
-def submission_table(rows: list[dict[str, str]], answers, *,
-                     source: str = "answers") -> tuple[list[str], list[list[str]]]:
+def submission_table(rows: list[dict[str, str]], answers, *, source: str = "answers",
+                     questions_source: str = "questions") -> tuple[list[str], list[list[str]]]:
     """LLaVA's convert_mmbench_for_submission.py table: (header, rows).
 
     The TSV's columns less hint, category, source, image, comment, l2-category, with
@@ -318,7 +373,7 @@ def submission_table(rows: list[dict[str, str]], answers, *,
     answer text where no letter could be parsed (so the MMBench server's own
     matching still sees it).
     """
-    questions = mmbench_questions(rows)
+    questions = mmbench_questions(rows, source=questions_source)
     judged = _judge(questions, answers, source=source)
     header = [column for column in rows[0] if column not in NOT_SUBMITTED] if rows else ["index"]
     position = min(SUBMISSION_PREDICTION_COLUMN, len(header))
@@ -358,7 +413,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, benchmark: str = "mmbench"
     parser.add_argument("--questions", required=True, metavar="TSV",
                         help="the official MMBench (or MMBench-CN) TSV, e.g. mmbench_dev_20230712.tsv")
     parser.add_argument("--answers", required=True, metavar="JSONL",
-                        help="answers of LLaVA's model_vqa_mmbench.py (one or all rounds)")
+                        help="answers of `llava-sgg answer-mmbench` or LLaVA's model_vqa_mmbench.py: each row "
+                             "once (the official protocol), or every round of --rotate-options / --all-rounds "
+                             "(scored with a caveat: not comparable to published MMBench numbers)")
     parser.add_argument("--output", metavar="JSON", help="metrics file (default: <answers>_metrics.json)")
     parser.add_argument("--submission", metavar="TSV",
                         help="write the upload table here (default for a TSV without answers: "
@@ -371,7 +428,8 @@ def run(args: argparse.Namespace) -> dict:
     answers_path = Path(args.answers)
     rows = read_mmbench_tsv(args.questions)
     answers = read_jsonl_records(answers_path, required=("question_id", "text"))  # ids repeat across rounds
-    metrics = score_mmbench(rows, answers, benchmark=getattr(args, "benchmark", "mmbench"), source=str(answers_path))
+    metrics = score_mmbench(rows, answers, benchmark=getattr(args, "benchmark", "mmbench"), source=str(answers_path),
+                            questions_source=str(args.questions))
     submission = args.submission
     if submission is None and metrics["single_round_accuracy"] is None:
         submission = answers_path.with_name(answers_path.stem + "_submission.tsv")
@@ -379,8 +437,14 @@ def run(args: argparse.Namespace) -> dict:
     if metrics["unparseable"]:
         print(f"{metrics['unparseable']} unparseable answer(s), counted wrong, as [question_id, round]: "
               + format_ids(metrics["unparseable_ids"]))
+    if metrics["rows_with_hidden_options"]:
+        print(f"{metrics['rows_with_hidden_options']} row(s) with an option text pandas reads as missing, shown "
+              f"without it as LLaVA does: " + format_ids(metrics["rows_with_hidden_options_ids"]))
+    if "caveat" in metrics:
+        print(f"CAVEAT: {metrics['caveat']}")
     if submission is not None:
-        for written in write_submission(*submission_table(rows, answers, source=str(answers_path)), submission):
+        table = submission_table(rows, answers, source=str(answers_path), questions_source=str(args.questions))
+        for written in write_submission(*table, submission):
             print(f"wrote {written}")
     print(f"wrote {write_metrics(metrics, metrics_path(answers_path, args.output))}")
     return metrics

@@ -1,12 +1,20 @@
-"""SEED-Bench, image part: LLaVA's convert_seed_for_submission.py scoring and upload file.
+"""SEED-Bench: LLaVA's convert_seed_for_submission.py scoring (image, video, overall) and upload file.
 
 Ground truth is the official ``SEED-Bench.json``: ``{"question_type": {name: id}, "questions":
-[{"question_id", "question_type_id", "answer", "data_type": "image"|"video", ...}]}``. The 9
-image dimensions are question types 1-9 (Scene Understanding ... Text Understanding).
-Answers are LLaVA's jsonl on ``llava-seed-bench.jsonl``, asked to reply with the option's
-letter; as in LLaVA an answer is right only when its text *is* the answer letter, so
-"A." or "(A)" count wrong (they are listed under ``not_a_letter``). Question ids are
-compared as strings, as LLaVA's int/str fallback effectively does.
+[{"question_id", "question_type_id", "answer", "data_type": "image"|"video", ...}]}``: 9 image
+dimensions (question types 1-9, Scene Understanding ... Text Understanding) and 3 video ones
+(10-12, Action Recognition, Action Prediction, Procedure Understanding). LLaVA answers the video
+questions from one frame, the middle one, which its ``llava-seed-bench.jsonl`` names as an image
+path like any other question; so its SEED column (58.6 for LLaVA-1.5-7B) is the overall accuracy
+over both parts, and SEED-IMG the image part alone.
+
+As LLaVA computes them: accuracy per question type over all questions, and image, video and
+overall accuracy each pooled over their questions (right answers / questions, not a mean of the
+per-type accuracies). An answer is right only when its text *is* the answer letter, so "A." or
+"(A)" count wrong (they are listed under ``not_a_letter``). Question ids are compared as
+strings, as LLaVA's int/str fallback effectively does. Unlike LLaVA's script, which counts an
+unanswered question wrong, every question must be answered (``image_only`` scores the image
+part alone, without video or overall accuracy).
 """
 
 from __future__ import annotations
@@ -67,48 +75,72 @@ def seed_image_questions(annotation: dict, *, source: str = "SEED-Bench.json") -
     return {key: question for key, question in questions.items() if question["data_type"] == "image"}
 
 
-def score_seed(annotation: dict, answers: dict, *, source: str = "answers") -> dict:
-    """Accuracy per image question type and over the image part (percent), as LLaVA computes it.
+def _accuracy(hits: list[bool]) -> float | None:
+    return 100.0 * sum(hits) / len(hits) if hits else None
 
-    ``answers`` is ``{question_id: record}`` (ids as numbers or strings). Every image question
-    must be answered; answers to video questions are counted and left out; ids that are not
-    in the annotation are errors.
+
+def score_seed(annotation: dict, answers: dict, *, source: str = "answers", image_only: bool = False) -> dict:
+    """Accuracy per question type, on images, on videos and overall (percent), as LLaVA computes it.
+
+    ``answers`` is ``{question_id: record}`` (ids as numbers or strings). Every question must
+    be answered (with ``image_only``, every image question; answers to video questions are
+    then counted and left out); ids that are not in the annotation are errors.
     """
     questions, type_names = _validate(annotation, source="SEED-Bench.json")
     texts = answer_texts(_by_string_id(answers, source=source), path=source)
-    image = [key for key, question in questions.items() if question["data_type"] == "image"]
     unknown = [key for key in texts if key not in questions]
     if unknown:
-        raise AnswerFileError(f"{source}: {len(unknown)} answer ids are not in SEED-Bench.json: {format_ids(unknown)}")
-    match_ids(texts, image, path=source, allow_extra=True)
+        raise AnswerFileError(f"{source}: {len(unknown)} answer ids are not in SEED-Bench.json: {format_ids(unknown)} "
+                              "(is SEED-Bench.json the version the question file was made from?)")
+    scored = [key for key, question in questions.items() if not image_only or question["data_type"] == "image"]
+    missing = [key for key in scored if key not in texts]
+    if missing:
+        video = sum(questions[key]["data_type"] == "video" for key in missing)
+        raise AnswerFileError(
+            f"{source}: {len(missing)} of {len(scored)} questions of SEED-Bench.json have no answer: "
+            f"{format_ids(missing)}"
+            + (f"; {video} of them are video questions, which LLaVA answers from their middle frame "
+               "(llava-seed-bench.jsonl names it); --image-only scores the image part alone" if video else ""))
+    hits = {key: texts[key] == questions[key]["answer"] for key in scored}
     per_type = defaultdict(list)
-    for key in image:
-        per_type[questions[key]["question_type_id"]].append(texts[key] == questions[key]["answer"])
-    not_a_letter = [key for key in image if texts[key] not in LETTERS]
-    hits = [hit for type_hits in per_type.values() for hit in type_hits]
-    return {
+    for key in scored:
+        per_type[questions[key]["question_type_id"]].append(hits[key])
+    part = {data_type: [hits[key] for key in scored if questions[key]["data_type"] == data_type]
+            for data_type in ("image", "video")}
+    not_a_letter = [key for key in scored if texts[key] not in LETTERS]
+    metrics = {
         "benchmark": "seed",
-        "questions": len(image),
-        "image_accuracy": 100.0 * sum(hits) / len(hits),
+        "questions": len(scored),
+        "image_questions": len(part["image"]),
+        "video_questions": len(part["video"]),
+        "overall_accuracy": None if image_only else _accuracy(list(hits.values())),
+        "image_accuracy": _accuracy(part["image"]),
+        "video_accuracy": None if image_only else _accuracy(part["video"]),
         "per_type": {type_names[type_id]: {"questions": len(per_type[type_id]),
-                                           "accuracy": 100.0 * sum(per_type[type_id]) / len(per_type[type_id])}
+                                           "accuracy": _accuracy(per_type[type_id])}
                      for type_id in sorted(per_type)},
-        "video_answers_ignored": sum(questions[key]["data_type"] == "video" for key in texts),
         "not_a_letter": len(not_a_letter),
         "not_a_letter_ids": not_a_letter,
         "note": "an answer is right only when its text is exactly the answer letter (LLaVA); others count wrong",
     }
+    if image_only:
+        metrics["video_answers_ignored"] = sum(questions[key]["data_type"] == "video" for key in texts)
+        metrics["note"] += "; image part only (--image-only): not LLaVA-1.5's SEED column, which is overall"
+    return metrics
 
 
-def seed_upload_records(annotation: dict, answers: dict, *, source: str = "answers") -> list[dict]:
-    """LLaVA's upload file: ``{"question_id", "prediction"}`` for every answered question, in the annotation's order.
+def seed_upload_records(annotation: dict, answers: dict, *, source: str = "answers",
+                        image_only: bool = False) -> list[dict]:
+    """LLaVA's upload file: ``{"question_id", "prediction"}`` for every question, in the annotation's order.
 
     The ids keep the annotation's spelling; the prediction is the answer text as generated.
+    With ``image_only``, the image questions alone. An unanswered question is an error.
     """
     questions, _ = _validate(annotation, source="SEED-Bench.json")
     texts = answer_texts(_by_string_id(answers, source=source), path=source)
-    return [{"question_id": question["question_id"], "prediction": texts[key]}
-            for key, question in questions.items() if key in texts]
+    wanted = [key for key, question in questions.items() if not image_only or question["data_type"] == "image"]
+    match_ids(texts, wanted, path=source, allow_extra=True)
+    return [{"question_id": questions[key]["question_id"], "prediction": texts[key]} for key in wanted]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,24 +152,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="JSON", help="metrics file (default: <answers>_metrics.json)")
     parser.add_argument("--upload", metavar="JSONL",
                         help="the leaderboard upload file (default: <answers>_upload.jsonl next to the answers)")
+    parser.add_argument("--image-only", action="store_true",
+                        help="score the image questions alone (SEED-IMG), without the video part LLaVA-1.5's "
+                             "SEED column includes; video answers, if any, are left out of the metrics and the upload")
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Score the image part, print the table, write the metrics JSON and the upload jsonl."""
+    """Score, print the table, write the metrics JSON and the upload jsonl."""
     answers_path = Path(args.answers)
     annotation = read_json(args.annotation)
     answers = read_jsonl(answers_path)
     if args.questions is not None:
         asked = _by_string_id(read_jsonl(args.questions), source=args.questions)
         match_ids(_by_string_id(answers, source=str(answers_path)), asked, path=answers_path)
-    metrics = score_seed(annotation, answers, source=str(answers_path))
+    metrics = score_seed(annotation, answers, source=str(answers_path), image_only=args.image_only)
     print(format_metrics(metrics))
     if metrics["not_a_letter"]:
         print(f"{metrics['not_a_letter']} answer(s) not a bare letter A-D, counted wrong: "
               + format_ids(metrics["not_a_letter_ids"]))
     upload = Path(args.upload) if args.upload else answers_path.with_name(answers_path.stem + "_upload.jsonl")
     upload.parent.mkdir(parents=True, exist_ok=True)
-    records = seed_upload_records(annotation, answers, source=str(answers_path))
+    records = seed_upload_records(annotation, answers, source=str(answers_path), image_only=args.image_only)
     upload.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
     print(f"wrote {upload} ({len(records)} predictions)")
     print(f"wrote {write_metrics(metrics, metrics_path(answers_path, args.output))}")
