@@ -1,7 +1,8 @@
-# Shared by scripts/finetune_{full,lora,qlora}.sh; source it, then call
+# Shared by scripts/pretrain.sh and scripts/finetune_{full,lora,qlora}.sh; source it, then call
 #   launch MODE [RECIPE_ARGS ...] -- OPTIM_CONFIG [USER_ARGS ...]
 # RECIPE_ARGS (e.g. the LoRA learning rate) come before USER_ARGS, so the user's --set wins.
-# Keeps the official global batch of 128: gradient accumulation = GLOBAL_BATCH / (PER_DEVICE x GPUs x NNODES).
+# Keeps the official global batch (128 by default; pretrain.sh sets 256, 32 per device):
+# gradient accumulation = GLOBAL_BATCH / (PER_DEVICE x GPUs x NNODES).
 # Uses every visible GPU; NGPUS (per node), GLOBAL_BATCH and PER_DEVICE override.
 # Launcher (README "Multi-GPU / multi-node"):
 #   LAUNCHER=accelerate (default)  accelerate launch [--config_file $ACCELERATE_CONFIG] --num_processes ...
@@ -14,7 +15,7 @@ launch() {
   shift
   while [ "$#" -gt 0 ] && [ "$1" != "--" ]; do recipe+=("$1"); shift; done
   shift
-  local optim=${1:?usage: finetune_$mode.sh OPTIM_CONFIG [--config FILE ...] [--set section.key=value ...]}
+  local optim=${1:?usage: $(basename "$0") OPTIM_CONFIG [--config FILE ...] [--set section.key=value ...]}
   shift
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   ngpus=${NGPUS:-$(python -c "import torch; print(torch.cuda.device_count())")}
