@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llava-sgg {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="fine-tune LLaVA-v1.5 (full, LoRA or QLoRA) with any optimizer")
+    train = commands.add_parser("train", help="train LLaVA-v1.5 (stage 1, or full, LoRA or QLoRA fine-tuning) with any optimizer")
     train.add_argument("--config", action="append", required=True, metavar="FILE",
                        help="YAML run config; repeat to merge several, later ones win")
     train.add_argument("--optim", metavar="FILE", help="YAML file with an optimizer section (replaces the config's)")
