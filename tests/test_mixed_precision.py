@@ -86,8 +86,8 @@ def test_the_final_model_is_saved_in_the_loaded_dtype_and_checkpoints_keep_the_m
     assert model.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("mode", ["lora", "pretrain"])
-def test_lora_and_pretrain_train_fp32_adapters_and_connector_and_save_them_in_bf16(assets, tmp_path, mode):
+@pytest.mark.parametrize("mode", ["lora", "qlora", "pretrain"])
+def test_lora_qlora_and_pretrain_train_fp32_adapters_and_connector_and_save_them_in_bf16(assets, tmp_path, mode):
     parts, data = assets
     cfg = tiny_run({**parts, "torch_dtype": "bfloat16"}, data, tmp_path / mode, mode, {"name": "adamw", "lr": 1e-3},
                    max_steps=1, bf16=True)
@@ -95,9 +95,10 @@ def test_lora_and_pretrain_train_fp32_adapters_and_connector_and_save_them_in_bf
     trained = {n: p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trained and set(trained.values()) == {torch.float32}
     frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
-    assert frozen == {torch.bfloat16}
+    # QLoRA: 8-bit decoder weights, and peft's prepare_model_for_kbit_training holds the rest in fp32.
+    assert frozen == ({torch.int8, torch.float32} if mode == "qlora" else {torch.bfloat16})
     output = train(cfg)
-    saved = output / ("adapter_model.safetensors" if mode == "lora" else "mm_projector.safetensors")
+    saved = output / ("mm_projector.safetensors" if mode == "pretrain" else "adapter_model.safetensors")
     assert set(_dtypes(saved).values()) == {torch.bfloat16}
 
 
