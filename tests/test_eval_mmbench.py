@@ -270,10 +270,38 @@ def test_one_round_only_reports_no_circular_accuracy(tsv):
     ("b", None),  # lower case is not a letter answer
     ("Cannot determine the answer: A", None),  # a refusal, whatever follows
     ("Z", None),
-    ("It could be a dog, though the long explanation goes on and on and on", None),  # too long for option text
+    ("A dog", "A"),  # the article is a letter token: VLMEvalKit reads option A too
 ])
 def test_parse_option(text, expected):
     assert parse_option(text, {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    # Current VLMEvalKit (since c3371551, August 2025) leaves the next two to ChatGPT: it wants the letter among
+    # the last 4 tokens (here the 1st of 10), and reads option texts only in answers at most twice as long as
+    # all option texts together (2 * 14 = 28 characters).
+    ("B is right because dogs bark and cats do not", "B"),
+    ("It could be a dog, though the long explanation goes on and on", "B"),
+    # Two letters, no option text; since a67ace50 VLMEvalKit reads "answer is B" first and gives B.
+    ("The answer is B, not A", None),
+    # An API failure skips the letter rule (in every version), not the option-text rule.
+    ("Failed to obtain answer via API. B", None),
+    ("Failed to obtain answer via API: dog", "B"),
+])
+def test_parse_option_is_vlmevalkits_can_infer_before_august_2025(text, expected):
+    assert parse_option(text, {"A": "cat", "B": "dog", "C": "bird", "D": "fish"}) == expected
+
+
+def test_an_answer_text_that_is_not_a_string_is_an_error(tsv, tmp_path):
+    answers = [llava_answer(0, 0, "B", 4), llava_answer(1, 0, None, 3), llava_answer(2, 0, 2, 2)]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(AnswerFileError) as error:
+        run(parser.parse_args(["--questions", str(tsv), "--answers", str(write_answers(tmp_path / "a.jsonl", answers))]))
+    assert "line 2 (question_id 1): 'text' is null, not a string" in str(error.value)
+    assert "line 3 (question_id 2): 'text' is 2, not a string" in str(error.value)
+    with pytest.raises(AnswerFileError, match=r"no 'text' string: '1 round 0: None', '2 round 0: 2'"):
+        score_mmbench(read_mmbench_tsv(tsv), answers)
 
 
 def test_option_text_matching_works_in_chinese():

@@ -8,7 +8,7 @@ from PIL import Image
 
 from llava_sgg.evaluation.answers import AnswerFileError
 from llava_sgg.evaluation.mme import (add_arguments, convert_answers_to_mme, parse_pred_ans, read_mme_ground_truth,
-                                      read_mme_results, run, score_mme)
+                                      read_mme_results, run, score_mme, write_mme_results)
 
 SUFFIX = " Please answer yes or no."
 LLAVA = " Answer the question using a single word or phrase."
@@ -79,11 +79,11 @@ def test_score_llava_answers_against_the_mme_folder(mme_root, tmp_path):
     assert len(metrics["missing_subtasks"]) == 12 and "OCR" in metrics["missing_subtasks"]
     assert json.loads((tmp_path / "llava-v1.5-7b_metrics.json").read_text()) == metrics
 
-    # The files for the official eval_tool: image, question as MME words it, gt, prediction; pairs together.
+    # The files for the official eval_tool: the image's question file, question as MME words it, gt, prediction.
     lines = (tmp_path / "llava-v1.5-7b_mme" / "existence.txt").read_text().splitlines()
-    assert lines[2:4] == ["000000018918.jpg\tIs there a dog in this image? Please answer yes or no.\tYes\t"
+    assert lines[2:4] == ["000000018918.txt\tIs there a dog in this image? Please answer yes or no.\tYes\t"
                           "Yes, there is a dog.",
-                          "000000018918.jpg\tIs there a cat in this image?  Please answer yes or no.\tNo\tNot really"]
+                          "000000018918.txt\tIs there a cat in this image?  Please answer yes or no.\tNo\tNot really"]
     again = run(parser.parse_args(["--results", str(tmp_path / "llava-v1.5-7b_mme")]))
     assert again == metrics
     assert (tmp_path / "llava-v1.5-7b_mme" / "metrics.json").is_file()
@@ -96,6 +96,62 @@ def test_score_llava_answers_against_the_mme_folder(mme_root, tmp_path):
 ])
 def test_parse_pred_ans_is_calculation_py(prediction, label):
     assert parse_pred_ans(prediction) == label
+
+
+def test_the_results_files_are_llavas_converter_output(mme_root, tmp_path):
+    # LLaVA's llava_mme.jsonl order: subtasks and images not sorted, an image's questions in its own order.
+    answers = llava_answers({"code_reasoning": CODE_REASONING, "existence": EXISTENCE})
+    answers = answers[2:4] + answers[1::-1] + answers[4:]  # image 0021 first, then 0020's two questions swapped
+    written = write_mme_results(convert_answers_to_mme(answers, read_mme_ground_truth(mme_root)), tmp_path / "out")
+    assert sorted(path.name for path in written) == ["code_reasoning.txt", "existence.txt"]
+    # convert_answer_to_mme.py: question_id "code_reasoning/0020.png" -> "0020.txt"; the answer text as it is.
+    assert (tmp_path / "out" / "code_reasoning.txt").read_text() == (
+        "0021.txt\tWill the code print 3? Please answer yes or no.\tNo\tno\n"
+        "0021.txt\tWill the code print 5? Please answer yes or no.\tYes\tyes\n"
+        "0020.txt\tIs a C++ code shown in the picture? Please answer yes or no.\tNo\tYes\n"
+        "0020.txt\tIs a python code shown in the picture? Please answer yes or no.\tYes\tyes\n")
+
+    # Answers that keep an image's questions apart are brought together, as calculation.py pairs lines 1-2, 3-4.
+    apart = [answers[0], answers[2], answers[1], answers[3]] + answers[4:]
+    rows = convert_answers_to_mme(apart, read_mme_ground_truth(mme_root))["code_reasoning"]
+    assert [(row[0], row[3]) for row in rows] == [("0021.txt", "no"), ("0021.txt", "yes"),
+                                                  ("0020.txt", "Yes"), ("0020.txt", "yes")]
+
+
+@pytest.mark.parametrize("answer, field, right", [
+    ("\r\nyes", "yes", True),  # CR and LF deleted, as MME's readme asks: not "  yes", which reads "  ye": other
+    ("yes\n", "yes", True),
+    ("Yes.", "Yes.", True),  # "yes." has "yes" in its first 4 characters
+    ("\tno", "no", False),  # a tab deleted too: a fifth field would stop calculation.py
+    ("No, there is no train.", "No, there is no train.", False),
+    ("Yes,\nthere\tis.", "Yes,thereis.", True),
+    ("   yes", "   yes", False),  # spaces kept, as officially: "   y" is 'other'
+])
+def test_an_answer_becomes_one_eval_tool_field(mme_root, tmp_path, answer, field, right):
+    answers = llava_answers({"existence": EXISTENCE, "code_reasoning": CODE_REASONING})
+    answers[0] = dict(answers[0], text=answer)  # "Is there a train in this image?", ground truth Yes
+    write_mme_results(convert_answers_to_mme(answers, read_mme_ground_truth(mme_root)), tmp_path / "out")
+
+    # As calculation.py reads it: readlines() in text mode (CR, LF, CR LF end a line), 4 tab-separated fields.
+    with open(tmp_path / "out" / "existence.txt") as handle:
+        lines = handle.readlines()
+    assert len(lines) == 6 and all(len(line.split("\t")) == 4 for line in lines)
+    assert lines[0] == f"000000006040.txt\tIs there a train in this image? Please answer yes or no.\tYes\t{field}\n"
+    # existence otherwise has 4 of 5 other questions right and 2 of its other 2 images both right.
+    existence = score_mme(read_mme_results(tmp_path / "out"))["subtasks"]["existence"]
+    assert existence["acc"] == pytest.approx((500 if right else 400) / 6)
+    assert existence["acc_plus"] == pytest.approx((200 if right else 100) / 3)
+
+
+def test_an_answer_that_is_not_a_string_names_its_line(mme_root, tmp_path):
+    answers = llava_answers({"existence": EXISTENCE, "code_reasoning": CODE_REASONING})
+    answers[1] = dict(answers[1], text=None)
+    path = write_jsonl(tmp_path / "answers.jsonl", answers)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(AnswerFileError, match=r"line 2 \(question_id 'existence/000000006040.jpg'\): "
+                                              r"'text' is null, not a string"):
+        run(parser.parse_args(["--answers", str(path), "--mme-root", str(mme_root)]))
 
 
 def test_score_official_result_files_of_another_tool(tmp_path):

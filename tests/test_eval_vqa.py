@@ -158,6 +158,48 @@ def test_textvqa_missing_answer_names_image_and_question():
         vqa.score_textvqa([answer("img1", "x", "A?\nAnswer the question using a single word or phrase.")], data)
 
 
+def test_textvqa_duplicated_and_unknown_answers_are_told_apart(tmp_path):
+    data = [{"question_id": 1, "image_id": "img1", "question": "A?", "answers": ["x"] * 10},
+            {"question_id": 2, "image_id": "img2", "question": "B?", "answers": ["y"] * 10}]
+    (tmp_path / "TextVQA_0.5.1_val.json").write_text(json.dumps({"data": data}))
+    suffix = "\nAnswer the question using a single word or phrase."
+    # Line 2 is blank: the lines named are the file's own.
+    (tmp_path / "answers.jsonl").write_text(
+        json.dumps(answer("img1", "x", "A?" + suffix)) + "\n\n"
+        + json.dumps(answer("img2", "y", "B?" + suffix)) + "\n"
+        + json.dumps(answer("img1", "x", "A?" + suffix)) + "\n"  # the same question again
+        + json.dumps(answer("img3", "z", "C?" + suffix)) + "\n")  # no such question
+    parser = argparse.ArgumentParser()
+    vqa.add_arguments(parser, "textvqa")
+    args = parser.parse_args(["--answers", str(tmp_path / "answers.jsonl"),
+                              "--annotations", str(tmp_path / "TextVQA_0.5.1_val.json")])
+    with pytest.raises(AnswerFileError) as error:
+        vqa.run(args)
+    message = str(error.value)
+    assert "1 answer(s) with no (image_id, question) in the annotations: \"line 5: ('img3', 'c?')\"" in message
+    assert "1 (image_id, question) pair(s) answered more often than annotated: \"('img1', 'a?') on lines 1, 4\"" \
+        in message
+    assert "have no answer" not in message
+
+    # Without the unknown one, the duplicate alone.
+    lines = (tmp_path / "answers.jsonl").read_text().splitlines()
+    (tmp_path / "answers.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    with pytest.raises(AnswerFileError, match=r"answered more often than annotated") as error:
+        vqa.run(args)
+    assert "in the annotations" not in str(error.value)
+
+
+def test_textvqa_answer_text_that_is_not_a_string_names_its_line(tmp_path):
+    data = [{"question_id": 1, "image_id": "img1", "question": "A?", "answers": ["x"] * 10}]
+    (tmp_path / "TextVQA_0.5.1_val.json").write_text(json.dumps({"data": data}))
+    write_jsonl(tmp_path / "answers.jsonl", [answer("img1", None, "A?\nAnswer briefly.")])
+    parser = argparse.ArgumentParser()
+    vqa.add_arguments(parser, "textvqa")
+    with pytest.raises(AnswerFileError, match=r"line 1 \(question_id 'img1'\): 'text' is null, not a string"):
+        vqa.run(parser.parse_args(["--answers", str(tmp_path / "answers.jsonl"),
+                                   "--annotations", str(tmp_path / "TextVQA_0.5.1_val.json")]))
+
+
 def test_missing_and_extra_ids_are_errors_naming_them():
     annotations = [{"question_id": q, "answers": humans(("yes", 10))} for q in (1, 2, 3, 4)]
     with pytest.raises(AnswerFileError, match=r"2 of 4 question ids have no answer: 3, 4"):

@@ -26,8 +26,10 @@ def format_ids(ids: Iterable) -> str:
     return listed + (f", ... ({len(ids) - SHOWN} more)" if len(ids) > SHOWN else "")
 
 
-def _parse_jsonl(path: Path, required: tuple[str, ...]) -> tuple[list[dict], list[str]]:
-    """(records, problems): every line that is a JSON object with the required keys, and what is wrong with the rest."""
+def _parse_jsonl(path: Path, required: tuple[str, ...],
+                 strings: tuple[str, ...] = ()) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(numbered records, problems): (line number, record) for every line that is a JSON object with the
+    required keys and a string under each of ``strings``, and what is wrong with the rest."""
     if not path.is_file():
         raise AnswerFileError(f"{path} does not exist")
     records, problems = [], []
@@ -44,7 +46,15 @@ def _parse_jsonl(path: Path, required: tuple[str, ...]) -> tuple[list[dict], lis
             if absent:
                 problems.append(f"line {line_number}: no {', '.join(map(repr, absent))}")
                 continue
-            records.append(record)
+            # A null or a number is no model output (LLaVA writes the decoded string): refused, not
+            # scored as the string "None" or "2".
+            wrong = [f"{key!r} is {json.dumps(record[key])}, not a string" for key in strings
+                     if key in record and not isinstance(record[key], str)]
+            if wrong:
+                named = f" (question_id {record['question_id']!r})" if "question_id" in record else ""
+                problems.append(f"line {line_number}{named}: {', '.join(wrong)}")
+                continue
+            records.append((line_number, record))
     return records, problems
 
 
@@ -58,7 +68,7 @@ def read_jsonl(path: str | os.PathLike, *, id_key: str = "question_id") -> dict:
     path = Path(path)
     lines, problems = _parse_jsonl(path, (id_key,))
     records, duplicates = {}, []
-    for record in lines:
+    for _, record in lines:
         key = record[id_key]
         if key in records:
             duplicates.append(key)
@@ -69,10 +79,21 @@ def read_jsonl(path: str | os.PathLike, *, id_key: str = "question_id") -> dict:
     return records
 
 
-def read_jsonl_records(path: str | os.PathLike, *, required: tuple[str, ...] = ("question_id",)) -> list[dict]:
-    """Records of a jsonl file in order, ids not necessarily unique (LLaVA's TextVQA answers use the image id)."""
+def read_jsonl_records(path: str | os.PathLike, *, required: tuple[str, ...] = ("question_id",),
+                       strings: tuple[str, ...] = ()) -> list[dict]:
+    """Records of a jsonl file in order, ids not necessarily unique (LLaVA's TextVQA answers use the image id).
+
+    A record without a key of ``required``, or with something other than a string under a key of
+    ``strings`` (an answer's ``"text": null``), is an error naming its line and question_id.
+    """
+    return [record for _, record in read_jsonl_numbered(path, required=required, strings=strings)]
+
+
+def read_jsonl_numbered(path: str | os.PathLike, *, required: tuple[str, ...] = ("question_id",),
+                        strings: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+    """`read_jsonl_records` with each record's line number in the file, for error messages."""
     path = Path(path)
-    records, problems = _parse_jsonl(path, required)
+    records, problems = _parse_jsonl(path, required, strings)
     _raise(path, problems)
     return records
 

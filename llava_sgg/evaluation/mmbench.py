@@ -205,26 +205,42 @@ def mmbench_questions(rows: list[dict[str, str]], *, source="questions") -> dict
 def parse_option(text: str, options: dict[str, str]) -> str | None:
     """The option letter a free-text answer picks among ``options`` ({letter: option text}), or None.
 
-    VLMEvalKit's rule-based matching (``can_infer``) without its GPT fallback: once
-    ``.()[],:;!*#{}`` are blanked, exactly one option letter standing alone as a token
-    (which covers "B", "B. dog", "(B)", "Answer: B"); failing that, exactly one option's
-    text inside the lower-cased answer, if the answer is at most twice as long as all
-    option texts together. An answer naming several letters ("A or B") is unparseable
-    unless the option texts settle it. Newer VLMEvalKit also wants the letter among the
-    last 4 tokens; the rule of LLaVA-1.5's time, kept here, does not.
+    VLMEvalKit's ``can_infer`` (vlmeval/utils/matching_util.py) as it stood from March 2024
+    (c6bdffd3) to August 2025 (c3371551); from January 2024 (bc4b28be) it differed only in
+    knowing the first two of the four refusals. The server's ChatGPT step is not run.
+
+    1. ``can_infer_option``: an answer containing one of ``REFUSALS`` picks nothing ('Z').
+       Otherwise, with ``.()[],:;!*#{}`` blanked and the rest split on whitespace, exactly one
+       option letter among the tokens is the answer ("B", "B. dog", "(B)", "Answer: B", but also
+       the article in "A dog"), wherever it stands. No letter but a token "Z" picks nothing.
+       Two or more letters ("A or B") go on to step 2, as does an answer containing
+       "Failed to obtain answer via API", which skips step 1.
+    2. ``can_infer_text``: exactly one option whose lower-cased text is inside the lower-cased
+       answer, however long the answer.
+
+    ``options`` are the options LLaVA showed in this round; VLMEvalKit passes every option cell
+    of the row that pandas does not read as NaN, so on rows with hidden options
+    (``MMBenchQuestion.hidden``) it also knows the letters after the gap.
+
+    Where VLMEvalKit of other dates reads differently: before bc4b28be (January 2024) the
+    letters were always A-E, whatever the row's options; since c3371551 (August 2025) the letter
+    must also be among the last 4 tokens ("B is right because ..." is no letter) and step 2 is
+    skipped for an answer longer than twice its option texts together; since a67ace50 "answer
+    is B" is read even when other letters are named. The MMBench server and VLMEvalKit's
+    default then ask ChatGPT to match what these rules leave (several letters, neither a letter
+    nor a single option text); here that is unparseable and wrong. Answers of a bare letter, as
+    the option-letter instruction asks, read the same under every version.
     """
-    text = str(text)
-    if any(refusal in text for refusal in REFUSALS):
-        return None
-    tokens = re.sub(r"[.()\[\],:;!*#{}]", " ", text).split()
-    named = [letter for letter in options if letter in tokens]
-    if len(named) == 1:
-        return named[0]
-    if not named and "Z" in tokens:  # VLMEvalKit's explicit "none of these"
-        return None
+    if "Failed to obtain answer via API" not in text:
+        if any(refusal in text for refusal in REFUSALS):
+            return None
+        tokens = re.sub(r"[.()\[\],:;!*#{}]", " ", text).split()
+        named = [letter for letter in options if letter in tokens]
+        if len(named) == 1:
+            return named[0]
+        if not named and "Z" in tokens:  # VLMEvalKit's explicit "none of these"
+            return None
     lowered = text.lower()
-    if len(lowered) > 2 * sum(len(option) for option in options.values()):
-        return None
     matched = [letter for letter, option in options.items() if option.lower() in lowered]
     return matched[0] if len(matched) == 1 else None
 
@@ -260,8 +276,8 @@ def _judge(questions: dict[int, MMBenchQuestion], answers, *, source) -> dict[tu
         if (index, round_) in records:
             problems["duplicated (question_id, round)"].append(f"{index} round {round_}")
             continue
-        if "text" not in record:
-            problems["no 'text'"].append(f"{index} round {round_}")
+        if not isinstance(record.get("text"), str):  # a null or a number is no model output
+            problems["no 'text' string"].append(f"{index} round {round_}: {record.get('text')!r}")
             continue
         shown = [OPTION_LETTERS[(k + round_) % n] for k in range(n)]
         option_char = record.get("option_char")
@@ -292,7 +308,7 @@ def _judge(questions: dict[int, MMBenchQuestion], answers, *, source) -> dict[tu
         shown_letter = parse_option(record["text"], shown)
         letter = None if shown_letter is None else OPTION_LETTERS[(OPTION_LETTERS.index(shown_letter) + round_) % n]
         correct = None if question.answer is None else letter == question.answer
-        judged[index, round_] = _Judged(index, round_, str(record["text"]), shown_letter, letter, correct)
+        judged[index, round_] = _Judged(index, round_, record["text"], shown_letter, letter, correct)
     return judged
 
 
@@ -427,7 +443,8 @@ def run(args: argparse.Namespace) -> dict:
     """Score, print a table, write the metrics JSON (and the submission table when asked or on test)."""
     answers_path = Path(args.answers)
     rows = read_mmbench_tsv(args.questions)
-    answers = read_jsonl_records(answers_path, required=("question_id", "text"))  # ids repeat across rounds
+    # ids repeat across rounds; a text that is not a string is an error naming its line
+    answers = read_jsonl_records(answers_path, required=("question_id", "text"), strings=("text",))
     metrics = score_mmbench(rows, answers, benchmark=getattr(args, "benchmark", "mmbench"), source=str(answers_path),
                             questions_source=str(args.questions))
     submission = args.submission

@@ -1,4 +1,4 @@
-"""MME: LLaVA's convert_answer_to_mme.py and the official eval_tool/calculation.py.
+r"""MME: LLaVA's convert_answer_to_mme.py and the official eval_tool/calculation.py.
 
 MME has 14 subtasks, 10 of perception and 4 of cognition; every image has two
 yes/no questions. Per subtask ``acc`` is the percentage of questions answered
@@ -17,9 +17,25 @@ Inputs:
   adds nothing to that (its ids are the same non-unique ones) and is not read.
 
 `convert_answers_to_mme` / `write_mme_results` produce the ``<subtask>.txt`` files of the
-official eval_tool (lines ``image<TAB>question<TAB>gt<TAB>prediction``, the two questions of an
-image on consecutive lines); `read_mme_results` reads such files back, from here or elsewhere,
-and `score_mme` scores them as calculation.py does.
+official eval_tool as convert_answer_to_mme.py writes them: one line
+``<image stem>.txt<TAB>question<TAB>gt<TAB>prediction`` per question. The first field is the
+name of the image's question file, not of the image (the converter's
+``question_id.split('/')[-1].split('.')[0] + '.txt'``; calculation.py never reads it); the
+question is MME's wording, with its suffix; lines come in the answers' order, so an image's two
+questions are consecutive as calculation.py needs (it pairs lines 1-2, 3-4, ...), and where the
+answers keep an image's questions apart (LLaVA's never do) they are brought together.
+`read_mme_results` reads such files back, from here or elsewhere, and `score_mme` scores them
+as calculation.py does.
+
+Tabs and line breaks in an answer. The converter writes the answer as is, and calculation.py
+reads the file with ``readlines()`` in text mode, where CR, LF and CR LF all end a line, then
+``split("\t")`` into exactly 4 fields: an answer holding any of them breaks its line and the
+official run stops (or, in copies that catch the error, pairs the wrong lines). LLaVA's
+model_vqa_loader.py ``strip()``s every answer, so this only arises inside an answer or from
+another tool. MME's eval_tool readme asks for such newlines to be deleted ("For each question,
+your response can only be in one line"), so every CR, LF and TAB of an answer is deleted here,
+nothing else changed: "\r\nyes" is written "yes" and scored yes, "\tno" is "no". Other spaces
+are kept, as officially: "   yes" reads "   y" in its first 4 characters and is 'other' there too.
 """
 
 from __future__ import annotations
@@ -33,7 +49,7 @@ from pathlib import Path
 from .answers import (AnswerFileError, format_ids, format_metrics, metrics_path, read_jsonl_records,
                       write_metrics)
 
-__all__ = ["PERCEPTION", "COGNITION", "SUBTASKS", "parse_pred_ans", "read_mme_ground_truth",
+__all__ = ["PERCEPTION", "COGNITION", "SUBTASKS", "parse_pred_ans", "eval_tool_prediction", "read_mme_ground_truth",
            "convert_answers_to_mme", "write_mme_results", "read_mme_results", "score_mme", "add_arguments", "run"]
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
@@ -52,7 +68,9 @@ def parse_pred_ans(prediction: str) -> str:
     """calculation.py's parse_pred_ans on the lower-cased prediction: 'yes', 'no' or 'other'.
 
     Exactly "yes"/"no", else "yes" within the first 4 characters, else "no" within them
-    (so "Not sure" reads as "no", as it does officially).
+    (so "Not sure" reads as "no", as it does officially). calculation.py applies nothing
+    else: no strip (its field still ends in the line's newline, which changes no label) and
+    no punctuation removal.
     """
     prediction = prediction.lower()
     if prediction in ("yes", "no"):
@@ -112,10 +130,9 @@ def read_mme_ground_truth(root) -> dict[str, dict[str, list[tuple[str, str]]]]:
     return truth
 
 
-def _one_line(text: str) -> str:
-    # A tab or newline in a prediction would break the eval_tool's line format; the
-    # first 4 characters that parse_pred_ans reads keep their letters either way.
-    return re.sub(r"[\t\r\n]", " ", text)
+def eval_tool_prediction(text: str) -> str:
+    """An answer as one eval_tool field: CR, LF and TAB deleted, as MME's readme asks (module docstring)."""
+    return re.sub(r"[\t\r\n]", "", text)
 
 
 def convert_answers_to_mme(answers, truth: dict, *, source: str = "answers") -> dict[str, list[Row]]:
@@ -134,7 +151,8 @@ def convert_answers_to_mme(answers, truth: dict, *, source: str = "answers") -> 
                 if key in lookup:
                     problems["ground-truth questions alike but for spaces and suffixes"].append(f"{subtask}/{stem}")
                 lookup[key] = question
-    found, image_names = {}, {}
+    found = {}
+    image_keys = defaultdict(list)  # (subtask, stem) -> its question keys, in the answers' order
     for record in answers:
         question_id = str(record.get("question_id"))
         subtask, _, image = question_id.partition("/")
@@ -157,21 +175,19 @@ def convert_answers_to_mme(answers, truth: dict, *, source: str = "answers") -> 
             problems["a second answer to one question"].append(f"{question_id}: {record['prompt']!r}")
             continue
         found[key] = record["text"]
-        image_names.setdefault((subtask, stem), image)
+        image_keys[subtask, stem].append(key)
     missing = [f"{key[0]}/{key[1]}: {question!r}" for key, question in lookup.items() if key not in found]
     if missing:
         problems["no answer (every question of a subtask must be answered)"] = missing
     if problems:
         raise AnswerFileError(f"{source}: " + "; ".join(f"{len(ids)} answer(s) with {what}: {format_ids(ids)}"
                                                        for what, ids in problems.items()))
-    results = {}
-    for subtask, images in truth.items():
-        rows = []
-        for stem, pairs in images.items():
-            for question, gt in pairs:
-                prediction = found[subtask, stem, _question_key(question)]
-                rows.append((image_names[subtask, stem], question, gt, _one_line(prediction)))
-        results[subtask] = rows
+    results = {subtask: [] for subtask in truth}
+    for (subtask, stem), keys in image_keys.items():  # images in the order of their first answer
+        gts = dict(truth[subtask][stem])
+        for key in keys:
+            question = lookup[key]
+            results[subtask].append((f"{stem}.txt", question, gts[question], eval_tool_prediction(found[key])))
     return results
 
 
@@ -279,7 +295,8 @@ def run(args: argparse.Namespace) -> dict:
         if args.mme_root is None:
             raise AnswerFileError("--answers needs --mme-root, the MME folder with the ground truth")
         answers_path = Path(args.answers)
-        answers = read_jsonl_records(answers_path, required=("question_id", "prompt", "text"))
+        answers = read_jsonl_records(answers_path, required=("question_id", "prompt", "text"),
+                                     strings=("prompt", "text"))
         results = convert_answers_to_mme(answers, read_mme_ground_truth(args.mme_root), source=str(answers_path))
         folder = Path(args.results_dir) if args.results_dir else answers_path.with_name(answers_path.stem + "_mme")
         write_mme_results(results, folder)

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .answers import (AnswerFileError, answer_texts, format_ids, format_metrics, match_ids, metrics_path, read_json,
-                      read_jsonl, read_jsonl_records, write_metrics)
+                      read_jsonl, read_jsonl_numbered, write_metrics)
 from .normalize import clean_whitespace, evalai_answer, vqa_normalize
 
 BENCHMARKS = ("vqav2", "vizwiz", "textvqa")
@@ -168,30 +168,40 @@ def score_vizwiz(answers: dict, questions: dict, annotations: Sequence[dict], *,
     return metrics
 
 
-def _textvqa_by_prompt(answers: Sequence[dict], annotations: Sequence[dict], source: str) -> list[tuple[str, list]]:
+def _textvqa_by_prompt(answers: Sequence[dict], annotations: Sequence[dict], lines: Sequence[int],
+                       source: str) -> list[tuple[str, list]]:
     by_key, expected = {}, Counter()
     for annotation in annotations:
         key = (annotation["image_id"], annotation["question"].lower())
         by_key[key] = annotation["answers"]  # the last one wins, as in eval_textvqa.py's dict
         expected[key] += 1
     keys, unreadable = [], []
-    for line, answer in enumerate(answers, start=1):
+    for line, answer in zip(lines, answers):
         question = textvqa_question(answer.get("prompt") or "")
         if question is None:
-            unreadable.append(f"record {line} ({answer['question_id']!r})")
+            unreadable.append(f"line {line} ({answer['question_id']!r})")
         keys.append((answer["question_id"], question))
     if unreadable:
         raise AnswerFileError(f"{source}: {len(unreadable)} prompt(s) with no TextVQA question in LLaVA's formats: "
                               + format_ids(unreadable))
-    got = Counter(keys)
-    missing, extra = expected - got, got - expected
+    answered = defaultdict(list)  # key -> lines of its answers
+    for line, key in zip(lines, keys):
+        answered[key].append(line)
+    missing = expected - Counter({key: len(found) for key, found in answered.items()})
+    unknown = [f"line {line}: {key}" for key, found in answered.items() if key not in expected for line in found]
+    # eval_textvqa.py scores every line, so a question answered twice would count twice; here it is an error.
+    repeated = [f"{key} on lines {', '.join(map(str, found))}" for key, found in answered.items()
+                if key in expected and len(found) > expected[key]]
     problems = []
     if missing:
         problems.append(f"{sum(missing.values())} of {len(annotations)} (image_id, question) pairs have no answer: "
                         + format_ids(missing.elements()))
-    if extra:
-        problems.append(f"{sum(extra.values())} answer(s) with no (image_id, question) in the annotations: "
-                        + format_ids(extra.elements()))
+    if unknown:
+        problems.append(f"{len(unknown)} answer(s) with no (image_id, question) in the annotations: "
+                        + format_ids(unknown))
+    if repeated:
+        problems.append(f"{len(repeated)} (image_id, question) pair(s) answered more often than annotated: "
+                        + format_ids(repeated))
     if problems:
         raise AnswerFileError(f"{source}: " + "; ".join(problems))
     return [(answer["text"], by_key[key]) for answer, key in zip(answers, keys)]
@@ -211,14 +221,18 @@ def _textvqa_by_question_id(answers: Sequence[dict], annotations: Sequence[dict]
 
 
 def score_textvqa(answers: Sequence[dict], annotations: Sequence[dict], *, match: str = "prompt",
-                  source: str = "answers") -> dict:
-    """TextVQA accuracy: `answers` the answer records in file order, `annotations` TextVQA_0.5.1_val.json's data."""
+                  source: str = "answers", lines: Sequence[int] | None = None) -> dict:
+    """TextVQA accuracy: `answers` the answer records in file order, `annotations` TextVQA_0.5.1_val.json's data.
+
+    ``lines`` are the answers' line numbers in ``source``, for error messages (default 1, 2, ...).
+    """
     if match not in TEXTVQA_MATCHES:
         raise ValueError(f"unknown TextVQA match {match!r}; known: {', '.join(TEXTVQA_MATCHES)}")
-    answer_texts(dict(enumerate(answers, start=1)), path=source)
+    lines = list(range(1, len(answers) + 1)) if lines is None else list(lines)
+    answer_texts(dict(zip(lines, answers)), path=source)
     if match == "prompt":
         _check_human_answers(annotations, key="question_id", source="annotations")
-        pairs = _textvqa_by_prompt(answers, annotations, source)
+        pairs = _textvqa_by_prompt(answers, annotations, lines, source)
     else:
         pairs = _textvqa_by_question_id(answers, annotations, source)
     scores = [textvqa_accuracy(text, human) for text, human in pairs]
@@ -316,9 +330,9 @@ def run(args: argparse.Namespace) -> dict:
         metrics = score_vizwiz(read_jsonl(args.answers), read_jsonl(args.questions),
                                _annotation_list(args.annotations, "annotations"), source=args.answers)
     else:
-        answers = read_jsonl_records(args.answers, required=("question_id", "text"))
-        metrics = score_textvqa(answers, _annotation_list(args.annotations, "data"), match=args.match,
-                                source=args.answers)
+        numbered = read_jsonl_numbered(args.answers, required=("question_id", "text"), strings=("text",))
+        metrics = score_textvqa([record for _, record in numbered], _annotation_list(args.annotations, "data"),
+                                match=args.match, source=args.answers, lines=[line for line, _ in numbered])
     print(format_metrics({k: v for k, v in metrics.items() if k != "per_question_type"}))  # 65 types: JSON only
     write_metrics(metrics, metrics_path(args.answers, args.output))
     return metrics
