@@ -229,8 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
         return result if isinstance(result, int) else 0  # scorers return their metrics
-    except ValueError as error:  # ConfigError, DataError, ModelError: the message names the file and key
-        print(f"llava-sgg {args.command}: {error}", file=sys.stderr)
+    except Exception as error:
+        from .errors import describe
+
+        # ConfigError, DataError, ModelError name their file and key; a library's error about a file
+        # (invalid JSON, a truncated safetensors or torch file, a missing file) gets its path. Anything
+        # else is a bug to report, traceback and all.
+        message = describe(error)
+        if message is None:
+            raise
+        print(f"llava-sgg {args.command}: {message}", file=sys.stderr)
         return 2
 
 

@@ -40,3 +40,13 @@ def twin(model):
 @pytest.fixture
 def net():
     return make_net()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    """The data checks' cache (llava_sgg.data.cache) in this session's temporary folder, not ~/.cache:
+    every test's data lives in a new folder, so the user's cache would only fill up with its entries."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LLAVA_SGG_CACHE", str(tmp_path_factory.mktemp("llava_sgg_cache")))
+    yield
+    patch.undo()

@@ -164,7 +164,8 @@ def test_llava_sgg_train_refuses_bad_data_then_skips_it_and_trains_on_the_rest(t
 
     assert main(args) == 2
     error = capsys.readouterr().err
-    assert "images missing or unreadable" in error and "Set data.bad_samples=skip to train on the rest" in error
+    assert "(6 samples; bad: missing_image 1, empty_image 1, unreadable_image 1): 3 problems:" in error
+    assert "Set data.bad_samples=skip to train on the rest" in error
 
     assert main(args + ["--set", "data.bad_samples=skip", "--set", "data.max_bad_fraction=0.5"]) == 0
     output = tmp_path / "out"

@@ -203,7 +203,7 @@ def test_missing_images_are_all_listed(tmp_path):
     with pytest.raises(DataError) as info:
         dataset(path, folder)
     message = str(info.value)
-    assert f"images missing or unreadable under {folder}: 2 problems:" in message
+    assert "llava.json (3 samples; bad: missing_image 2): 2 problems:" in message
     assert f"(id '000000033471'): image not found: {folder / 'coco/000000033471.jpg'}" in message
     assert f"(id 7): image not found: {folder / 'ocr/7.png'}" in message
     assert message.endswith("Set data.bad_samples=skip to train on the rest (each sample left out is then "
@@ -225,12 +225,51 @@ def bad_images(path, folder):
     return str(info.value)
 
 
-def test_a_truncated_image_names_the_sample_and_path_when_read(tmp_path):
+def image_sample(i, image):
+    return {"id": f"img{i}", "image": image,
+            "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "red"}]}
+
+
+def truncated_jpeg(path):
+    """A JPEG with a valid header whose scan is cut short (an interrupted download): only decoding finds it."""
+    Image.effect_noise((64, 40), 60).convert("RGB").save(path)
+    path.write_bytes(path.read_bytes()[:-400])
+
+
+def test_every_problem_of_the_file_is_listed_in_one_error_before_training(tmp_path):
+    samples = SAMPLES + [image_sample(1, "missing.jpg"), image_sample(2, "empty.jpg"), image_sample(3, "cut.jpg"),
+                         with_turns([("gpt", "a"), ("human", "q")], id="turns"),
+                         with_turns([("human", "q"), ("gpt", "stop</s> here")], id="special")]
+    path, folder = write_data(tmp_path, samples)
+    (folder / "empty.jpg").write_bytes(b"")
+    truncated_jpeg(folder / "cut.jpg")
+    lines = bad_images(path, folder).splitlines()
+    assert lines[0] == (f"{path} (8 samples; bad: invalid_sample 1, missing_image 1, empty_image 1, "
+                        "unreadable_image 1, tokenization 1): 5 problems:")
+    # The file's problems first, then the images', then tokenization's, each in file order.
+    assert lines[1].startswith(f"  {path}[6] (id 'turns'): turn 1 is from 'gpt'")
+    assert lines[2] == f"  {path}[3] (id 'img1'): image not found: {folder / 'missing.jpg'}"
+    assert lines[3].startswith(f"  {path}[4] (id 'img2'): image is empty (0 bytes")
+    assert lines[4].startswith(f"  {path}[5] (id 'img3'): cannot read image {folder / 'cut.jpg'}: image file is "
+                               "truncated")
+    assert lines[5] == f"  {path}[7] (id 'special'): answer 1 contains the tokenizer's special token '</s>'"
+    assert lines[6].startswith("Set data.bad_samples=skip to train on the rest")
+
+
+def test_a_truncated_jpeg_is_refused_before_training(tmp_path):
     path, folder = write_data(tmp_path)
+    truncated_jpeg(folder / "coco/000000033471.jpg")
+    message = bad_images(path, folder)
+    assert "(3 samples; bad: unreadable_image 1): 1 problem:" in message
+    assert f"(id '000000033471'): cannot read image {folder / 'coco/000000033471.jpg'}: image file is truncated" \
+        in message
+
+
+def test_an_image_that_breaks_after_the_check_names_the_sample_and_path_when_read(tmp_path):
+    path, folder = write_data(tmp_path)
+    ds = dataset(path, folder)
     image = folder / "coco/000000033471.jpg"
-    Image.effect_noise((64, 40), 60).convert("RGB").save(image)
-    image.write_bytes(image.read_bytes()[:-400])  # a valid JPEG header, the scan cut: only decoding finds it
-    ds = dataset(path, folder)  # the error mode reads headers up front, decodes when the image is read
+    truncated_jpeg(image)
     with pytest.raises(DataError, match=rf"llava\.json\[0\] \(id '000000033471'\): cannot read image {image}: "
                                         r".*truncated.*set data\.bad_samples=skip"):
         ds[0]
@@ -239,7 +278,7 @@ def test_a_truncated_image_names_the_sample_and_path_when_read(tmp_path):
 def test_a_sample_whose_answers_are_all_truncated_is_an_error(tmp_path):
     # The image samples' first answers start at token 82, the text-only one's at 64.
     message = bad(tmp_path, SAMPLES, model_max_length=70)
-    assert "2 samples cannot be trained on" in message
+    assert "(3 samples; bad: tokenization 2): 2 problems:" in message
     assert ("llava.json[0] (id '000000033471'): all answers are truncated away: the sample needs 110 tokens "
             "(16 of them image tokens) and model_max_length is 70; raise model_max_length") in message
     assert "llava.json[2] (id 7): all answers are truncated away" in message
@@ -252,15 +291,17 @@ def test_a_label_mask_that_does_not_decode_to_the_answer_is_an_error(tmp_path):
     class ShiftedOffsets(type(tokenizer)):
         """Offsets one character late, as some converted sentencepiece tokenizers report them."""
 
-        def __call__(self, *args, **kwargs):
-            enc = super().__call__(*args, **kwargs)
+        def __call__(self, text, *args, **kwargs):
+            enc = super().__call__(text, *args, **kwargs)
             if "offset_mapping" in enc:
-                enc["offset_mapping"] = [(s + 1, e + 1) if e > s else (s, e) for s, e in enc["offset_mapping"]]
+                shift = lambda offsets: [(s + 1, e + 1) if e > s else (s, e) for s, e in offsets]  # noqa: E731
+                enc["offset_mapping"] = (shift(enc["offset_mapping"]) if isinstance(text, str)
+                                         else [shift(offsets) for offsets in enc["offset_mapping"]])
             return enc
 
     tokenizer.__class__ = ShiftedOffsets
     message = bad(tmp_path, SAMPLES, tokenizer=tokenizer)
-    assert "3 samples cannot be trained on" in message
+    assert "(3 samples; bad: tokenization 3): 3 problems:" in message
     assert "llava.json[1] (id 'sharegpt_1'): label mask mismatch in answer 1" in message
 
 

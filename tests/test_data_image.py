@@ -57,3 +57,40 @@ def test_images_are_converted_to_rgb(tmp_path):
 def test_an_unknown_mode_is_an_error():
     with pytest.raises(ValueError, match="unknown image_aspect_ratio 'anyres'"):
         process_image(Image.new("RGB", (8, 8)), processor(), "anyres")
+
+
+def test_the_draft_decode_of_the_check_refuses_what_a_full_decode_refuses(tmp_path):
+    import random
+
+    from llava_sgg.data.image import decode_check, image_problem
+
+    def refused(load, path):
+        try:
+            load(path)
+        except Exception:  # noqa: BLE001 - any error PIL raises
+            return True
+        return False
+
+    rng = random.Random(0)
+    image = Image.effect_noise((160, 120), 40).convert("RGB")
+    outcomes = set()
+    for progressive in (False, True):
+        image.save(tmp_path / "good.jpg", quality=90, progressive=progressive)
+        data = (tmp_path / "good.jpg").read_bytes()
+        for trial in range(24):
+            damaged = bytearray(data)
+            if trial % 3 == 0:  # cut short, as an interrupted download
+                damaged = damaged[:rng.randint(700, len(data) - 3)]
+            elif trial % 3 == 1:  # bytes overwritten
+                for _ in range(20):
+                    damaged[rng.randint(700, len(data) - 3)] = rng.randint(0, 255)
+            else:  # a block zeroed
+                start = rng.randint(600, len(data) - 1500)
+                damaged[start:start + 1000] = bytes(1000)
+            path = tmp_path / f"damaged-{progressive}-{trial}.jpg"
+            path.write_bytes(damaged)
+            outcome = refused(decode_check, path)
+            assert outcome == refused(load_image, path), (progressive, trial)
+            assert (image_problem(path, decode=True) is not None) == outcome
+            outcomes.add(outcome)
+    assert outcomes == {True, False}  # both kinds of damage are among the trials

@@ -16,6 +16,7 @@ from llava_sgg.model.open_clip_tower import (  # noqa: E402
     clip_vision_from_open_clip,
     convert_open_clip_visual,
     open_clip_image_processor,
+    open_clip_preprocessing,
 )
 
 PREFIX = "llava-sgg-test-"
@@ -242,11 +243,27 @@ def test_clip_vision_from_open_clip_resolves_a_cached_tag(tmp_path, monkeypatch)
               str(repo / "snapshots" / commit / "open_clip_model.safetensors"))
 
     tower, processor = clip_vision_from_open_clip(f"{TINY}/cached")
+    assert open_clip_preprocessing(f"{TINY}/cached")[0].to_dict() == processor.to_dict()  # the tag's mean, std
     assert tower.config.hidden_act == "quick_gelu"
     assert processor.image_mean == pytest.approx([0.5] * 3) and processor.image_std == pytest.approx([0.25] * 3)
     expected = convert_open_clip_visual(model.visual).state_dict()
     for key, value in tower.state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_preprocessing_is_read_without_building_the_tower():
+    """What a run tokenizes its data with before any weights load: the built tower's processor and token count."""
+    from llava_sgg.model.builder import ModelConfig, load_preprocessing
+
+    tower, built = clip_vision_from_open_clip(TINY)
+    processor, config = open_clip_preprocessing(TINY)
+    assert processor.to_dict() == built.to_dict()
+    assert (config.image_size, config.patch_size) == (tower.config.image_size, tower.config.patch_size)
+    llava, num_image_tokens = load_preprocessing(ModelConfig(vision_tower=f"open_clip:{TINY}", language_model="tiny"))
+    assert num_image_tokens == 16 and llava.image_processor.to_dict() == built.to_dict()
+    for suffix in ("resnet", "timm"):
+        with pytest.raises(ValueError, match=re.escape(f"open_clip:{PREFIX}{suffix}") + ".*" + UNSUPPORTED[suffix]):
+            open_clip_preprocessing(PREFIX + suffix)
 
 
 def test_patch_dropout_is_rejected_but_disabled_from_a_spec():

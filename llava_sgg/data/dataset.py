@@ -9,7 +9,10 @@ or JSON Lines with one sample per line, of
 
 ``image`` is optional (text-only samples, e.g. ShareGPT). Official LLaVA reads it
 unchecked and fails, or silently trains at loss 0, hours into a run; here the
-whole file is checked, and every sample tokenized, before training starts.
+whole file is checked, every sample tokenized and every image decoded before
+training starts, and every problem found is listed in one error. The slow parts
+(tokenizing, decoding) are kept in a cache (:mod:`llava_sgg.data.cache`) that the
+other ranks and later runs read instead of doing them again.
 
 A bad sample stops the run by default (``bad_samples="error"``, every problem
 listed). With ``bad_samples="skip"`` (the config's ``data.bad_samples: skip``) it
@@ -19,24 +22,30 @@ OCR-VQA images many users cannot download.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+import hashlib
 import json
 import logging
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import PIL
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from . import cache
 from .conversation import get_template
 from .errors import DataError
-from .image import IMAGE_ASPECT_RATIOS, image_problem, load_image, process_image
-from .tokenization import EncodedConversation, check_tokenizer, encode_conversation, move_image_to_front
+from .image import IMAGE_ASPECT_RATIOS, changed_since, check_images, load_image, process_image
+from .tokenization import (ConversationLengths, EncodedConversation, check_tokenizer, conversation_lengths,
+                           encode_conversation, move_image_to_front, tokenization_fingerprint)
 
 __all__ = ["BAD_SAMPLES", "LlavaSFTDataset", "Sample", "SkippedSample", "load_llava_json"]
 
@@ -44,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 ROLES = ("human", "gpt")
 BAD_SAMPLES = ("error", "skip")
+TRUNCATED_LISTED = 5  # samples the truncation warning names (a warning, not an error: enough to find them)
+# What the image cache's entries vouch for; a new check method must change it (old entries then go unused).
+IMAGE_CHECK = "decode_check: draft JPEG, full other formats"
 SKIP_HINT = ("set data.bad_samples=skip to train on the rest (each sample left out is then listed with its "
              "reason in skipped_samples.jsonl in train.output_dir)")
 
@@ -142,10 +154,9 @@ def _parse_sample(record, where: str, image_token: str) -> tuple[Sample | None, 
     problems = []
     sample_id = record.get("id")
     id_ok = _valid_id(sample_id)
-    name = _record_name(record, where)
 
     def problem(message):
-        problems.append(f"{name}: {message}")
+        problems.append(f"{_record_name(record, where)}: {message}")
 
     if "id" not in record:
         problem("missing 'id'")
@@ -180,7 +191,7 @@ def _parse_sample(record, where: str, image_token: str) -> tuple[Sample | None, 
             return None, problems
         if not isinstance(value, str):
             problem(f"turn {j + 1} ({role}): 'value' must be a string, got {type(value).__name__}")
-        elif not value.strip():
+        elif not value or value.isspace():  # (not value.strip(), without copying a long turn)
             # Official get_prompt() drops the separator after an empty message, gluing turns together.
             problem(f"turn {j + 1} ({role}) is empty")
         values.append(value if isinstance(value, str) else "")
@@ -219,6 +230,21 @@ def load_llava_json(path: str | os.PathLike, *, image_token: str = "<image>") ->
     return samples
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """The cyclic garbage collector paused: reading a big file makes millions of small objects, and each
+    full collection meanwhile walks all those made so far; reading and validating a 665k-sample file took
+    24-27 s with it and 12.5-13.6 s without on 2 cores. Nothing made here is cyclic garbage."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@_gc_paused()
 def _load_samples(path: Path, image_token: str) -> tuple[list[Sample], list[SkippedSample], list[str], int]:
     """(valid samples, the bad ones as SkippedSample, every problem as an error line, number of records).
 
@@ -246,24 +272,85 @@ def _load_samples(path: Path, image_token: str) -> tuple[list[Sample], list[Skip
     return samples, skipped, problems, len(records) + len(line_problems)
 
 
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _cpus_per_process() -> int:
     """This process's share of the CPUs it may run on (every rank of a node checks the same images)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return max(1, _usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def _quiet() -> bool:
+    """No progress bars but on each node's first rank (the others wait for it, then read the cache)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) != 0
+
+
+def _content_key(sample: Sample) -> bytes:
+    """16 bytes that identify what a sample's tokenization depends on besides the settings: its turns,
+    and whether it has an image (the placeholder then moves to the front)."""
+    h = hashlib.blake2b(b"image" if sample.image is not None else b"text", digest_size=16)
+    for turn in sample.turns:
+        for value in turn:
+            data = value.encode("utf-8", "surrogatepass")
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+    return h.digest()
+
+
+def _read_tokenized(path: Path) -> dict[bytes, tuple[int, int, str | None]]:
+    stored = cache.load(path)
+    if stored is None or not {"keys", "lengths", "full_lengths", "problems"} <= stored[0].keys():
+        return {}
+    arrays = stored[0]
+    blob, problems = arrays["keys"].tobytes(), cache.text_of(arrays["problems"])
+    return {blob[16 * j:16 * j + 16]: entry for j, entry in
+            enumerate(zip(arrays["lengths"].tolist(), arrays["full_lengths"].tolist(), problems))}
+
+
+def _write_tokenized(path: Path, entries: dict[bytes, tuple[int, int, str | None]], data_path) -> None:
+    values = list(entries.values())
+    cache.save(path, {"keys": np.frombuffer(b"".join(entries), np.uint8),
+                      "lengths": np.array([v[0] for v in values], np.int32),
+                      "full_lengths": np.array([v[1] for v in values], np.int32),
+                      "problems": cache.text_array([v[2] for v in values])},
+               {"data_path": str(data_path), "samples": str(len(values))})
+
+
+def _read_verified(path: Path) -> dict[str, tuple[int, int]]:
+    stored = cache.load(path)
+    if stored is None or not {"paths", "size", "mtime_ns"} <= stored[0].keys():
+        return {}
+    arrays = stored[0]
+    return dict(zip(cache.text_of(arrays["paths"]), zip(arrays["size"].tolist(), arrays["mtime_ns"].tolist())))
+
+
+def _write_verified(path: Path, verified: dict[str, tuple[int, int]], folder: str) -> None:
+    cache.save(path, {"paths": cache.text_array(list(verified)),
+                      "size": np.array([size for size, _ in verified.values()], np.int64),
+                      "mtime_ns": np.array([mtime for _, mtime in verified.values()], np.int64)},
+               {"image_folder": folder, "check": IMAGE_CHECK, "pillow": PIL.__version__})
 
 
 class LlavaSFTDataset(Dataset):
     """LLaVA-v1.5 supervised fine-tuning samples: token ids, labels and the image.
 
     At construction the file is loaded and validated (:func:`load_llava_json`),
-    every image file is checked (present, not empty, a readable image header), and
-    every sample is tokenized, so a bad sample stops the run before training rather
-    than during it. ``validate=False`` skips the image check and the tokenization
-    (for a file already checked); ``lengths`` are then an estimate (words, plus
-    ``num_image_tokens``).
+    every sample is tokenized (in batches) and every image decoded (in threads), so a
+    bad sample stops the run before training rather than during it, with every
+    problem of the file in one :class:`DataError`: malformed samples, missing, empty
+    and undecodable images, samples that fail tokenization. ``validate=False`` skips
+    the image check and the tokenization (for a file already checked); ``lengths``
+    are then an estimate (words, plus ``num_image_tokens``).
 
-    ``bad_samples="skip"`` leaves bad samples out instead of raising: every image is
-    then also decoded up front (one that passes loads at batch time too), each sample
+    The tokenized lengths (keyed by each sample's content, the tokenizer and the
+    settings) and the images that decoded (keyed by path, size and modification time)
+    are kept under ``cache_dir`` (default :func:`llava_sgg.data.cache.default_cache_dir`;
+    ``False``: no cache), so that the other ranks of a node, which wait for the first,
+    and later runs read them instead of redoing them. The cache vouches only for the
+    checks: items are always encoded from the file's text when they are read.
+
+    ``bad_samples="skip"`` leaves bad samples out instead of raising: each sample
     left out is in :attr:`skipped` and, when ``skipped_samples_file`` is given,
     written there as JSON Lines (:class:`SkippedSample`), and the counts by reason are
     logged. More than ``max_bad_fraction`` of the file bad is still an error.
@@ -279,7 +366,8 @@ class LlavaSFTDataset(Dataset):
                  image_processor=None, *, num_image_tokens: int, model_max_length: int,
                  image_token: str = "<image>", image_aspect_ratio: str = "pad", template: str = "vicuna_v1",
                  validate: bool = True, bad_samples: str = "error", max_bad_fraction: float = 0.01,
-                 skipped_samples_file: str | os.PathLike | None = None):
+                 skipped_samples_file: str | os.PathLike | None = None,
+                 cache_dir: str | os.PathLike | bool | None = None):
         if bad_samples not in BAD_SAMPLES:
             raise ValueError(f"unknown bad_samples {bad_samples!r}; choose one of: {', '.join(BAD_SAMPLES)}")
         if bad_samples == "skip" and not validate:
@@ -300,18 +388,22 @@ class LlavaSFTDataset(Dataset):
         self.num_image_tokens, self.model_max_length = num_image_tokens, model_max_length
         self.image_token, self.image_aspect_ratio = image_token, image_aspect_ratio
         self.bad_samples = bad_samples
+        self.cache_dir = None if cache_dir is False else cache.default_cache_dir() if cache_dir in (None, True) \
+            else Path(cache_dir)
 
         # self.skipped: the samples left out under bad_samples="skip", each stage adding its own.
         self.samples, self.skipped, problems, n_records = _load_samples(Path(data_path), image_token)
-        if problems and bad_samples == "error":
-            raise DataError.from_problems(f"{data_path} ({n_records} samples)", problems, hint=SKIP_HINT)
         n_images = sum(s.image is not None for s in self.samples)
         if n_images and (self.image_folder is None or image_processor is None):
             raise ValueError(f"{data_path}: {n_images} samples have images; pass image_folder and image_processor")
         if validate:
-            self._check_images(data_path)
-            self._lengths = self._tokenize_all(data_path)
+            with _gc_paused():
+                tokenized = self._tokenize_all(data_path)
+                bad_images = self._check_images(data_path)
+                self._lengths = self._keep_trainable(data_path, n_records, problems, tokenized, bad_images)
         else:
+            if problems and bad_samples == "error":
+                raise DataError.from_problems(f"{data_path} ({n_records} samples)", problems, hint=SKIP_HINT)
             self._lengths = [sum(len(v.split()) for turn in s.turns for v in turn)
                              + (num_image_tokens if s.image else 0) for s in self.samples]
         if bad_samples == "skip":
@@ -320,31 +412,42 @@ class LlavaSFTDataset(Dataset):
     def _image_path(self, sample: Sample) -> Path:
         return self.image_folder / sample.image
 
-    def _check_images(self, data_path) -> None:
-        """Each image file once (samples share images), in threads: PIL reads and decodes without the GIL."""
-        # Header reads are cheap (well under 1 ms an image); a full decode costs a few ms, so only a
-        # skipping run pays it: it must never meet an unreadable image at batch time.
-        decode = self.bad_samples == "skip"
-        with_image = [(s, self._image_path(s)) for s in self.samples if s.image is not None]
+    def _check_images(self, data_path) -> dict[int, tuple[str, str]]:
+        """``{sample index: (reason, message)}`` for the samples whose image cannot be trained on.
+
+        Each image file is decoded once (samples share images), in threads; images the cache has
+        seen decode, unchanged since, are not decoded again.
+        """
+        with_image = [(i, str(self._image_path(s))) for i, s in enumerate(self.samples) if s.image is not None]
         paths = list(dict.fromkeys(path for _, path in with_image))
         if not paths:
-            return
-        chunks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
-        found = {}
-        with ThreadPoolExecutor(max_workers=max(1, min(_cpus_per_process(), len(chunks)))) as pool, \
-                tqdm(total=len(paths), desc=f"{'Decoding' if decode else 'Checking'} images of "
-                     f"{Path(data_path).name}", unit=" images") as bar:
-            for chunk, results in zip(chunks, pool.map(lambda c: [image_problem(p, decode=decode) for p in c],
-                                                         chunks)):
-                found.update((p, r) for p, r in zip(chunk, results) if r is not None)
-                bar.update(len(chunk))
-        bad = [(s, found[path]) for s, path in with_image if path in found]
-        if bad and self.bad_samples == "error":
-            raise DataError.from_problems(f"{data_path}: images missing or unreadable under {self.image_folder}",
-                                          [f"{s.name}: {message}" for s, (_, message) in bad], hint=SKIP_HINT)
-        self.skipped += [SkippedSample(s.id, s.where, s.image, reason, message) for s, (reason, message) in bad]
-        dropped = {id(s) for s, _ in bad}
-        self.samples = [s for s in self.samples if id(s) not in dropped]
+            return {}
+        if self.cache_dir is None:
+            found, _ = self._decode_images(data_path, paths, _cpus_per_process())
+            return {i: found[path] for i, path in with_image if path in found}
+        folder = os.path.realpath(self.image_folder)
+        key = cache.digest([folder, IMAGE_CHECK, PIL.__version__])[:20]
+        path = self.cache_dir / "images" / f"{Path(folder).name}-{key}.safetensors"
+        verified = _read_verified(path)  # image path -> (size, mtime_ns) when it decoded
+        pending, found = changed_since(paths, verified, workers=_usable_cpus()), {}
+        if pending:
+            # One rank of a node decodes, with every CPU; the others wait here, then find what it wrote.
+            with cache.locked(path):
+                verified = _read_verified(path)
+                pending = changed_since(pending, verified, workers=_usable_cpus())
+                found, good = self._decode_images(data_path, pending, _usable_cpus(),
+                                                  checked=len(paths) - len(pending))
+                if good or found.keys() & verified.keys():
+                    verified.update(good)
+                    for bad in found:
+                        verified.pop(bad, None)
+                    _write_verified(path, verified, folder)
+        return {i: found[path] for i, path in with_image if path in found}
+
+    def _decode_images(self, data_path, paths, workers, checked: int = 0) -> tuple[dict, dict]:
+        desc = f"Decoding images of {Path(data_path).name}" + (f" ({checked} decoded before)" if checked else "")
+        with tqdm(total=len(paths), desc=desc, unit=" images", disable=_quiet()) as bar:
+            return check_images(paths, workers=workers, progress=bar.update)
 
     def _encode(self, sample: Sample) -> EncodedConversation:
         turns = move_image_to_front(sample.turns, self.image_token) if sample.image else sample.turns
@@ -355,28 +458,77 @@ class LlavaSFTDataset(Dataset):
         except DataError as e:
             raise DataError(f"{sample.name}: {e}") from e
 
-    def _tokenize_all(self, data_path) -> list[int]:
-        lengths, problems, truncated, kept = [], [], 0, []
-        for sample in tqdm(self.samples, desc=f"Tokenizing {Path(data_path).name}", unit=" samples"):
-            try:
-                encoded = self._encode(sample)
-            except DataError as e:
-                problems.append(str(e))
-                self.skipped.append(SkippedSample(sample.id, sample.where, sample.image, "tokenization",
-                                                  str(e).removeprefix(f"{sample.name}: ")))
-                continue
-            kept.append(sample)
-            lengths.append(len(encoded.input_ids))
-            truncated += encoded.truncated
-        if problems and self.bad_samples == "error":
-            raise DataError.from_problems(f"{data_path}: {len(problems)} samples cannot be trained on", problems,
-                                          hint=SKIP_HINT)
-        self.samples = kept
-        if truncated:
+    def _tokenize_all(self, data_path) -> ConversationLengths:
+        """Every sample's tokenized length or problem (:func:`conversation_lengths`), through the cache."""
+        settings = {"model_max_length": self.model_max_length, "num_image_tokens": self.num_image_tokens,
+                    "image_token": self.image_token, "template": self.template}
+        if self.cache_dir is None or not self.samples:
+            return self._tokenize(data_path, self.samples, settings)
+        key = cache.digest([os.path.realpath(data_path), tokenization_fingerprint(self.tokenizer, **settings)])
+        path = self.cache_dir / "tokenized" / f"{Path(data_path).stem}-{key[:20]}.safetensors"
+        keys = [_content_key(s) for s in self.samples]
+        known = _read_tokenized(path)  # content key -> (length, full length, problem or None)
+        if all(k in known for k in keys):
+            logger.info("%s: the tokenized lengths of its %d samples are read from %s", data_path, len(keys), path)
+        else:
+            # One rank of a node tokenizes, with every CPU; the others wait here, then find what it wrote.
+            with cache.locked(path):
+                known = _read_tokenized(path)
+                todo, seen = [], set()
+                for i, k in enumerate(keys):
+                    if k not in known and k not in seen:
+                        seen.add(k)
+                        todo.append(i)
+                if todo:
+                    cached = sum(k in known for k in keys)
+                    found = self._tokenize(data_path, [self.samples[i] for i in todo], settings, cached=cached)
+                    for j, i in enumerate(todo):
+                        known[keys[i]] = (int(found.lengths[j]), int(found.full_lengths[j]), found.problems.get(j))
+                    _write_tokenized(path, {k: known[k] for k in keys}, data_path)  # (samples gone are dropped)
+        entries = [known[k] for k in keys]
+        return ConversationLengths(np.array([e[0] for e in entries], np.int32),
+                                   np.array([e[1] for e in entries], np.int32),
+                                   {i: e[2] for i, e in enumerate(entries) if e[2] is not None})
+
+    def _tokenize(self, data_path, samples: list[Sample], settings, cached: int = 0) -> ConversationLengths:
+        turns = [move_image_to_front(s.turns, self.image_token) if s.image else s.turns for s in samples]
+        desc = f"Tokenizing {Path(data_path).name}" + (f" ({cached} samples cached)" if cached else "")
+        with tqdm(total=len(turns), desc=desc, unit=" samples", disable=_quiet()) as bar:
+            return conversation_lengths(turns, self.tokenizer, progress=bar.update, **settings)
+
+    def _keep_trainable(self, data_path, n_records: int, problems: list[str], tokenized: ConversationLengths,
+                        bad_images: dict[int, tuple[str, str]]) -> list[int]:
+        """Raise every problem of the file at once (error mode), or leave the bad samples out (skip mode);
+        returns the lengths of the samples kept."""
+        image_lines, token_lines, image_skips, token_skips, keep = [], [], [], [], []
+        for i, sample in enumerate(self.samples):
+            if i in bad_images:
+                reason, message = bad_images[i]
+                image_lines.append(f"{sample.name}: {message}")
+                image_skips.append(SkippedSample(sample.id, sample.where, sample.image, reason, message))
+            if i in tokenized.problems:
+                message = tokenized.problems[i]
+                token_lines.append(f"{sample.name}: {message}")
+                if i not in bad_images:  # a sample is left out for its first problem found
+                    token_skips.append(SkippedSample(sample.id, sample.where, sample.image, "tokenization", message))
+            if i not in bad_images and i not in tokenized.problems:
+                keep.append(i)
+        self.skipped += image_skips + token_skips
+        if self.bad_samples == "error" and self.skipped:
+            counts = ", ".join(f"{reason} {n}" for reason, n in Counter(s.reason for s in self.skipped).most_common())
+            raise DataError.from_problems(f"{data_path} ({n_records} samples; bad: {counts})",
+                                          problems + image_lines + token_lines, hint=SKIP_HINT)
+        self.samples = [self.samples[i] for i in keep]
+        lengths, full_lengths = tokenized.lengths[keep], tokenized.full_lengths[keep]
+        truncated = np.flatnonzero(full_lengths > self.model_max_length)
+        if len(truncated):
             # As officially, a truncated answer is trained up to the cut (without its EOS).
-            logger.warning("%s: %d of %d samples are longer than model_max_length=%d and are truncated",
-                           data_path, truncated, len(self.samples), self.model_max_length)
-        return lengths
+            named = [f"{self.samples[i].name}: {full_lengths[i]} tokens" for i in truncated[:TRUNCATED_LISTED]]
+            logger.warning("%s: %d of %d samples are longer than model_max_length=%d and are truncated%s:\n  %s",
+                           data_path, len(truncated), len(self.samples), self.model_max_length,
+                           f" (first {TRUNCATED_LISTED} shown)" if len(truncated) > TRUNCATED_LISTED else "",
+                           "\n  ".join(named))
+        return lengths.tolist()
 
     def _report_skipped(self, data_path, n_records: int, max_bad_fraction: float, skipped_samples_file) -> None:
         """Write the list, log the counts by reason, and refuse when too much of the file is bad."""
@@ -429,8 +581,7 @@ class LlavaSFTDataset(Dataset):
             try:
                 image = load_image(path)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
-                # Only a decode failure gets here (the file and its header were checked); the skip mode
-                # decodes every image up front.
+                # Every image was decoded when the dataset was built: only one damaged since gets here.
                 hint = f"; {SKIP_HINT}" if self.bad_samples == "error" else ""
                 raise DataError(f"{sample.name}: cannot read image {path}: {e}{hint}") from e
             item["pixel_values"] = process_image(image, self.image_processor, self.image_aspect_ratio)

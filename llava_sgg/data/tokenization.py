@@ -8,17 +8,34 @@ labelled when its characters lie in a trained span (the space after
 "ASSISTANT:", the answer and its EOS), and the labelled tokens are decoded back
 and compared with the spans: a disagreement is a :class:`DataError`, never a
 silently empty sample.
+
+:func:`encode_conversations` and :func:`conversation_lengths` do the same for many
+conversations at once: one batched call of the fast tokenizer (parallel in Rust),
+the label spans located and checked with array operations, and the labelled
+tokens of all answers decoded in one batch. Their results are those of
+:func:`encode_conversation`, which any conversation these checks do not pass
+outright goes through, so that its error is exactly the one-at-a-time error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
 
-from .conversation import ConversationTemplate, render_conversation
+import numpy as np
+
+from .conversation import ConversationTemplate, get_template, render_conversation
 from .errors import DataError
 
-__all__ = ["IGNORE_INDEX", "EncodedConversation", "check_tokenizer", "encode_conversation", "move_image_to_front"]
+__all__ = ["IGNORE_INDEX", "ConversationLengths", "EncodedConversation", "check_tokenizer", "conversation_lengths",
+           "encode_conversation", "encode_conversations", "move_image_to_front", "tokenization_fingerprint"]
 
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's default ignore_index, as official LLaVA and HF use
 
@@ -171,19 +188,289 @@ def encode_conversation(turns: Sequence[tuple[str, str]], tokenizer, *, model_ma
     if n_placeholders and num_image_tokens < 1:
         raise ValueError("the conversation has an image; pass num_image_tokens (the vision tower's patch count)")
 
+    encoded = _expand_and_truncate(ids, [owner >= 0 for owner in owners], image_id, num_image_tokens,
+                                   model_max_length)
+    if all(label == IGNORE_INDEX for label in encoded.labels):
+        raise DataError(f"all answers are truncated away: the sample needs {encoded.full_length} tokens "
+                        f"({num_image_tokens if n_placeholders else 0} of them image tokens) and model_max_length "
+                        f"is {model_max_length}; raise model_max_length or shorten the sample")
+    return encoded
+
+
+def _expand_and_truncate(ids: Sequence[int], trained: Sequence[bool], image_id: int, num_image_tokens: int,
+                         model_max_length: int) -> EncodedConversation:
+    """Labels from the trained mask, the image token expanded to ``num_image_tokens`` untrained copies, truncated."""
     input_ids, labels = [], []
-    for token, owner in zip(ids, owners):
+    for token, is_trained in zip(ids, trained):
         if token == image_id:
             input_ids += [image_id] * num_image_tokens
             labels += [IGNORE_INDEX] * num_image_tokens
         else:
             input_ids.append(token)
-            labels.append(token if owner >= 0 else IGNORE_INDEX)
+            labels.append(token if is_trained else IGNORE_INDEX)
+    return EncodedConversation(input_ids[:model_max_length], labels[:model_max_length], len(input_ids))
 
-    full_length = len(input_ids)
-    input_ids, labels = input_ids[:model_max_length], labels[:model_max_length]
-    if all(label == IGNORE_INDEX for label in labels):
-        raise DataError(f"all answers are truncated away: the sample needs {full_length} tokens "
-                        f"({num_image_tokens if n_placeholders else 0} of them image tokens) and model_max_length "
-                        f"is {model_max_length}; raise model_max_length or shorten the sample")
-    return EncodedConversation(input_ids, labels, full_length)
+
+def tokenization_fingerprint(tokenizer, **settings) -> str:
+    """A digest of everything :func:`conversation_lengths`' results depend on besides the text: the
+    tokenizer (its class, its whole ``tokenizer.json``, its special tokens), the keyword arguments,
+    the versions of transformers and tokenizers, and the code of this module and of the templates."""
+    import tokenizers
+    import transformers
+
+    from . import conversation
+
+    def sha256(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    backend = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer)
+    value = {
+        "class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
+        "backend": sha256(backend.encode()),
+        "special_tokens": [tokenizer.eos_token, tokenizer.bos_token, list(tokenizer.all_special_tokens)],
+        "settings": {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in settings.items()},
+        "versions": [transformers.__version__, tokenizers.__version__],
+        "code": [sha256(Path(m.__file__).read_bytes()) for m in (sys.modules[__name__], conversation)],
+    }
+    return sha256(json.dumps(value, sort_keys=True, default=str).encode())
+
+
+@dataclass(frozen=True)
+class ConversationLengths:
+    """What :func:`conversation_lengths` finds, one entry per conversation (by its index).
+
+    ``lengths[i]`` is ``len(encode_conversation(...).input_ids)`` (image tokens expanded,
+    truncated to ``model_max_length``) and ``full_lengths[i]`` its ``full_length``; both
+    are 0 where ``problems`` holds the message of the :class:`DataError` it raises.
+    """
+
+    lengths: np.ndarray  # int32
+    full_lengths: np.ndarray  # int32
+    problems: dict[int, str]
+
+
+def encode_conversations(conversations: Sequence[Sequence[tuple[str, str]]], tokenizer, *, model_max_length: int,
+                         num_image_tokens: int = 0, image_token: str = "<image>",
+                         template: str | ConversationTemplate = "vicuna_v1",
+                         batch_size: int = 1024) -> list[EncodedConversation | DataError]:
+    """:func:`encode_conversation` of each conversation, batched: the same ids and labels, and for a
+    conversation it refuses, the same :class:`DataError`, returned in its place instead of raised."""
+    out = []
+    for chunk in _encoded_chunks(conversations, tokenizer, model_max_length, num_image_tokens, image_token,
+                                 template, batch_size):
+        for j in range(len(chunk.conversations)):
+            if j in chunk.reference:
+                out.append(chunk.reference[j])
+            else:
+                k = chunk.batched[j]
+                a, b = chunk.starts[k], chunk.starts[k + 1]
+                out.append(_expand_and_truncate(chunk.ids[a:b].tolist(), chunk.trained[a:b].tolist(), chunk.image_id,
+                                                num_image_tokens, model_max_length))
+    return out
+
+
+def conversation_lengths(conversations: Sequence[Sequence[tuple[str, str]]], tokenizer, *, model_max_length: int,
+                         num_image_tokens: int = 0, image_token: str = "<image>",
+                         template: str | ConversationTemplate = "vicuna_v1", batch_size: int = 1024,
+                         progress: Callable[[int], object] | None = None) -> ConversationLengths:
+    """Tokenized length of each conversation, or the problem that refuses it, as :func:`encode_conversation`
+    gives them, without building the ids and labels: the check a dataset makes of every sample.
+
+    ``progress`` is called with the number of conversations done after each batch.
+    """
+    n = len(conversations)
+    lengths, full_lengths, problems = np.zeros(n, np.int32), np.zeros(n, np.int32), {}
+    done = 0
+    for chunk in _encoded_chunks(conversations, tokenizer, model_max_length, num_image_tokens, image_token,
+                                 template, batch_size):
+        indices = np.arange(done, done + len(chunk.conversations))
+        batched = indices[chunk.batched >= 0]
+        lengths[batched], full_lengths[batched] = chunk.lengths, chunk.full_lengths
+        for j, result in chunk.reference.items():
+            if isinstance(result, DataError):
+                problems[done + j] = str(result)
+            else:
+                lengths[done + j], full_lengths[done + j] = len(result.input_ids), result.full_length
+        done += len(chunk.conversations)
+        if progress is not None:
+            progress(len(chunk.conversations))
+    return ConversationLengths(lengths, full_lengths, problems)
+
+
+@dataclass
+class _Chunk:
+    """One batch: conversation ``j`` is either in ``reference`` (encoded one at a time) or batched as
+    ``batched[j]``-th, its tokens at ``starts[k]:starts[k + 1]`` of ``ids`` and ``trained``."""
+
+    conversations: Sequence
+    reference: dict[int, EncodedConversation | DataError]
+    batched: np.ndarray  # j -> k, or -1
+    starts: np.ndarray
+    ids: np.ndarray
+    trained: np.ndarray  # bool: labelled (an answer's token, never the image token)
+    lengths: np.ndarray  # per batched conversation, after expansion and truncation
+    full_lengths: np.ndarray
+    image_id: int
+
+
+def _encoded_chunks(conversations, tokenizer, model_max_length, num_image_tokens, image_token, template, batch_size):
+    template = get_template(template)
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
+    specials = [t for t in tokenizer.all_special_tokens if t and t != image_token]
+    specials_re = re.compile("|".join(map(re.escape, specials))) if specials else None
+    decode = _batch_decoder(tokenizer)
+    for start in range(0, len(conversations), batch_size):
+        chunk = conversations[start:start + batch_size]
+        yield _encode_chunk(chunk, tokenizer, template=template, image_token=image_token, image_id=image_id,
+                            specials_re=specials_re, decode=decode, num_image_tokens=num_image_tokens,
+                            model_max_length=model_max_length)
+
+
+def _batch_decoder(tokenizer) -> Callable[[list[list[int]]], list[str]]:
+    """``tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)`` of many sequences.
+
+    That decode is the backend's ``decode`` for a transformers fast tokenizer, so its ``decode_batch``
+    (parallel in Rust) gives the same strings; a tokenizer class that decodes its own way is called as is.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    cls = type(tokenizer)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (backend is not None and cls._decode is PreTrainedTokenizerFast._decode
+            and cls.decode is PreTrainedTokenizerFast.decode):
+        return lambda sequences: backend.decode_batch(sequences, skip_special_tokens=False) if sequences else []
+    return lambda sequences: [tokenizer.decode(s, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                              for s in sequences]
+
+
+def _flat(nested, rows: int, width: int = 1) -> np.ndarray:
+    """Lists of ints (``width`` 1) or of ``width``-tuples, concatenated into one int64 array of ``rows`` rows."""
+    values = chain.from_iterable(nested)
+    if width > 1:
+        values = chain.from_iterable(values)
+    array = np.fromiter(values, np.int64, rows * width)
+    return array if width == 1 else array.reshape(rows, width)
+
+
+def _encode_chunk(conversations, tokenizer, *, template, image_token, image_id, specials_re, decode,
+                  num_image_tokens, model_max_length) -> _Chunk:
+    """encode_conversation's checks and lengths for a batch, as array operations over all its tokens.
+
+    A conversation any check does not pass outright (special-token strings, a template it does not
+    fit, labelled tokens that are missing, in pieces or decode to other text, an image-token count
+    that differs from the placeholders', every answer truncated away) is encoded by
+    encode_conversation itself, which raises the exact error; it is rare, so this costs nothing.
+    """
+    reference_ids, texts, spans, batched_ids = [], [], [], []
+    eos = tokenizer.eos_token
+    for j, turns in enumerate(conversations):
+        # A superset of encode_conversation's special-token check: any special string anywhere.
+        if ((specials_re is not None and specials_re.search("\x00".join(chain.from_iterable(turns))))
+                or any(image_token in answer for _, answer in turns)):
+            reference_ids.append(j)
+            continue
+        try:
+            rendered = render_conversation(turns, eos=eos, template=template, image_token=image_token)
+        except ValueError:
+            reference_ids.append(j)
+            continue
+        batched_ids.append(j)
+        texts.append(rendered.text)
+        spans.append(rendered.trained_spans)
+
+    n = len(texts)
+    ok = np.ones(n, bool)
+    ids = np.zeros(0, np.int64)
+    starts = np.zeros(n + 1, np.int64)
+    trained = np.zeros(0, bool)
+    lengths = full_lengths = np.zeros(n, np.int32)
+    if n:
+        enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True, return_attention_mask=False,
+                        return_token_type_ids=False, verbose=False)
+        id_lists = enc["input_ids"]
+        counts = np.fromiter(map(len, id_lists), np.int64, n)
+        starts[1:] = np.cumsum(counts)
+        total = int(starts[-1])
+        ids = _flat(id_lists, total)
+        offsets = _flat(enc["offset_mapping"], total, 2)
+        token_of = np.repeat(np.arange(n), counts)  # conversation of each token
+
+        span_counts = np.fromiter(map(len, spans), np.int64, n)
+        span_starts = np.zeros(n + 1, np.int64)
+        span_starts[1:] = np.cumsum(span_counts)
+        n_spans = int(span_starts[-1])
+        span = _flat(spans, n_spans, 2)
+        span_of = np.repeat(np.arange(n), span_counts)
+
+        # _span_owners for every token at once. Its pointer k, for a token, is the number of spans ending
+        # before the largest token end so far; offsetting each conversation by `stride` keeps them apart.
+        stride = max(map(len, texts)) + 2
+        furthest = np.maximum.accumulate(offsets[:, 1] + token_of * stride)
+        k = np.searchsorted(span[:, 1] + span_of * stride, furthest, side="left")
+        kk = np.minimum(k, n_spans - 1)
+        owned = ((offsets[:, 0] < offsets[:, 1]) & (k < span_starts[token_of + 1])
+                 & (span[kk, 0] <= offsets[:, 0]) & (offsets[:, 1] <= span[kk, 1]))
+
+        # _check_labels: each span one run of tokens (owners never decrease, so a span's tokens are
+        # consecutive entries of `positions`) that decodes back to the span's text.
+        positions = np.flatnonzero(owned)
+        owner = k[positions]
+        per_span = np.bincount(owner, minlength=n_spans)
+        first_entry = np.searchsorted(owner, np.arange(n_spans), side="left")
+        last_entry = np.searchsorted(owner, np.arange(n_spans), side="right") - 1
+        if len(positions):  # (where a span has no tokens, first and last are meaningless and unused)
+            first = positions[np.minimum(first_entry, len(positions) - 1)]
+            last = positions[np.maximum(last_entry, 0)]
+        else:
+            first = last = np.zeros(n_spans, np.int64)
+        span_ok = (per_span > 0) & (last - first + 1 == per_span)
+        check = np.flatnonzero(span_ok)
+        owners, local_first = span_of[check].tolist(), (first - starts[span_of])[check].tolist()
+        local_last = (last - starts[span_of])[check].tolist()
+        decoded = decode([id_lists[s][a:b + 1] for s, a, b in zip(owners, local_first, local_last)])
+        for m, s, a, b, got in zip(check.tolist(), owners, span[check, 0].tolist(), span[check, 1].tolist(), decoded):
+            expected = texts[s][a:b]
+            # The span starts with the space that Llama's decoder drops; otherwise compare as _check_labels.
+            if got != expected and " " + got != expected and _normalise(got) != _normalise(expected):
+                span_ok[m] = False
+        ok &= np.bincount(span_of[~span_ok], minlength=n) == 0
+
+        is_image = ids == image_id
+        n_images = np.bincount(token_of[is_image], minlength=n)
+        placeholders = np.fromiter((t.count(image_token) for t in texts), np.int64, n)
+        ok &= n_images == placeholders
+        if num_image_tokens < 1:
+            ok &= n_images == 0  # encode_conversation raises its ValueError for these
+
+        # Lengths after expansion, and whether any trained token survives truncation.
+        extra = num_image_tokens - 1
+        full = counts + n_images * extra
+        trained = owned & ~is_image
+        images_so_far = np.concatenate([[0], np.cumsum(is_image)])  # before each token, over the whole batch
+        images_before = images_so_far[:-1] - images_so_far[starts[:-1]][token_of]
+        expanded = np.arange(total) - starts[token_of] + images_before * extra
+        first_trained = np.full(n, np.iinfo(np.int64).max)
+        np.minimum.at(first_trained, token_of[trained], expanded[trained])
+        ok &= first_trained < model_max_length
+        full_lengths = full.astype(np.int32)
+        lengths = np.minimum(full, model_max_length).astype(np.int32)
+
+    reference_ids += [batched_ids[k] for k in np.flatnonzero(~ok).tolist()]
+    keep = np.flatnonzero(ok)
+    batched = np.full(len(conversations), -1, np.int64)
+    batched[np.asarray(batched_ids, np.int64)[keep]] = np.arange(len(keep))
+    if len(keep) < n:  # drop the conversations sent to the reference from the arrays
+        token_keep = np.repeat(ok, np.diff(starts))
+        ids, trained = ids[token_keep], trained[token_keep]
+        starts = np.concatenate([[0], np.cumsum(np.diff(starts)[keep])])
+        lengths, full_lengths = lengths[keep], full_lengths[keep]
+
+    reference = {}
+    for j in sorted(reference_ids):
+        try:
+            reference[j] = encode_conversation(conversations[j], tokenizer, model_max_length=model_max_length,
+                                               num_image_tokens=num_image_tokens, image_token=image_token,
+                                               template=template)
+        except DataError as e:
+            reference[j] = e
+    return _Chunk(conversations, reference, batched, starts, ids, trained, lengths, full_lengths, image_id)

@@ -21,6 +21,7 @@ from transformers import (
     AutoTokenizer,
     BitsAndBytesConfig,
     CLIPImageProcessor,
+    CLIPVisionConfig,
     CLIPVisionModel,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -29,6 +30,7 @@ from transformers import (
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+from ..errors import reading
 from . import tiny
 
 TINY = "tiny"
@@ -105,12 +107,17 @@ def load_vision_tower(cfg: ModelConfig) -> tuple[CLIPVisionModel, CLIPImageProce
 
 def load_language_model(cfg: ModelConfig):
     """The decoder and its tokenizer, the decoder quantized when asked."""
+    tokenizer = tiny.tiny_tokenizer() if cfg.language_model == TINY else load_tokenizer(cfg)
+    return load_decoder(cfg), tokenizer
+
+
+def load_decoder(cfg: ModelConfig):
+    """The decoder's weights (quantized when asked), without its tokenizer."""
     name = cfg.language_model
     if name == TINY:
         if cfg.quantization:
             raise ModelError("a quantized decoder is loaded from a checkpoint: save the tiny decoder first")
-        return LlamaForCausalLM(tiny.tiny_text_config()), tiny.tiny_tokenizer()
-    tokenizer = load_tokenizer(cfg)
+        return LlamaForCausalLM(tiny.tiny_text_config())
     kwargs = {**_hub_kwargs(cfg), "dtype": DTYPES[cfg.torch_dtype]}
     if cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
@@ -122,7 +129,7 @@ def load_language_model(cfg: ModelConfig):
         raise _missing("language_model", name, cfg, error) from error
     if not (hasattr(model, "model") and hasattr(model, "lm_head")):
         raise ModelError(f"language_model {name!r} ({type(model).__name__}) is not a decoder with .model and .lm_head")
-    return model, tokenizer
+    return model
 
 
 SENTENCEPIECE_FILE = "tokenizer.model"  # what Vicuna and Llama-2 ship instead of (or beside) tokenizer.json
@@ -199,12 +206,19 @@ def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig:
                               bnb_4bit_compute_dtype=compute)
 
 
-def _ensure_image_token(tokenizer, decoder, image_token: str) -> int:
+def add_image_token(tokenizer, image_token: str):
+    """The tokenizer as LLaVA uses it: ``image_token`` in its vocabulary, a pad token set. Returns it."""
     if image_token not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
     if tokenizer.pad_token is None:
         # LLaVA v1 pads with unk (Vicuna has no pad token); else fall back to EOS.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def _ensure_image_token(tokenizer, decoder, image_token: str) -> int:
+    """The image token's id, the decoder's embeddings grown to the tokenizer's vocabulary."""
+    add_image_token(tokenizer, image_token)
     old = decoder.get_input_embeddings().num_embeddings
     if len(tokenizer) > old:
         # New rows (the image token) start at the mean of the old ones, deterministically, so a
@@ -222,12 +236,13 @@ def load_mm_projector(projector: LlavaMultiModalProjector, path: str | os.PathLi
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"mm_projector file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    with reading(path):
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     renamed = {}
     for key, value in state.items():
         short = key.split("mm_projector.")[-1]  # accept model.mm_projector.0.weight and mm_projector.0.weight
@@ -264,10 +279,54 @@ def save_mm_projector(projector: LlavaMultiModalProjector, folder: str | os.Path
     return path
 
 
-def build_llava(cfg: ModelConfig):
-    """Assemble (model, processor). The vision tower is frozen; connector and decoder are trainable."""
-    tower, image_processor = load_vision_tower(cfg)
-    decoder, tokenizer = load_language_model(cfg)
+def load_preprocessing(cfg: ModelConfig) -> tuple[LlavaProcessor, int]:
+    """(the processor a model built from ``cfg`` uses, the number of image tokens), read without weights.
+
+    The tokenizer has the image token and a pad token (:func:`add_image_token`); the image processor and
+    the token count ((image_size // patch_size) ** 2) come from the vision tower's config files (for an
+    open_clip tower, its model and pretrained-tag configs). A run checks and tokenizes its whole data
+    file with these before any weights load, then hands the processor to :func:`build_llava`.
+    """
+    image_processor, vision_config = _vision_preprocessing(cfg)
+    tokenizer = add_image_token(tiny.tiny_tokenizer() if cfg.language_model == TINY else load_tokenizer(cfg),
+                                cfg.image_token)
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               patch_size=vision_config.patch_size, vision_feature_select_strategy="default",
+                               image_token=cfg.image_token, num_additional_image_tokens=1)
+    return processor, (vision_config.image_size // vision_config.patch_size) ** 2
+
+
+def _vision_preprocessing(cfg: ModelConfig) -> tuple[CLIPImageProcessor, CLIPVisionConfig]:
+    """The tower's image processor and its config (image and patch size at least), without its weights."""
+    name = cfg.vision_tower
+    if name == TINY:
+        config = tiny.tiny_vision_config()
+        return CLIPImageProcessor(size={"shortest_edge": config.image_size},
+                                  crop_size={"height": config.image_size, "width": config.image_size}), config
+    if name.startswith(OPEN_CLIP_PREFIX):
+        from .open_clip_tower import open_clip_preprocessing
+
+        return open_clip_preprocessing(name[len(OPEN_CLIP_PREFIX):])
+    try:
+        # A full CLIP folder's config.json holds the vision config as a part; from_pretrained takes it out.
+        config = CLIPVisionConfig.from_pretrained(name, **_hub_kwargs(cfg))
+        processor = CLIPImageProcessor.from_pretrained(name, **_hub_kwargs(cfg))
+    except (OSError, ValueError) as error:
+        raise _missing("vision_tower", name, cfg, error) from error
+    return processor, config
+
+
+def build_llava(cfg: ModelConfig, processor: LlavaProcessor | None = None):
+    """Assemble (model, processor). The vision tower is frozen; connector and decoder are trainable.
+
+    ``processor``: the one :func:`load_preprocessing` gave for ``cfg`` (a run tokenizes its data with it
+    before the weights load); by default it is loaded here.
+    """
+    if processor is None:
+        processor, _ = load_preprocessing(cfg)
+    tower, _ = load_vision_tower(cfg)
+    decoder = load_decoder(cfg)
+    tokenizer = processor.tokenizer
     image_token_id = _ensure_image_token(tokenizer, decoder, cfg.image_token)
     vision_config = tower.config
     num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
@@ -292,9 +351,6 @@ def build_llava(cfg: ModelConfig):
         model.config.quantization_config = decoder.config.quantization_config
     if cfg.mm_projector:
         load_mm_projector(model.model.multi_modal_projector, cfg.mm_projector)
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               patch_size=vision_config.patch_size, vision_feature_select_strategy="default",
-                               image_token=cfg.image_token, num_additional_image_tokens=1)
     return model, processor
 
 
@@ -303,6 +359,8 @@ def save_spec(cfg: ModelConfig, folder: str | os.PathLike) -> None:
 
 
 def read_spec(folder: str | os.PathLike) -> ModelConfig:
-    data = json.loads(Path(folder, SPEC_FILE).read_text())
+    path = Path(folder, SPEC_FILE)
+    with reading(path):
+        data = json.loads(path.read_text())
     known = {f.name for f in fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in data.items() if k in known})

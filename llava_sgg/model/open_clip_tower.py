@@ -349,3 +349,31 @@ def clip_vision_from_open_clip(spec: str) -> tuple[CLIPVisionModel, CLIPImagePro
     name = f"open_clip:{spec}"
     tower = convert_open_clip_visual(model.visual, name=name)
     return tower, open_clip_image_processor(model, name=name)
+
+
+def open_clip_preprocessing(spec: str) -> tuple[CLIPImageProcessor, CLIPVisionConfig]:
+    """What :func:`clip_vision_from_open_clip` gives besides the weights, from open_clip's configs alone.
+
+    The image processor (open_clip's default preprocessing, the pretrained tag's on top, the model's input
+    size, as ``open_clip.create_model`` sets it) and a config holding the tower's image and patch size. The
+    weights are not read, but a tag's or file's presence is checked, so a run can check its data first.
+    """
+    import open_clip
+    from open_clip.model import CLIPVisionCfg
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    model_name, pretrained = _parse_spec(spec)
+    model_cfg = open_clip.get_model_config(model_name)
+    if model_cfg is None:
+        raise ValueError(f"open_clip:{spec}: unknown open_clip model {model_name!r} (see open_clip.list_models())")
+    _, tag_cfg = _pretrained_source(spec, model_name, pretrained) if pretrained else (None, {})
+    name = f"open_clip:{spec}"
+    vision = CLIPVisionCfg(**model_cfg["vision_cfg"])
+    if vision.timm_model_name:
+        raise _unsupported(name, "it is a TimmModel, not open_clip's VisionTransformer")
+    if not isinstance(vision.layers, int):
+        raise _unsupported(name, "it is a ModifiedResNet, not open_clip's VisionTransformer")
+    preprocess = merge_preprocess_dict(PreprocessCfg(), tag_cfg)
+    preprocess["size"] = vision.image_size
+    processor = open_clip_image_processor(preprocess, name=name)
+    return processor, CLIPVisionConfig(image_size=_pair(vision.image_size)[0], patch_size=_pair(vision.patch_size)[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterable
 
 import torch
@@ -60,11 +61,12 @@ def _base_options(cls) -> set[str]:
 
 
 def check_optimizer_options(name: str, options: dict) -> tuple[str, type, bool, dict]:
-    """Validate an optimizer name and its options without building it.
+    """Validate an optimizer name, its option names and their values, without touching any model.
 
     Returns (base name, base class, whether SGG wraps it, options with YAML lists
     turned into tuples). Used by build_optimizer and by config validation, so a
-    bad key fails before any model is loaded.
+    bad key or value fails before any model is loaded, with the message the
+    optimizer's own constructor gives.
     """
     if not isinstance(name, str) or name.lower() not in OPTIMIZER_NAMES:
         raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZER_NAMES)}")
@@ -79,11 +81,58 @@ def check_optimizer_options(name: str, options: dict) -> tuple[str, type, bool, 
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for optimizer {name!r}{hint}; "
                          f"valid options: lr, {', '.join(sorted(valid))}")
     lr = options.get("lr")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0):
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0):
         raise ValueError(f"lr must be a number >= 0, got {lr!r}")
     # YAML has no tuples: pairs such as betas, eps and scale_bounds arrive as lists.
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    base_kwargs, sgg_kwargs = _constructor_kwargs(base_name, cls, wrap, options)
+    if base_name == "adafactor":
+        _check_adafactor(base_kwargs)
+    betas = base_kwargs.get("betas")
+    if betas is not None and not (isinstance(betas, tuple) and len(betas) == 2 and all(map(_is_number, betas))):
+        raise ValueError(f"betas must be a pair of numbers (beta1, beta2), got {betas!r}")
+    # The rest is what the constructors check themselves (AdamW and Lamb: lr, betas, eps, weight_decay;
+    # Lamb: clamp_value; Adafactor: lr against relative_step; SGG: every option of its own). Building both
+    # over a one-element matrix is instant, and a real build could not fail on a value this one passed.
+    probe = torch.zeros(1, 1, requires_grad=True)
+    try:
+        base = cls([probe], **base_kwargs)
+        if wrap:
+            SGG(base, **sgg_kwargs)
+    except TypeError as error:  # e.g. betas: 0.9, or a string where a number belongs
+        raise ValueError(f"optimizer {name!r}: an option has a value of the wrong type ({error})") from None
     return base_name, cls, wrap, options
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _constructor_kwargs(base_name: str, cls: type, wrap: bool, options: dict) -> tuple[dict, dict]:
+    """(the base class's keyword arguments, the table's defaults filled in; SGG's under its own names)."""
+    base_keys = _base_options(cls) - {"lr"}
+    base_kwargs = {**_BASES[base_name][1], **{k: v for k, v in options.items() if k in base_keys}}
+    if base_name == "adafactor" and options.get("lr") is None and not base_kwargs["relative_step"]:
+        raise ValueError("adafactor needs lr (or relative_step=True for its own schedule)")
+    if options.get("lr") is not None:
+        base_kwargs["lr"] = options["lr"]
+    sgg_kwargs = {SGG_OPTIONS[k]: v for k, v in options.items() if k in SGG_OPTIONS} if wrap else {}
+    return base_kwargs, sgg_kwargs
+
+
+def _check_adafactor(kwargs: dict) -> None:
+    """What transformers' Adafactor would take without a word and then step with wrongly."""
+    eps = kwargs["eps"]
+    if not (isinstance(eps, tuple) and len(eps) == 2 and all(_is_number(e) and e >= 0 for e in eps)):
+        raise ValueError(f"adafactor's eps must be a pair (eps1, eps2) of numbers >= 0, got {eps!r}")
+    beta1 = kwargs["beta1"]
+    if beta1 is not None and not (_is_number(beta1) and 0 <= beta1 < 1):
+        raise ValueError(f"beta1 must be null (no first moment) or a number in [0, 1), got {beta1!r}")
+    # decay_rate c gives beta2_t = 1 - t^c, which approaches 1 only for c < 0.
+    for key, ok, want in (("clip_threshold", lambda v: v > 0, "> 0"), ("decay_rate", lambda v: v < 0, "< 0"),
+                          ("weight_decay", lambda v: v >= 0, ">= 0")):
+        if not (_is_number(kwargs[key]) and ok(kwargs[key])):
+            raise ValueError(f"{key} must be a number {want}, got {kwargs[key]!r}")
 
 
 def build_optimizer(model_or_params: nn.Module | Iterable, name: str, *, lr: float | None = None,
@@ -96,13 +145,7 @@ def build_optimizer(model_or_params: nn.Module | Iterable, name: str, *, lr: flo
     :class:`SGG` and also take its options (``sgg_eps`` for SGG's eps).
     """
     base_name, cls, wrap, kwargs = check_optimizer_options(name, {**kwargs, "lr": lr})
-    lr = kwargs.pop("lr")
-    base_keys = _base_options(cls) - {"lr"}
-    base_kwargs = {**_BASES[base_name][1], **{k: v for k, v in kwargs.items() if k in base_keys}}
-    if base_name == "adafactor" and lr is None and not base_kwargs["relative_step"]:
-        raise ValueError("adafactor needs lr (or relative_step=True for its own schedule)")
-    if lr is not None:
-        base_kwargs["lr"] = lr
+    base_kwargs, sgg_kwargs = _constructor_kwargs(base_name, cls, wrap, kwargs)
 
     if isinstance(model_or_params, nn.Module):
         params = param_groups_weight_decay(model_or_params, base_kwargs.get("weight_decay", 0.0))
@@ -113,4 +156,4 @@ def build_optimizer(model_or_params: nn.Module | Iterable, name: str, *, lr: flo
     optimizer = cls(params, **base_kwargs)
     if not wrap:
         return optimizer
-    return SGG(optimizer, **{SGG_OPTIONS[k]: v for k, v in kwargs.items() if k in SGG_OPTIONS})
+    return SGG(optimizer, **sgg_kwargs)

@@ -59,7 +59,7 @@ def _is_int(x) -> bool:
 
 
 def _validate(n_clusters, recluster_interval, beta3, scale_bounds, eps, cluster_on, assignment, backend,
-              exact_limit, sample_size, fused) -> tuple[float, float]:
+              exact_limit, sample_size, fused, seed=0) -> tuple[float, float]:
     if not isinstance(fused, bool):
         raise ValueError(f"fused must be True or False, got {fused!r}")
     if not _is_int(n_clusters) or not 1 <= n_clusters <= MAX_CLUSTERS:
@@ -83,6 +83,8 @@ def _validate(n_clusters, recluster_interval, beta3, scale_bounds, eps, cluster_
     for name, value in (("exact_limit", exact_limit), ("sample_size", sample_size)):
         if not _is_int(value) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     return lower, upper
 
 
@@ -110,7 +112,7 @@ class SGG(Optimizer):
         if isinstance(optimizer, SGG):
             raise TypeError("SGG cannot wrap another SGG")
         self.scale_bounds = _validate(n_clusters, recluster_interval, beta3, scale_bounds, eps, cluster_on,
-                                      assignment, backend, exact_limit, sample_size, fused)
+                                      assignment, backend, exact_limit, sample_size, fused, seed)
         self.n_clusters, self.recluster_interval, self.beta3, self.eps = n_clusters, recluster_interval, beta3, eps
         self.cluster_on, self.assignment, self.backend = cluster_on, assignment, backend
         self.exact_limit, self.sample_size, self.seed = exact_limit, sample_size, seed

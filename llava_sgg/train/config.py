@@ -10,6 +10,7 @@ replaces the optimizer section, and ``--set section.key=value`` overrides last
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from ..data.conversation import TEMPLATES
 from ..model.builder import ModelConfig, ModelError
 from ..optim import check_optimizer_options
 
@@ -24,6 +26,7 @@ MODES = ("pretrain", "full", "lora", "qlora")
 DISTRIBUTED = ("ddp", "fsdp2")
 ASPECT_RATIOS = ("pad", "resize", "crop")
 BAD_SAMPLES = ("error", "skip")
+DEFAULT_LR = 2e-5  # the optimizer's lr when its section has none (run.training_arguments' learning_rate)
 
 
 class ConfigError(ValueError):
@@ -59,6 +62,9 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     lr_scheduler_type: str = "cosine"
     max_grad_norm: float = 1.0
+    # A step whose loss or gradient norm is NaN or infinite stops the run before the optimizer applies
+    # it (train/guards.py); up to this many such steps are skipped first (no weight moves in them).
+    max_bad_steps: int = 0
     # bf16 compute (autocast; FSDP2: bf16 all-gathered parameters, fp32 gradient reduction). Trainable
     # weights and optimizer states are always fp32 masters, as in official LLaVA's DeepSpeed bf16 mode.
     bf16: bool = False
@@ -186,8 +192,12 @@ def parse_override(text: str) -> dict:
     return override
 
 
-def build_run_config(data: dict, origin: str = "config") -> RunConfig:
-    """Turn a merged mapping into a validated RunConfig."""
+def build_run_config(data: dict, origin: str = "config", *, optimizer_origin: str | None = None) -> RunConfig:
+    """Turn a merged mapping into a validated RunConfig.
+
+    Errors start with ``origin`` (the files and overrides the mapping came from), or for the optimizer
+    section with ``optimizer_origin`` when it came from elsewhere (an ``--optim`` file).
+    """
     _check_keys(data, origin)
     try:
         model = ModelConfig(**data.get("model", {}))
@@ -195,11 +205,11 @@ def build_run_config(data: dict, origin: str = "config") -> RunConfig:
         raise ConfigError(f"{origin}: model: {error}") from None
     cfg = RunConfig(model=model, data=DataConfig(**data.get("data", {})), train=TrainConfig(**data.get("train", {})),
                     optimizer=dict(data.get("optimizer", RunConfig().optimizer)))
-    _validate(cfg, origin)
+    _validate(cfg, origin, optimizer_origin)
     return cfg
 
 
-def _validate(cfg: RunConfig, origin: str) -> None:
+def _validate(cfg: RunConfig, origin: str, optimizer_origin: str | None = None) -> None:
     t, d = cfg.train, cfg.data
     if t.mode not in MODES:
         raise ConfigError(f"{origin}: train.mode must be one of {', '.join(MODES)}; got {t.mode!r}")
@@ -234,16 +244,100 @@ def _validate(cfg: RunConfig, origin: str) -> None:
     for key, value in positive.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{origin}: {key} must be an integer >= 1, got {value!r}")
-    if not 0 <= t.warmup_ratio < 1:
+    if not (_is_number(t.warmup_ratio) and 0 <= t.warmup_ratio < 1):
         raise ConfigError(f"{origin}: train.warmup_ratio must be in [0, 1), got {t.warmup_ratio!r}")
-    if t.mm_projector_lr is not None and not (isinstance(t.mm_projector_lr, (int, float)) and t.mm_projector_lr >= 0):
+    if t.mm_projector_lr is not None and not (_is_number(t.mm_projector_lr) and t.mm_projector_lr >= 0):
         raise ConfigError(f"{origin}: train.mm_projector_lr must be a number >= 0 or null")
-    if not 0 <= t.lora_dropout < 1:
+    if not (_is_number(t.lora_dropout) and 0 <= t.lora_dropout < 1):
         raise ConfigError(f"{origin}: train.lora_dropout must be in [0, 1)")
-    options = dict(cfg.optimizer)
+    if d.template not in TEMPLATES:
+        raise ConfigError(f"{origin}: data.template must be one of {', '.join(TEMPLATES)}; got {d.template!r}")
+    if not isinstance(d.group_by_modality_length, bool):
+        raise ConfigError(f"{origin}: data.group_by_modality_length must be true or false, "
+                          f"got {d.group_by_modality_length!r}")
+    _validate_train(t, origin)
+    _validate_optimizer(cfg.optimizer, optimizer_origin or origin)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_train(t: TrainConfig, origin: str) -> None:
+    """What transformers' Trainer would take and then train wrongly with (no step at all, every checkpoint
+    kept), or refuse only once the model is loaded."""
+    if not _is_int(t.max_steps) or t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"{origin}: train.max_steps must be an integer >= 1, or -1 to train "
+                          f"train.num_train_epochs; got {t.max_steps!r}")
+    if not (_is_number(t.num_train_epochs) and t.num_train_epochs >= 0):
+        raise ConfigError(f"{origin}: train.num_train_epochs must be a number >= 0, got {t.num_train_epochs!r}")
+    if t.max_steps == -1 and t.num_train_epochs == 0:
+        raise ConfigError(f"{origin}: train.num_train_epochs=0 with train.max_steps=-1 trains no step; "
+                          "set train.num_train_epochs > 0 or train.max_steps >= 1")
+    if t.save_total_limit is not None and not (_is_int(t.save_total_limit) and t.save_total_limit >= 1):
+        # transformers reads 0 (or less) as "no limit" and keeps every checkpoint.
+        raise ConfigError(f"{origin}: train.save_total_limit must be an integer >= 1 (the newest checkpoints "
+                          f"kept) or null (keep every checkpoint); got {t.save_total_limit!r}")
+    if not (_is_number(t.max_grad_norm) and t.max_grad_norm >= 0):
+        raise ConfigError(f"{origin}: train.max_grad_norm must be a number >= 0 (0: no clipping), "
+                          f"got {t.max_grad_norm!r}")
+    if not (_is_int(t.max_bad_steps) and t.max_bad_steps >= 0):
+        raise ConfigError(f"{origin}: train.max_bad_steps must be an integer >= 0 (the steps with a non-finite "
+                          f"loss or gradient norm skipped before the run stops), got {t.max_bad_steps!r}")
+    if not (_is_number(t.lora_alpha) and t.lora_alpha > 0):
+        raise ConfigError(f"{origin}: train.lora_alpha must be a number > 0, got {t.lora_alpha!r}")
+    for key in ("dataloader_num_workers", "seed"):
+        value = getattr(t, key)
+        if not (_is_int(value) and value >= 0):
+            raise ConfigError(f"{origin}: train.{key} must be an integer >= 0, got {value!r}")
+    for key in ("bf16", "gradient_checkpointing", "unfreeze_mm_vision_tower"):
+        if not isinstance(getattr(t, key), bool):
+            raise ConfigError(f"{origin}: train.{key} must be true or false, got {getattr(t, key)!r}")
+    if not (isinstance(t.output_dir, str) and t.output_dir.strip()):
+        raise ConfigError(f"{origin}: train.output_dir must be a folder path, got {t.output_dir!r}")
+    from transformers.trainer_utils import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if t.lr_scheduler_type not in schedulers:
+        raise ConfigError(f"{origin}: train.lr_scheduler_type must be one of {', '.join(schedulers)}; "
+                          f"got {t.lr_scheduler_type!r}")
+    _validate_report_to(t.report_to, origin)
+
+
+def _validate_report_to(report_to, origin: str) -> None:
+    """transformers checks the names, and that the logger is installed, only when the Trainer is built."""
+    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                             get_available_reporting_integrations)
+
+    names = [report_to] if isinstance(report_to, str) else report_to
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ConfigError(f"{origin}: train.report_to must be a name or a list of names, got {report_to!r}")
+    if names in (["none"], ["all"]):
+        return
+    known = list(INTEGRATION_TO_CALLBACK)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"{origin}: train.report_to: unknown {', '.join(map(repr, unknown))}; valid: none, all, "
+                          f"{', '.join(known)}")
+    installed = get_available_reporting_integrations()
+    # flyte is the one logger transformers has no availability check for.
+    missing = [n for n in names if n not in installed and n != "flyte"]
+    if missing:
+        raise ConfigError(f"{origin}: train.report_to: {', '.join(missing)} not installed "
+                          f"(installed: {', '.join(installed) or 'none'})")
+
+
+def _validate_optimizer(optimizer: dict, origin: str) -> None:
+    options = dict(optimizer)
     name = options.pop("name", None)
     if name is None:
         raise ConfigError(f"{origin}: optimizer.name is required")
+    # The trainer gives the base optimizer TrainingArguments' learning rate when the section has none.
+    options.setdefault("lr", DEFAULT_LR)
     try:
         check_optimizer_options(name, options)
     except ValueError as error:
@@ -267,4 +361,13 @@ def load_run_config(configs: list[str], optim: str | None = None, overrides: lis
             merged.setdefault("optimizer", {}).update(override["optimizer"])
         else:
             merged = _merge(merged, override)
-    return build_run_config(merged, origin=", ".join(configs))
+    overrides = list(overrides or [])
+    origin = _origin(configs, [o for o in overrides if not o.strip().startswith("optimizer.")])
+    optimizer_origin = _origin([optim] if optim is not None else configs,
+                               [o for o in overrides if o.strip().startswith("optimizer.")])
+    return build_run_config(merged, origin=origin, optimizer_origin=optimizer_origin)
+
+
+def _origin(files: list[str], overrides: list[str]) -> str:
+    """How errors name where a value came from: the files, and the --set overrides on top of them."""
+    return ", ".join(files) + "".join(f" --set {o}" for o in overrides)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import logging
 import os
 from pathlib import Path
 
@@ -13,11 +13,14 @@ import yaml
 from torch import nn
 from transformers import TrainingArguments, set_seed
 
-from ..model.builder import DTYPES, build_llava, save_mm_projector, save_spec
+from ..model.builder import DTYPES, ModelError, build_llava, load_preprocessing, save_mm_projector, save_spec
 from ..plotting import plot_curves
+from .checkpoints import begin_outputs, finished_run, outputs_complete, seal_outputs
 from .config import RunConfig
 from .memory import check_fits, memory_plan
 from .trainer import PROJECTOR, LlavaTrainer
+
+logger = logging.getLogger(__name__)
 
 
 def decoder_linear_names(model: nn.Module) -> list[str]:
@@ -44,15 +47,18 @@ def hold_trainable_in_float32(model: nn.Module) -> list[str]:
     return upcast
 
 
-def prepare_model(cfg: RunConfig):
-    """(model, processor) ready to train in cfg.train.mode, trainable weights in fp32; the vision tower is frozen."""
-    model, processor = _trainable_model(cfg)
+def prepare_model(cfg: RunConfig, processor=None):
+    """(model, processor) ready to train in cfg.train.mode, trainable weights in fp32; the vision tower is frozen.
+
+    ``processor``: the one the data was tokenized with (builder.load_preprocessing); by default loaded here.
+    """
+    model, processor = _trainable_model(cfg, processor)
     hold_trainable_in_float32(model)
     return model, processor
 
 
-def _trainable_model(cfg: RunConfig):
-    model, processor = build_llava(cfg.model)
+def _trainable_model(cfg: RunConfig, processor=None):
+    model, processor = build_llava(cfg.model, processor)
     t = cfg.train
     if t.mode == "pretrain":
         # LLaVA stage 1 (official --tune_mm_mlp_adapter): the connector learns to map the frozen tower's
@@ -112,6 +118,7 @@ def training_arguments(cfg: RunConfig) -> TrainingArguments:
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit, seed=t.seed,
         data_seed=t.seed, dataloader_num_workers=t.dataloader_num_workers, report_to=t.report_to,
         remove_unused_columns=False,
+        logging_nan_inf_filter=False,  # log a NaN loss as NaN, not as 0.0 (guards.py stops the run on it)
         use_cpu=not torch.cuda.is_available(),  # lets bf16 run on a CPU-only machine
     )
 
@@ -142,20 +149,27 @@ def _skipped_samples_file(cfg: RunConfig) -> Path | None:
 def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
     from ..data import DataCollatorForLlava, LlavaSFTDataset
 
-    set_seed(cfg.train.seed)
-    model, processor = prepare_model(cfg)
-    limit_no_split_modules(model)
-    config = model.config
+    # Cheap checks first (issue 21): the config was validated when loaded, Trainer's own arguments and the
+    # stage-1 projector's presence are checked here, then the whole data file is checked and tokenized with
+    # the processor read from the parts' config files; only then do the weights load, around that processor.
+    args = training_arguments(cfg)
+    if cfg.model.mm_projector and not Path(cfg.model.mm_projector).is_file():
+        raise ModelError(f"mm_projector file {cfg.model.mm_projector!r} does not exist")
+    processor, num_image_tokens = load_preprocessing(cfg.model)
     d = cfg.data
     dataset = LlavaSFTDataset(d.data_path, d.image_folder, processor.tokenizer, processor.image_processor,
-                              num_image_tokens=config.image_seq_length, image_token=cfg.model.image_token,
+                              num_image_tokens=num_image_tokens, image_token=cfg.model.image_token,
                               image_aspect_ratio=d.image_aspect_ratio, model_max_length=d.model_max_length,
                               template=d.template, bad_samples=d.bad_samples, max_bad_fraction=d.max_bad_fraction,
                               skipped_samples_file=_skipped_samples_file(cfg))
+    set_seed(cfg.train.seed)
+    model, processor = prepare_model(cfg, processor)
+    limit_no_split_modules(model)
     trainer = LlavaTrainer(
-        model=model, args=training_arguments(cfg), train_dataset=dataset,
+        model=model, args=args, train_dataset=dataset,
         data_collator=DataCollatorForLlava(processor.tokenizer.pad_token_id),
         optimizer_config=cfg.optimizer, mm_projector_lr=cfg.train.mm_projector_lr,
+        max_bad_steps=cfg.train.max_bad_steps,
         modality_lengths=dataset.modality_lengths if d.group_by_modality_length else None,
     )
     return trainer, processor
@@ -163,8 +177,11 @@ def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
 
 def save_outputs(trainer: LlavaTrainer, processor, cfg: RunConfig) -> Path:
     """HF checkpoint (or PEFT adapter + connector; or, in pretrain mode, the connector alone as
-    mm_projector.safetensors), processor, base-model spec, run config, loss plot."""
+    mm_projector.safetensors), processor, base-model spec, run config, loss plot; run_complete.json, written
+    last, marks them complete (checkpoints.seal_outputs)."""
     output = Path(cfg.train.output_dir)
+    if trainer.is_world_process_zero():
+        begin_outputs(output)
     if cfg.train.mode == "pretrain":  # stage 1's product is the connector alone, for model.mm_projector
         save_mm_projector(trainer.model.model.multi_modal_projector, output)
     else:
@@ -180,11 +197,15 @@ def save_outputs(trainer: LlavaTrainer, processor, cfg: RunConfig) -> Path:
         cast_saved_weights(output, DTYPES[cfg.model.torch_dtype])
     (output / "llava_sgg_run.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     history = [row for row in trainer.state.log_history if "loss" in row]
-    (output / "loss_history.json").write_text(json.dumps(history, indent=1))
+    # Sorted keys, as trainer_state.json holds them: a resumed run writes the bytes an uninterrupted one does.
+    (output / "loss_history.json").write_text(json.dumps(history, indent=1, sort_keys=True))
     if history:
         curve = ([row["step"] for row in history], [row["loss"] for row in history])
         plot_curves({"loss": curve}, output / "loss_curve.png", ylabel="training loss", log=False,
                     title=f"{cfg.train.mode} / {cfg.optimizer['name']}", size=(6, 3.6), marker=".")
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        seal_outputs(output, trainer.state.global_step, cfg.to_dict())
     return output
 
 
@@ -235,8 +256,23 @@ def check_memory(trainer: LlavaTrainer, cfg: RunConfig) -> None:
 
 
 def train(cfg: RunConfig) -> Path:
+    """Train and write the outputs; resumed after the end of its schedule, a run trains nothing.
+
+    Its outputs, when complete (run_complete.json), stay as they are: with the same config this is
+    known before anything loads. When a kill interrupted them, they are written again from the
+    final checkpoint, identical to those of an uninterrupted run.
+    """
+    output, resume = Path(cfg.train.output_dir), cfg.train.resume_from_checkpoint
+    step = finished_run(output, cfg.to_dict(), resume) if resume else None
+    if step is not None:
+        logger.warning("%s: the run already finished at step %d and its outputs are complete; nothing to train",
+                       output, step)
+        return output
     trainer, processor = build_trainer(cfg)
     check_memory(trainer, cfg)
-    resume = cfg.train.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    trainer.train(resume_from_checkpoint=resume)
+    if trainer.resumed_finished_run and outputs_complete(output, trainer.state.global_step):
+        logger.warning("%s: the outputs of step %d are complete and left as they are", output,
+                       trainer.state.global_step)
+        return output
     return save_outputs(trainer, processor, cfg)

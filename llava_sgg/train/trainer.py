@@ -1,23 +1,38 @@
 """transformers' Trainer, with the optimizer from build_optimizer and LLaVA's modality-grouped sampling.
 
-Everything else (the loop, accumulation, clipping, mixed precision, logging,
-checkpointing, resuming, multi-GPU launch) is Trainer's own.
+Checkpoints are Trainer's, written so that each is complete or ignored (checkpoints.py): staged and
+renamed when every rank has written, resumed only when nothing the run reads back is missing, and
+a finished run resumed trains nothing. A non-finite loss or gradient stops the run before the
+optimizer step (guards.py). Everything else (the loop, accumulation, clipping, mixed
+precision, logging, multi-GPU launch) is Trainer's own.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import pickle
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import LlavaForConditionalGeneration, Trainer
 
 from ..optim import SGG, build_optimizer
 from ..optim.distributed import load_sgg_checkpoint_state, refuse_zero, sgg_checkpoint_state
+from .checkpoints import (STAGING, CheckpointError, check_resumable, newest_complete, publish, rotate,
+                          seal_checkpoint)
+from .guards import DivergenceGuard
+
+logger = logging.getLogger(__name__)
 
 PROJECTOR = "multi_modal_projector"
 IGNORE_INDEX = -100
 SGG_CHECKPOINT = "sgg_state"  # folder of a checkpoint holding SGG's sharded entry (FSDP runs)
+# What a failed torch.load / safetensors read / load_state_dict raises; re-raised naming the checkpoint file.
+_LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError)
 
 
 def llava_param_groups(model: nn.Module, lr: float, weight_decay: float, mm_projector_lr: float | None) -> list[dict]:
@@ -41,12 +56,18 @@ def llava_param_groups(model: nn.Module, lr: float, weight_decay: float, mm_proj
 class LlavaTrainer(Trainer):
     """Trainer whose optimizer is any :func:`build_optimizer` name, SGG ones included."""
 
+    _saving_checkpoint = False  # while True, Trainer's output dir is the staging folder (_save_checkpoint)
+    resumed_finished_run = False  # set as training starts: the checkpoint resumed from ends the schedule
+
     def __init__(self, *args, optimizer_config: dict, mm_projector_lr: float | None = None,
-                 modality_lengths: list[int] | None = None, **kwargs):
+                 modality_lengths: list[int] | None = None, max_bad_steps: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.optimizer_config = dict(optimizer_config)
         self.mm_projector_lr = mm_projector_lr
         self.modality_lengths = modality_lengths
+        # A non-finite loss or gradient stops the run before the optimizer step (guards.py).
+        self.divergence_guard = DivergenceGuard(max_bad_steps)
+        self.add_callback(self.divergence_guard)
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -93,10 +114,115 @@ class LlavaTrainer(Trainer):
             dcp.save({"sgg": sgg_checkpoint_state(sgg)}, checkpoint_id=str(Path(output_dir) / SGG_CHECKPOINT))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        sgg = self._sgg()
-        if checkpoint is not None and sgg is not None and (Path(checkpoint) / SGG_CHECKPOINT).is_dir():
-            load_sgg_checkpoint_state(sgg, Path(checkpoint) / SGG_CHECKPOINT)
+        if checkpoint is None:
+            return
+        # check_resumable has made sure the files are there (Trainer would skip absent ones).
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+            sgg = self._sgg()
+            if sgg is not None and (Path(checkpoint) / SGG_CHECKPOINT).is_dir():
+                load_sgg_checkpoint_state(sgg, Path(checkpoint) / SGG_CHECKPOINT)
+        except _LOAD_ERRORS as error:
+            files = ", ".join(name for name in self._checkpoint_needs()
+                              if name not in ("trainer_state.json", self._model_file()))
+            raise CheckpointError(f"{checkpoint}: cannot load the optimizer or learning-rate schedule state "
+                                  f"({files}): {type(error).__name__}: {error}") from error
+
+    # ---- checkpoints that are complete or ignored (checkpoints.py)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """Trainer.train, resuming only from a complete checkpoint that holds all this run reads back.
+
+        ``resume_from_checkpoint`` "last" (or True): the newest complete checkpoint of the output
+        folder (newer incomplete ones are skipped and named), or step 0 when there is none yet.
+        """
+        if resume_from_checkpoint is True or resume_from_checkpoint == "last":
+            resume_from_checkpoint = newest_complete(self.args.output_dir)
+        if resume_from_checkpoint:
+            check_resumable(resume_from_checkpoint, self._checkpoint_needs())
+        return super().train(str(resume_from_checkpoint) if resume_from_checkpoint else None, *args, **kwargs)
+
+    def _checkpoint_needs(self) -> dict[str, tuple[str, ...]]:
+        """What a resume of this run reads back: the file (or folder) holding each state, with the name
+        patterns of its accepted layouts."""
+        needs = {"trainer_state.json": ("trainer_state.json",)}  # step, epoch, data position, log
+        if self.is_deepspeed_enabled:
+            return needs  # DeepSpeed keeps model, optimizer and scheduler in its own global_step*/ layout
+        if self.is_fsdp_enabled:  # accelerate's layouts: FULL_STATE_DICT files, or sharded folders
+            needs.update({self._model_file(): ("pytorch_model_fsdp*",),
+                          "optimizer.bin": ("optimizer.bin", "optimizer_0*")})
+        else:
+            model = self._model_file()
+            needs[model] = (model, "model.safetensors.index.json") if model == "model.safetensors" else (model,)
+            needs["optimizer.pt"] = ("optimizer.pt",)  # SGG's cluster ids and scales are in it
+        needs["scheduler.pt"] = ("scheduler.pt",)
+        if self.is_fsdp_enabled and self.optimizer_config["name"].lower().endswith("_sgg"):
+            needs[SGG_CHECKPOINT] = (SGG_CHECKPOINT,)  # SGG's cluster ids and scales, sharded
+        return needs
+
+    def _model_file(self) -> str:
+        if self.is_fsdp_enabled:
+            return "pytorch_model_fsdp.bin"
+        if getattr(self.model, "peft_config", None) is not None:
+            return "adapter_model.safetensors"
+        return "model.safetensors"
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING) if self._saving_checkpoint else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, written into saving-checkpoint/checkpoint-N and renamed when complete.
+
+        Every rank writes its part (under FSDP2: its shards of the optimizer and of ``sgg_state/``);
+        the main process seals the folder only after all have, so ``checkpoint-N/`` never exists in part.
+        """
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(run_dir / STAGING, ignore_errors=True)  # what an interrupted save left
+        self.accelerator.wait_for_everyone()
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)  # its save_total_limit rotation sees the staging folder only
+        finally:
+            self._saving_checkpoint = False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            seal_checkpoint(run_dir / STAGING / name, self.state.global_step)
+            publish(run_dir / STAGING / name, run_dir / name)
+            rotate(run_dir, self.args.save_total_limit, keep=run_dir / name)
+        self.accelerator.wait_for_everyone()
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs,
+                             resume_from_checkpoint, trial):
+        epochs_trained, steps_trained = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial)
+        self.resumed_finished_run = resume_from_checkpoint is not None and self.state.global_step >= max_steps
+        if self.resumed_finished_run:
+            # Trainer would go on with the epoch the last step fell in: one more step past the schedule's end.
+            logger.warning("%s is step %d of %d: the run is already finished; nothing to train",
+                           resume_from_checkpoint, self.state.global_step, max_steps)
+            return num_train_epochs, 0  # the epoch loop runs no epoch
+        return epochs_trained, steps_trained
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self.resumed_finished_run:
+            logs = {key: value for key, value in logs.items() if key != "train_loss"}  # 0/0 steps, not a loss
+        super().log(logs, *args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.divergence_guard.observe_loss(loss)
+        return loss
+
+    def _maybe_log_save_evaluate(self, tr_loss, *args, **kwargs):
+        super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
+        if self._globalstep_last_logged == self.state.global_step:
+            # Trainer empties its running loss with `tr_loss -= tr_loss` once logged, which leaves a NaN
+            # a NaN: with logging_nan_inf_filter off, a step skipped by train.max_bad_steps would otherwise
+            # log NaN at every later step. Just after a log the sum holds nothing yet.
+            tr_loss.zero_()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The causal LM loss, with logits computed only where a trained token follows.
@@ -147,12 +273,16 @@ class LlavaTrainer(Trainer):
         folder = Path(resume_from_checkpoint)
         plain = isinstance(model, LlavaForConditionalGeneration) and not self.is_deepspeed_enabled \
             and not self.is_fsdp_enabled
-        if not (plain and (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        # float32, so the fp32 master weights a checkpoint holds come back bit for bit (load_state_dict
-        # copies each tensor into the parameter's own dtype; frozen bf16 weights round-trip exactly).
-        loaded = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict(), strict=True)
+        try:
+            if not (plain and (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))):
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            # float32, so the fp32 master weights a checkpoint holds come back bit for bit (load_state_dict
+            # copies each tensor into the parameter's own dtype; frozen bf16 weights round-trip exactly).
+            loaded = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+            model.load_state_dict(loaded.state_dict(), strict=True)
+        except _LOAD_ERRORS as error:  # safetensors' "header too small" names no file
+            raise CheckpointError(f"cannot load the model weights {folder / self._model_file()}: "
+                                  f"{type(error).__name__}: {error}") from error
 
     def _get_train_sampler(self, train_dataset=None):
         if self.modality_lengths is None:
