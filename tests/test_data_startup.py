@@ -248,7 +248,7 @@ def test_without_a_cache_nothing_is_written(tmp_path, monkeypatch):
     build(path, folder, False)
     assert not (tmp_path / "default").exists()
     build(path, folder, None)  # None: the default folder
-    assert (tmp_path / "default" / "tokenized").is_dir() and (tmp_path / "default" / "images").is_dir()
+    assert {p.name for p in (tmp_path / "default" / "data-checks").iterdir()} == {"tokenized", "images"}
 
 
 # --- quiet startup ---

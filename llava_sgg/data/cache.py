@@ -9,9 +9,10 @@ strings as UTF-8 bytes; nothing is unpickled):
 - ``images/``: per image folder, the images that decoded, with their size and modification time.
 
 A lock file beside each makes the ranks of a node take turns: the first computes and writes (with
-all the node's CPUs, the others being idle), the others wait and read. The folder is
-``$LLAVA_SGG_CACHE``, else ``$XDG_CACHE_HOME/llava_sgg``, else ``~/.cache/llava_sgg``. A cache
-that cannot be read or written is a warning, never an error: the results are then computed.
+all the node's CPUs, the others being idle), the others wait and read. The folder is ``data-checks``
+in ``$LLAVA_SGG_CACHE``, else in ``$XDG_CACHE_HOME/llava-sgg``, else in ``~/.cache/llava-sgg`` (where
+the demo keeps its files). A cache that cannot be read or written is a warning, never an error: the
+results are then computed.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ logger = logging.getLogger(__name__)
 
 def default_cache_dir() -> Path:
     if os.environ.get("LLAVA_SGG_CACHE"):
-        return Path(os.environ["LLAVA_SGG_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llava_sgg"
+        return Path(os.environ["LLAVA_SGG_CACHE"]) / "data-checks"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llava-sgg" / "data-checks"
 
 
 def digest(value) -> str:

@@ -233,8 +233,8 @@ def load_llava_json(path: str | os.PathLike, *, image_token: str = "<image>") ->
 @contextlib.contextmanager
 def _gc_paused():
     """The cyclic garbage collector paused: reading a big file makes millions of small objects, and each
-    full collection meanwhile walks all those made so far; reading and validating a 665k-sample file took
-    24-27 s with it and 12.5-13.6 s without on 2 cores. Nothing made here is cyclic garbage."""
+    full collection meanwhile walks all those made so far, which about doubles the reading of the mix
+    (docs/benchmarks/data-prep-cpu2.json). Nothing made here is cyclic garbage."""
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -42,11 +42,10 @@ def decode_check(path) -> None:
     cut short after its header, a broken scan or Huffman table) is found here too (of 300 damaged copies
     of a baseline and a progressive JPEG, cut, overwritten or zeroed in places, it refused exactly
     those that load_image refused; tests/test_data_image.py checks a sample of them), but
-    the inverse DCT at full size and the colour conversion are skipped: 1.2 ms of CPU instead of 2.2 ms
-    for a 640x480 COCO-like JPEG (docs/benchmarks/data-prep-cpu2.json), about 6 minutes of one core for
-    the 310k images of the LLaVA-1.5 mix. Reading the header and checking that the file ends with the
-    end-of-image marker would take 0.03 ms, but it passes a JPEG whose scans are damaged (and refuses a
-    valid one with bytes after the marker); the images that decoded are cached instead
+    the inverse DCT at full size and the colour conversion are skipped (about two thirds of a full
+    decode's CPU; docs/benchmarks/data-prep-cpu2.json). Reading the header and checking that the file
+    ends with the end-of-image marker would be far cheaper, but it passes a JPEG whose scans are damaged
+    (and refuses a valid one with bytes after the marker); the images that decoded are cached instead
     (LlavaSFTDataset), so that the cost is paid once. Other formats are decoded in full, as at batch time.
     """
     with Image.open(path) as image:
@@ -112,8 +111,8 @@ def check_images(paths: Sequence, *, workers: int = 1, progress: Callable[[int],
     check that it has not changed since. ``progress`` is called with the number of images done, a chunk
     at a time.
 
-    Threads, not processes: PIL decodes with the GIL released; on 2 cores 4000 images took 0.65 ms each in
-    2 threads, 0.70 ms in 2 processes and 1.21 ms in one thread (docs/benchmarks/data-prep-cpu2.json).
+    Threads, not processes: PIL decodes with the GIL released, and threads were as fast as processes
+    without the pickling (docs/benchmarks/data-prep-cpu2.json).
     """
     chunks = [paths[i:i + chunk_size] for i in range(0, len(paths), chunk_size)]
     problems, good = {}, {}

@@ -359,7 +359,7 @@ def _encode_chunk(conversations, tokenizer, *, template, image_token, image_id, 
     A conversation any check does not pass outright (special-token strings, a template it does not
     fit, labelled tokens that are missing, in pieces or decode to other text, an image-token count
     that differs from the placeholders', every answer truncated away) is encoded by
-    encode_conversation itself, which raises the exact error; it is rare, so this costs nothing.
+    encode_conversation itself, which raises the exact error (such conversations are rare).
     """
     reference_ids, texts, spans, batched_ids = [], [], [], []
     eos = tokenizer.eos_token
@@ -428,7 +428,8 @@ def _encode_chunk(conversations, tokenizer, *, template, image_token, image_id, 
         owners, local_first = span_of[check].tolist(), (first - starts[span_of])[check].tolist()
         local_last = (last - starts[span_of])[check].tolist()
         decoded = decode([id_lists[s][a:b + 1] for s, a, b in zip(owners, local_first, local_last)])
-        for m, s, a, b, got in zip(check.tolist(), owners, span[check, 0].tolist(), span[check, 1].tolist(), decoded):
+        span_text = zip(owners, span[check, 0].tolist(), span[check, 1].tolist())
+        for m, (s, a, b), got in zip(check.tolist(), span_text, decoded):
             expected = texts[s][a:b]
             # The span starts with the space that Llama's decoder drops; otherwise compare as _check_labels.
             if got != expected and " " + got != expected and _normalise(got) != _normalise(expected):
