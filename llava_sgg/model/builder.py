@@ -86,13 +86,16 @@ def _missing(part: str, name: str, cfg: ModelConfig, error: Exception) -> ModelE
                       f"(local_files_only={cfg.local_files_only}). ({type(error).__name__}: {error})")
 
 
+def _square_processor(size: int) -> CLIPImageProcessor:
+    """CLIP's processor for a tower built from config: shortest side resized to ``size``, centre crop."""
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
 def load_vision_tower(cfg: ModelConfig) -> tuple[CLIPVisionModel, CLIPImageProcessor]:
     name = cfg.vision_tower
     if name == TINY:
         config = tiny.tiny_vision_config()
-        processor = CLIPImageProcessor(size={"shortest_edge": config.image_size},
-                                       crop_size={"height": config.image_size, "width": config.image_size})
-        return CLIPVisionModel(config), processor
+        return CLIPVisionModel(config), _square_processor(config.image_size)
     if name.startswith(OPEN_CLIP_PREFIX):
         from .open_clip_tower import clip_vision_from_open_clip
 
@@ -301,8 +304,7 @@ def _vision_preprocessing(cfg: ModelConfig) -> tuple[CLIPImageProcessor, CLIPVis
     name = cfg.vision_tower
     if name == TINY:
         config = tiny.tiny_vision_config()
-        return CLIPImageProcessor(size={"shortest_edge": config.image_size},
-                                  crop_size={"height": config.image_size, "width": config.image_size}), config
+        return _square_processor(config.image_size), config
     if name.startswith(OPEN_CLIP_PREFIX):
         from .open_clip_tower import open_clip_preprocessing
 
