@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..optim.distributed import local
+from .checkpoints import CheckpointError, newest_complete
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,10 @@ class DivergenceGuard(TrainerCallback):
 
 
 def _resume_hint(args) -> str:
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    try:  # the checkpoint resume_from_checkpoint=last would take
+        last = newest_complete(args.output_dir) if Path(args.output_dir).is_dir() else None
+    except CheckpointError:
+        last = None
     fixes = ("lowering optimizer.lr (or clipping with train.max_grad_norm > 0, or letting train.max_bad_steps "
              "skip a few such steps)")
     if last is None:
