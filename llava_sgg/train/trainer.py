@@ -211,6 +211,13 @@ class LlavaTrainer(Trainer):
             logs = {key: value for key, value in logs.items() if key != "train_loss"}  # 0/0 steps, not a loss
         super().log(logs, *args, **kwargs)
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        # The norm Trainer computes before every optimizer step, handed to the divergence guard so that it
+        # does not read every gradient a second time.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self.divergence_guard.observe_grad_norm(grad_norm)
+        return grad_norm
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.divergence_guard.observe_loss(loss)
