@@ -216,22 +216,11 @@ def llava_assets(tmp_path_factory):
 
 def _launch(llava_assets, launcher: list[str], distributed: str, name: str, optimizer: dict = SGG_RUN,
             **train) -> dict:
-    import subprocess
-    import sys
-
-    import yaml
-    from train_fixtures import tiny_run
+    from train_fixtures import run_dist_llava, tiny_run
 
     root, parts, data = llava_assets
     train = {"max_steps": 2, "per_device_train_batch_size": 1, "distributed": distributed, **train}
-    cfg = tiny_run(parts, data, root / name, "full", optimizer, **train)
-    config, out = root / f"{name}.yaml", root / f"{name}.pt"
-    config.write_text(yaml.safe_dump(cfg.to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    done = subprocess.run([*launcher, str(ROOT / "tests" / "dist_llava.py"), str(config), str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return torch.load(out, weights_only=False)
+    return run_dist_llava(tiny_run(parts, data, root / name, "full", optimizer, **train), root, name, launcher)
 
 
 def _one_process_sgg(record: dict) -> SGG:

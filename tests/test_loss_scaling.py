@@ -8,14 +8,11 @@ process draws which sample; what differs is only the order of float reductions.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slow  # each case launches training processes
@@ -37,20 +34,14 @@ def assets(tmp_path_factory):
 
 
 def _run(assets, name: str, processes: int, distributed: str, samples: int, batch: int, accumulation: int) -> dict:
-    from train_fixtures import tiny_run
+    from train_fixtures import run_dist_llava, tiny_run
 
     root, parts, subsets = assets
     cfg = tiny_run(parts, subsets[samples], root / name, "full", {"name": "adamw", "lr": 1e-3},
                    max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                    distributed=distributed, max_grad_norm=1.0, logging_steps=1)
-    config, out = root / f"{name}.yaml", root / f"{name}.pt"
-    config.write_text(yaml.safe_dump(cfg.to_dict()))
     launcher = ["torchrun", "--nproc_per_node", str(processes)] if processes > 1 else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    done = subprocess.run([*launcher, str(ROOT / "tests" / "dist_llava.py"), str(config), str(out)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return torch.load(out, weights_only=False)
+    return run_dist_llava(cfg, root, name, launcher)
 
 
 def _logged(record: dict) -> dict:
@@ -85,19 +76,13 @@ def test_two_processes_of_batch_one_log_and_step_as_one_process_of_batch_two(ass
 
 def test_fsdp2_in_bf16_keeps_fp32_masters_and_reduces_gradients_in_fp32(assets, one_process):
     """FSDP2's policy as DeepSpeed's bf16 mode: bf16 parameters for compute, fp32 sharded masters and reduction."""
-    root, parts, subsets = assets
-    from train_fixtures import tiny_run
+    from train_fixtures import run_dist_llava, tiny_run
 
+    root, parts, subsets = assets
     cfg = tiny_run({**parts, "torch_dtype": "bfloat16"}, subsets[2], root / "fsdp2-bf16", "full",
                    {"name": "adamw_sgg", "lr": 1e-3, "recluster_interval": 1}, max_steps=1,
                    per_device_train_batch_size=1, distributed="fsdp2", bf16=True)
-    config, out = root / "fsdp2-bf16.yaml", root / "fsdp2-bf16.pt"
-    config.write_text(yaml.safe_dump(cfg.to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    done = subprocess.run(["torchrun", "--nproc_per_node", "2", str(ROOT / "tests" / "dist_llava.py"), str(config),
-                           str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    run = torch.load(out, weights_only=False)
+    run = run_dist_llava(cfg, root, "fsdp2-bf16", ["torchrun", "--nproc_per_node", "2"])
     assert run["fsdp"] and run["mp_policy"] == ("torch.bfloat16", "torch.float32")
     assert set(run["dtypes"].values()) == {"torch.float32"}
     # bf16 compute: the loss of the fp32 one-process run within bf16's precision

@@ -83,3 +83,22 @@ def tiny_config_file(folder: Path, parts: dict, data: dict) -> Path:
                   "gradient_checkpointing": False, "bf16": False, "warmup_ratio": 0.0},
     }))
     return path
+
+
+def run_dist_llava(cfg, root: Path, name: str, launcher: list[str]) -> dict:
+    """Train ``cfg`` through tests/dist_llava.py under ``launcher`` (torchrun, accelerate or one python) and
+    return the record rank 0 wrote: parameters, SGG state, log history, dtypes."""
+    import os
+    import subprocess
+
+    import torch
+    import yaml
+
+    tests = Path(__file__).parent
+    config, out = root / f"{name}.yaml", root / f"{name}.pt"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    done = subprocess.run([*launcher, str(tests / "dist_llava.py"), str(config), str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(out, weights_only=False)
