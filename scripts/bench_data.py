@@ -1,6 +1,7 @@
-"""Startup cost of training data at LLaVA-1.5 scale (issue 21, item 10): a 665k-sample file made ready.
+"""Startup cost of training data at LLaVA-1.5 scale: a 665k-sample file made ready for training.
 
-    python scripts/bench_data.py --out docs/benchmarks/data-prep-cpu2.json
+    python scripts/bench_data.py --out docs/benchmarks/data-startup-fast-cpu2.json          # data.check: fast
+    python scripts/bench_data.py --check full --out docs/benchmarks/data-prep-cpu2.json     # data.check: full
     python scripts/bench_data.py --samples 20000 --out runs/bench/data-small.json   # a quick look
 
 Writes a synthetic file shaped like ``llava_v1_5_mix665k.json`` (the mix's sources in their
@@ -11,13 +12,15 @@ Llama's trainer options, loaded through transformers as Vicuna-7B-v1.5 is: ``Lla
 ``Metaspace(split=False)``; no Vicuna tokenizer is available offline) and an image folder of
 640x480 JPEGs (COCO's size) in which every path of the file exists. Then measures, each on its own:
 
-- the text path: reading and validating the file; tokenizing every sample one call at a time
-  (the previous implementation, on a subset, extrapolated) against the batched tokenization, whose
-  ids and labels are checked equal to it on that subset; the dataset built with an empty cache
-  (cold) and again with the cache its first build wrote (warm: another rank, a re-run);
-- the image check: the cost per image of reading the header, of the draft (DCT-scaled) JPEG
-  decode the check uses and of the full decode a batch does, the check over the folder's images
-  in threads and in processes, and the cost projected to the mix's number of images.
+- ``--check fast`` (the default config): the dataset built twice, each stage timed (reading and
+  validating the file, the answers-fit check, the quick image check, the rest);
+- ``--check full``: the text path (reading and validating the file; tokenizing every sample one
+  call at a time, on a subset, extrapolated, against the batched tokenization, whose ids and labels
+  are checked equal to it on that subset; the dataset built with an empty cache (cold) and again
+  with the cache its first build wrote (warm: another rank, a re-run)) and the image check in
+  threads and in processes;
+- both: the cost per image of reading the header, of the quick check, of the draft (DCT-scaled)
+  JPEG decode a full check uses and of the full decode a batch does.
 
 Prints a summary and saves everything as JSON, with the machine, its load and the date.
 """
@@ -39,6 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
+# Run as a script from a checkout: the package beside scripts/ comes first.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llava_sgg.evaluation.prompts import OPTION_LETTER, OPTION_LETTERS, SHORT_ANSWER  # noqa: E402
+
 # The sources of llava_v1_5_mix665k.json (LLaVA-1.5 paper, Table 7) with their sample counts (rounded;
 # scaled to --samples), the image folder each draws from (None: text-only) and that folder's number of
 # images in the official layout.
@@ -57,8 +64,8 @@ SOURCES = {
     "refcoco": (48_447, "coco/train2017", 118_287),
     "vg": (86_417, "vg/VG_100K", 108_077),
 }
-VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
-CHOICE_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
+VQA_SUFFIX = "\n" + SHORT_ANSWER
+CHOICE_SUFFIX = "\n" + OPTION_LETTER
 FUNCTION_WORDS = ("the a of and to in is that it on with as for was this are by at be from or an which there "
                   "image what his her they have one two three left right color man woman person people "
                   "table sitting standing white black red blue green street car dog cat".split())
@@ -140,8 +147,8 @@ def _conversation(source: str, t: Text, rng: np.random.Generator) -> list[tuple[
         return [(t.question(int(rng.integers(4, 7))) + VQA_SUFFIX, t.phrase(1, 5))
                 for _ in range(int(rng.integers(3, 7)))]
     if source == "aokvqa":
-        options = "\n".join(f"{letter}. {t.phrase(1, 3)}" for letter in "ABCD")
-        return [(f"{t.question(int(rng.integers(6, 12)))}\n{options}{CHOICE_SUFFIX}", "ABCD"[int(rng.integers(0, 4))])]
+        options = "\n".join(f"{letter}. {t.phrase(1, 3)}" for letter in OPTION_LETTERS)
+        return [(f"{t.question(int(rng.integers(6, 12)))}\n{options}{CHOICE_SUFFIX}", OPTION_LETTERS[int(rng.integers(0, 4))])]
     if source == "textcaps":
         return [("Provide a one-sentence caption for the provided image.", t.sentences(1))]
     if source in ("refcoco", "vg"):
@@ -338,22 +345,16 @@ def bench_image_methods(pool: Path, repeats: int = 3) -> dict:
     """Cost per image on one thread of each way to check it, on the pool's JPEGs (in the page cache)."""
     from PIL import Image
 
-    from llava_sgg.data.image import decode_check, load_image
+    from llava_sgg.data.image import decode_check, load_image, quick_check
 
     def header(path):
         with Image.open(path) as image:
             image.verify()
 
-    def tail(path):  # header + the end-of-image marker: the cheap alternative decode_check rejects
-        with Image.open(path) as image:
-            image.verify()
-        with open(path, "rb") as f:
-            f.seek(-2, os.SEEK_END)
-            assert f.read(2) == b"\xff\xd9"
 
     paths = sorted(pool.glob("*.jpg"))
     rows = {}
-    for name, check in (("header_verify", header), ("header_and_end_marker", tail),
+    for name, check in (("header_verify", header), ("quick_check_header_and_end_marker", quick_check),
                         ("decode_check_draft", decode_check), ("full_decode_load_image", load_image)):
         best = float("inf")
         for _ in range(repeats):
@@ -395,10 +396,49 @@ def bench_image_parallel(paths: list[str], workers: int, rounds: int = 3) -> dic
     return {"images": len(paths), "workers": workers, "best_ms_per_image": best, "rounds": rows}
 
 
+def bench_fast_dataset(data: Path, images: Path, tokenizer, rounds: int = 2) -> dict:
+    """The dataset as training builds it by default (``data.check: fast``, no cache), ``rounds`` times,
+    with the time of each stage: reading and validating the file, the special-token and answers-fit
+    check (tokenizing the text before each first answer), the quick image check; the rest is the
+    word counts of the modality grouping."""
+    from transformers import CLIPImageProcessor
+
+    from llava_sgg.data import LlavaSFTDataset
+    from llava_sgg.data import dataset as module
+
+    stages = {}
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            with Timer() as t:
+                result = fn(*args, **kwargs)
+            stages[name] = t.row()
+            return result
+        return wrapper
+
+    originals = module._load_samples, LlavaSFTDataset._check_reachable, LlavaSFTDataset._check_images
+    module._load_samples = timed("read_and_validate", originals[0])
+    LlavaSFTDataset._check_reachable = timed("answers_fit", originals[1])
+    LlavaSFTDataset._check_images = timed("check_images", originals[2])
+    rows = []
+    try:
+        for _ in range(rounds):
+            stages.clear()
+            gc.collect()
+            with Timer() as t:
+                ds = LlavaSFTDataset(data, images, tokenizer, CLIPImageProcessor(), num_image_tokens=576,
+                                     model_max_length=2048, check="fast", cache_dir=False)
+            rows.append(t.row(samples=len(ds), stages=dict(stages)))
+            del ds
+    finally:
+        module._load_samples, LlavaSFTDataset._check_reachable, LlavaSFTDataset._check_images = originals
+    return {"rounds": rows, "best_wall_s": min(r["wall_s"] for r in rows)}
+
+
 def bench_dataset(data: Path, images: Path, tokenizer, cache: Path) -> dict:
-    """The dataset as training builds it, cold (an empty cache: the first rank of the first run), then warm
-    (the node's other ranks, a re-run), with the time of each stage: reading and validating the file,
-    tokenizing (batched; through the cache), checking the images (decoding them; through the cache)."""
+    """The dataset as ``data.check: full`` builds it, cold (an empty cache: the first rank of the first run),
+    then warm (the node's other ranks, a re-run), with the time of each stage: reading and validating the
+    file, tokenizing (batched; through the cache), checking the images (decoding them; through the cache)."""
     from transformers import CLIPImageProcessor
 
     from llava_sgg.data import LlavaSFTDataset
@@ -427,7 +467,7 @@ def bench_dataset(data: Path, images: Path, tokenizer, cache: Path) -> dict:
             gc.collect()
             with Timer() as t:
                 ds = LlavaSFTDataset(data, images, tokenizer, CLIPImageProcessor(), num_image_tokens=576,
-                                     model_max_length=2048, cache_dir=cache)
+                                     model_max_length=2048, check="full", cache_dir=cache)
             rows[name] = t.row(samples=len(ds), stages=dict(stages))
             with_image = np.array([s.image is not None for s in ds.samples])
             del ds  # the next build starts as another process would, without this one's objects
@@ -448,6 +488,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--pool", type=int, default=200, help="distinct JPEGs behind the file's image paths")
     parser.add_argument("--parallel-images", type=int, default=4000, help="images decoded by threads and processes")
     parser.add_argument("--work", type=Path, default=Path("runs/bench/data"))
+    parser.add_argument("--check", choices=("fast", "full"), default="fast",
+                        help="the data.check to measure: fast (the default's startup) or full (cold and warm cache)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/data-prep.json"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -471,25 +513,30 @@ def main(argv=None) -> dict:
     print(f"linking {len(names)} image paths to {args.pool} JPEGs ...", flush=True)
     pool = build_images(args.work / "images", names, args.pool, args.seed)
 
-    print("the dataset, cold then warm ...", flush=True)
-    cache = args.work / "cache"
-    shutil.rmtree(cache, ignore_errors=True)
-    report["dataset"] = bench_dataset(data, args.work / "images", tokenizer, cache)
-    print("tokenizing a subset one call per sample, and batched ...", flush=True)
-    samples = load_llava_json(data)
-    report["text_subset"] = bench_text(samples, tokenizer, min(args.subset, len(samples)))
-    del samples
+    report["check"] = args.check
+    if args.check == "fast":
+        print("the dataset as data.check=fast builds it ...", flush=True)
+        report["fast_dataset"] = bench_fast_dataset(data, args.work / "images", tokenizer)
+    else:
+        print("the dataset, cold then warm ...", flush=True)
+        cache = args.work / "cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        report["dataset"] = bench_dataset(data, args.work / "images", tokenizer, cache)
+        print("tokenizing a subset one call per sample, and batched ...", flush=True)
+        samples = load_llava_json(data)
+        report["text_subset"] = bench_text(samples, tokenizer, min(args.subset, len(samples)))
+        del samples
     print("image checks ...", flush=True)
     report["image_methods"] = bench_image_methods(pool)
-    some = [str(args.work / "images" / n) for n in names[:args.parallel_images]]
-    report["image_parallel"] = bench_image_parallel(some, len(os.sched_getaffinity(0)))
-
+    if args.check == "full":
+        some = [str(args.work / "images" / n) for n in names[:args.parallel_images]]
+        report["image_parallel"] = bench_image_parallel(some, len(os.sched_getaffinity(0)))
     per_image = report["image_methods"]["rows"]["decode_check_draft"]["cpu_ms_per_image"] / 1e3
     report["image_check_note"] = (
-        f"The file references {description['distinct_images']} distinct images, each decoded once by the cold "
-        f"dataset (about {description['distinct_images'] * per_image:.0f} s of CPU at decode_check's cost per "
-        "image). They are hard links to the pool's JPEGs, so they are read from the page cache: reading "
-        "LLaVA's real images from disk (tens of GB) adds its own time on a cold page cache.")
+        f"The file references {description['distinct_images']} distinct images (a full check decodes each once "
+        f"when the cache is cold: about {description['distinct_images'] * per_image:.0f} s of CPU at "
+        "decode_check's cost per image). They are hard links to the pool's JPEGs, so they are read from the page "
+        "cache: reading LLaVA's real images from disk (tens of GB) adds its own time on a cold page cache.")
     report["environment"]["load_1min_at_end"] = round(os.getloadavg()[0], 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
@@ -499,12 +546,25 @@ def main(argv=None) -> dict:
 
 
 def summarize(r: dict) -> None:
-    f, t, d = r["file"], r["text_subset"], r["dataset"]
-    e = r["environment"]
+    f, e = r["file"], r["environment"]
     print(f"\n{e['device']}, {e['cpus']} CPUs, 1-minute load {e['load_1min_at_start']} at start, "
           f"{e['load_1min_at_end']} at end, {e['date']}")
-    print(f"file: {f['samples']} samples, {f['bytes'] / 1e6:.0f} MB, {d['text_tokens'] / 1e6:.1f} M text tokens, "
-          f"{f['distinct_images']} distinct images")
+    print(f"file: {f['samples']} samples, {f['bytes'] / 1e6:.0f} MB, {f['distinct_images']} distinct images")
+    if r["check"] == "fast":
+        for k, run in enumerate(r["fast_dataset"]["rounds"]):
+            rows = [(f"data.check=fast: dataset ready (round {k + 1})", run)]
+            rows += [(f"  {stage}", row) for stage, row in run["stages"].items()]
+            for name, row in rows:
+                print(f"  {name:<52}{row['wall_s']:>9.1f} s wall{row['cpu_s']:>9.1f} s CPU")
+    else:
+        summarize_full(r)
+    for name, row in r["image_methods"]["rows"].items():
+        print(f"  image {name:<46}{row['cpu_ms_per_image']:>9.3f} ms CPU per image")
+
+
+def summarize_full(r: dict) -> None:
+    t, d = r["text_subset"], r["dataset"]
+    print(f"  {d['text_tokens'] / 1e6:.1f} M text tokens")
     rows = []
     for run in ("cold", "warm"):
         rows.append((f"dataset ready, {run} cache", d[run]))
@@ -516,13 +576,10 @@ def summarize(r: dict) -> None:
     for name, row in rows:
         print(f"  {name:<52}{row['wall_s']:>9.1f} s wall{row['cpu_s']:>9.1f} s CPU")
     print(f"  batched == one call per sample on the subset: {t['identical_ids_labels_and_errors']}")
-    for name, row in r["image_methods"]["rows"].items():
-        print(f"  image {name:<46}{row['cpu_ms_per_image']:>9.3f} ms CPU per image")
     for name, best in r["image_parallel"]["best_ms_per_image"].items():
         print(f"  image check, {name:<39}{best:>9.3f} ms wall per image (best of "
               f"{len(r['image_parallel']['rounds'][name])})")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     main()

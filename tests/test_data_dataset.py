@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 
 from llava_sgg.data import (DataCollatorForLlava, DataError, LlavaSFTDataset, ModalityLengthGroupedSampler,
-                            load_llava_json)
+                            load_image, load_llava_json)
 from llava_sgg.model.tiny import tiny_tokenizer
 
 SAMPLES = [
@@ -78,17 +78,18 @@ def test_jsonl_reads_the_same_samples(tmp_path):
     assert torch.equal(from_jsonl[2]["input_ids"], from_json[2]["input_ids"])
 
 
-def test_lengths_count_tokens_and_modality_lengths_sign_text_only_samples(tmp_path):
-    ds = dataset(*write_data(tmp_path))
+def test_full_check_lengths_count_tokens_and_modality_lengths_sign_text_only_samples(tmp_path):
+    ds = dataset(*write_data(tmp_path), check="full")
     assert ds.lengths == [len(ds[i]["input_ids"]) for i in range(3)]
     assert ds.modality_lengths == [ds.lengths[0], -ds.lengths[1], ds.lengths[2]]
 
 
-def test_validate_false_skips_tokenization_and_estimates_lengths(tmp_path):
-    path, folder = write_data(tmp_path)
-    (folder / "ocr/7.png").unlink()  # not checked without validation
-    ds = dataset(path, folder, validate=False)
-    assert ds.lengths[1] == 5 + 9 and ds.lengths[2] == 16 + 6 + 1  # words, plus the image tokens
+def test_fast_check_lengths_are_official_word_counts(tmp_path):
+    ds = dataset(*write_data(tmp_path))
+    # Official LLaVA: len(value.split()) summed over the turns; here plus the image tokens for an image.
+    words = [sum(len(v.split()) for turn in s.turns for v in turn) for s in ds.samples]
+    assert ds.lengths[1] == words[1] == 5 + 9 and ds.lengths[2] == 16 + 6 + 1
+    assert ds.lengths[0] == words[0] + ds.num_image_tokens
     assert ds.modality_lengths[1] < 0 < ds.modality_lengths[0]
 
 
@@ -219,9 +220,9 @@ def test_empty_and_corrupt_images_are_found_before_training(tmp_path):
     assert f"(id '000000033471'): image is empty (0 bytes" in message
 
 
-def bad_images(path, folder):
+def bad_images(path, folder, **kwargs):
     with pytest.raises(DataError) as info:
-        dataset(path, folder)
+        dataset(path, folder, **kwargs)
     return str(info.value)
 
 
@@ -231,7 +232,7 @@ def image_sample(i, image):
 
 
 def truncated_jpeg(path):
-    """A JPEG with a valid header whose scan is cut short (an interrupted download): only decoding finds it."""
+    """A JPEG with a valid header whose scan is cut short (an interrupted download): its end marker is missing."""
     Image.effect_noise((64, 40), 60).convert("RGB").save(path)
     path.write_bytes(path.read_bytes()[:-400])
 
@@ -275,6 +276,29 @@ def test_an_image_that_breaks_after_the_check_names_the_sample_and_path_when_rea
         ds[0]
 
 
+def scan_damaged_jpeg(path):
+    """A JPEG with a block of its scan zeroed that still ends with its end marker, and that does not load."""
+    Image.effect_noise((160, 120), 40).convert("RGB").save(path, quality=90)
+    data = path.read_bytes()
+    for start in range(600, len(data) - 1500, 97):
+        path.write_bytes(data[:start] + bytes(1000) + data[start + 1000:])
+        try:
+            load_image(path)
+        except OSError:
+            return
+    raise AssertionError("no damaged copy fails to load")
+
+
+def test_a_jpeg_damaged_inside_its_scans_is_found_by_a_full_check_or_when_drawn(tmp_path):
+    path, folder = write_data(tmp_path)
+    image = folder / "coco/000000033471.jpg"
+    scan_damaged_jpeg(image)
+    assert "(3 samples; bad: unreadable_image 1): 1 problem:" in bad_images(path, folder, check="full")
+    ds = dataset(path, folder)  # the fast check passes it: its header and end marker are intact
+    with pytest.raises(DataError, match=rf"llava\.json\[0\] \(id '000000033471'\): cannot read image {image}"):
+        ds[0]
+
+
 def test_a_sample_whose_answers_are_all_truncated_is_an_error(tmp_path):
     # The image samples' first answers start at token 82, the text-only one's at 64.
     message = bad(tmp_path, SAMPLES, model_max_length=70)
@@ -300,9 +324,13 @@ def test_a_label_mask_that_does_not_decode_to_the_answer_is_an_error(tmp_path):
             return enc
 
     tokenizer.__class__ = ShiftedOffsets
-    message = bad(tmp_path, SAMPLES, tokenizer=tokenizer)
+    message = bad(tmp_path, SAMPLES, tokenizer=tokenizer, check="full")
     assert "(3 samples; bad: tokenization 3): 3 problems:" in message
     assert "llava.json[1] (id 'sharegpt_1'): label mask mismatch in answer 1" in message
+    # A fast check leaves the decode check to the batch that draws the sample, which names it.
+    ds = dataset(*write_data(tmp_path / "fast", SAMPLES, images=IMAGES), tokenizer=tokenizer)
+    with pytest.raises(DataError, match=r"llava\.json\[1\] \(id 'sharegpt_1'\): label mask mismatch in answer 1"):
+        ds[1]
 
 
 def test_special_token_strings_in_the_text_are_an_error(tmp_path):
@@ -321,3 +349,15 @@ def test_configuration_errors_are_value_errors(tmp_path):
         dataset(path, folder, image_token="<img>")
     with pytest.raises(ValueError, match="pass image_folder and image_processor"):
         LlavaSFTDataset(path, None, tiny_tokenizer(), None, num_image_tokens=16, model_max_length=256)
+
+
+def test_files_json_reads_read_the_same_with_or_without_orjson(tmp_path, monkeypatch):
+    from llava_sgg.data import dataset as module
+
+    samples = [dict(SAMPLES[1], score=float("nan")), dict(SAMPLES[1], id="big", n=2 ** 70),
+               dict(SAMPLES[1], id="surrogate", note="\ud800")]  # what orjson refuses and json takes
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(samples))
+    fast = load_llava_json(path)
+    monkeypatch.setattr(module, "orjson", None)
+    assert load_llava_json(path) == fast and [s.id for s in fast] == ["sharegpt_1", "big", "surrogate"]

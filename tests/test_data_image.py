@@ -94,3 +94,42 @@ def test_the_draft_decode_of_the_check_refuses_what_a_full_decode_refuses(tmp_pa
             assert (image_problem(path, decode=True) is not None) == outcome
             outcomes.add(outcome)
     assert outcomes == {True, False}  # both kinds of damage are among the trials
+
+
+def test_the_quick_check_refuses_files_cut_short_and_never_a_file_that_loads(tmp_path):
+    import random
+
+    from llava_sgg.data.image import image_problem, quick_check
+
+    def refused(check, path):
+        try:
+            check(path)
+        except Exception:  # noqa: BLE001 - any error PIL raises
+            return True
+        return False
+
+    rng = random.Random(1)
+    image = Image.effect_noise((160, 120), 40).convert("RGB")
+    image.save(tmp_path / "good.jpg", quality=90)
+    image.save(tmp_path / "good.png")
+    for name in ("good.jpg", "good.png"):
+        data = (tmp_path / name).read_bytes()
+        assert not refused(quick_check, tmp_path / name)
+        for trial in range(12):  # cut short anywhere after the header, as an interrupted download
+            path = tmp_path / f"cut-{trial}-{name}"
+            path.write_bytes(data[:rng.randint(200, len(data) - 1)])
+            assert refused(quick_check, path) and refused(load_image, path), (name, trial)
+            assert image_problem(path)[0] == "unreadable_image"
+    # Bytes after a JPEG's end marker (some cameras append them) load: the check decodes such a file.
+    (tmp_path / "trailer.jpg").write_bytes((tmp_path / "good.jpg").read_bytes() + b"\x00" * 64)
+    assert not refused(load_image, tmp_path / "trailer.jpg") and not refused(quick_check, tmp_path / "trailer.jpg")
+    # Damage inside the scans of a JPEG that still ends with its marker passes (a full check decodes):
+    # the quick check may pass a file that does not load, but never refuses one that does.
+    data = (tmp_path / "good.jpg").read_bytes()
+    for trial in range(12):
+        damaged = bytearray(data)
+        start = rng.randint(600, len(data) - 1500)
+        damaged[start:start + 1000] = bytes(1000)
+        path = tmp_path / f"zeroed-{trial}.jpg"
+        path.write_bytes(damaged)
+        assert refused(quick_check, path) <= refused(load_image, path)

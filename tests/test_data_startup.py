@@ -14,7 +14,7 @@ from PIL import Image
 from llava_sgg.data import DataError, LlavaSFTDataset, encode_conversation, move_image_to_front
 from llava_sgg.data import dataset as dataset_module
 from llava_sgg.data import image as image_module
-from llava_sgg.data.tokenization import conversation_lengths, encode_conversations
+from llava_sgg.data.tokenization import conversation_lengths, encode_conversations, reachability_problems
 from llava_sgg.model.tiny import tiny_tokenizer
 from test_data_dataset import SAMPLES, processor, write_data
 from test_data_tokenization import llama_style_tokenizer
@@ -98,6 +98,33 @@ def test_batched_encoding_of_a_dataset_file(tmp_path):
     same(reference(turns, tokenizer, **kwargs), encode_conversations(turns, tokenizer, batch_size=16, **kwargs))
 
 
+@pytest.mark.parametrize("make_tokenizer", [tiny_tokenizer, llama_style_tokenizer], ids=["byte_level", "llama_style"])
+def test_the_fast_check_refuses_exactly_what_encoding_in_full_refuses(make_tokenizer):
+    """data.check=fast tokenizes only the text before each first answer; at every model_max_length, from
+    limits that cut every answer to limits that cut none, it must refuse the conversations (and with the
+    messages) that encode_conversation refuses, given a tokenizer whose label masks check out."""
+    tokenizer = make_tokenizer()
+    conversations = CONVERSATIONS + [[("<image>\n" + LONG[:k], "yes")] for k in range(0, len(LONG), 61)]
+    for model_max_length in range(4, 420, 17):
+        for num_image_tokens in (1, 24):
+            kwargs = {"model_max_length": model_max_length, "num_image_tokens": num_image_tokens}
+            expected = {i: str(e) for i, e in enumerate(reference(conversations, tokenizer, **kwargs))
+                        if isinstance(e, DataError)}
+            assert all("special token" in m or "truncated away" in m for m in expected.values())
+            assert reachability_problems(conversations, tokenizer, batch_size=7, **kwargs) == expected, kwargs
+
+
+def test_the_fast_check_with_the_plain_template():
+    tokenizer = tiny_tokenizer()
+    conversations = [[("<image>", "a red square")], [("<image>\nignored question", LONG)],
+                     [("<image>", "one"), ("again", "two")], [("no image", "caption")]]
+    for model_max_length in (8, 17, 18, 40):
+        kwargs = {"model_max_length": model_max_length, "num_image_tokens": 16, "template": "plain"}
+        expected = {i: str(e) for i, e in enumerate(reference(conversations, tokenizer, **kwargs))
+                    if isinstance(e, DataError)}
+        assert reachability_problems(conversations, tokenizer, **kwargs) == expected
+
+
 def test_the_shifted_offsets_of_a_broken_tokenizer_give_the_same_errors_batched():
     tokenizer = tiny_tokenizer()
 
@@ -141,7 +168,7 @@ class Spy:
 
 
 def build(path, folder, cache, tokenizer=None, **kwargs):
-    kwargs = {"num_image_tokens": 16, "model_max_length": 256, **kwargs}
+    kwargs = {"num_image_tokens": 16, "model_max_length": 256, "check": "full", **kwargs}  # the cached check
     return LlavaSFTDataset(path, folder, tokenizer or tiny_tokenizer(), processor(), cache_dir=cache, **kwargs)
 
 

@@ -97,6 +97,7 @@ BAD_TRAIN = [
     ("train.lora_alpha=0", "train.lora_alpha must be a number > 0"),
     ("train.output_dir=''", "train.output_dir must be a folder path"),
     ("data.template=llama_3", "data.template must be one of vicuna_v1, plain"),
+    ("data.check=thorough", "data.check must be one of fast, full; got 'thorough'"),
 ]
 
 
@@ -224,7 +225,7 @@ def test_reading_names_the_file_of_a_read_or_parse_error(tmp_path):
         builder.read_spec(tmp_path)
 
 
-def test_the_truncation_warning_names_the_samples(tmp_path, caplog):
+def test_a_full_check_names_the_samples_truncation_cuts(tmp_path, caplog):
     from llava_sgg.data import LlavaSFTDataset
     from llava_sgg.model.tiny import tiny_tokenizer
 
@@ -236,7 +237,7 @@ def test_the_truncation_warning_names_the_samples(tmp_path, caplog):
     path = tmp_path / "long.jsonl"
     path.write_text("\n".join(json.dumps(s) for s in samples) + "\n")
     with caplog.at_level(logging.WARNING, logger="llava_sgg.data.dataset"):
-        LlavaSFTDataset(path, None, tiny_tokenizer(), num_image_tokens=16, model_max_length=100)
+        LlavaSFTDataset(path, None, tiny_tokenizer(), num_image_tokens=16, model_max_length=100, check="full")
     message = caplog.records[-1].getMessage()
     assert "7 of 8 samples are longer than model_max_length=100 and are truncated (first 5 shown):" in message
     assert f"\n  {path}:1 (id 'long-0'): " in message and f"{path}:5 (id 'long-4')" in message

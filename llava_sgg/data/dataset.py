@@ -9,10 +9,19 @@ or JSON Lines with one sample per line, of
 
 ``image`` is optional (text-only samples, e.g. ShareGPT). Official LLaVA reads it
 unchecked and fails, or silently trains at loss 0, hours into a run; here the
-whole file is checked, every sample tokenized and every image decoded before
-training starts, and every problem found is listed in one error. The slow parts
-(tokenizing, decoding) are kept in a cache (:mod:`llava_sgg.data.cache`) that the
-other ranks and later runs read instead of doing them again.
+whole file is checked before the model loads, and every problem found is listed
+in one error. Two depths (the config's ``data.check``):
+
+- ``fast`` (the default): every sample's structure, ids, placeholders and special-token
+  strings; every image file found, non-empty, its header parsed and a JPEG's or PNG's end
+  present (:func:`~llava_sgg.data.image.quick_check`); every sample whose answers could be
+  truncated away found by tokenizing the text before its first answer. Samples are
+  tokenized when a batch draws them, as officially, and the modality grouping uses
+  official LLaVA's word counts. Left to that batch: a JPEG damaged inside its scans
+  and a label mask that does not decode back to its answer, each an error naming the sample.
+- ``full``: every sample tokenized and its label mask checked, every image decoded. The
+  slow parts are kept in a cache (:mod:`llava_sgg.data.cache`) that the other ranks and
+  later runs read instead of doing them again.
 
 A bad sample stops the run by default (``bad_samples="error"``, every problem
 listed). With ``bad_samples="skip"`` (the config's ``data.bad_samples: skip``) it
@@ -35,6 +44,11 @@ from pathlib import Path
 
 import numpy as np
 import PIL
+
+try:
+    import orjson
+except ImportError:  # a declared dependency; json, slower, reads the same files without it
+    orjson = None
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -45,14 +59,16 @@ from .conversation import get_template
 from .errors import DataError
 from .image import IMAGE_ASPECT_RATIOS, changed_since, check_images, load_image, process_image
 from .tokenization import (ConversationLengths, EncodedConversation, check_tokenizer, conversation_lengths,
-                           encode_conversation, move_image_to_front, tokenization_fingerprint)
+                           encode_conversation, move_image_to_front, reachability_problems,
+                           tokenization_fingerprint)
 
-__all__ = ["BAD_SAMPLES", "LlavaSFTDataset", "Sample", "SkippedSample", "load_llava_json"]
+__all__ = ["BAD_SAMPLES", "CHECKS", "LlavaSFTDataset", "Sample", "SkippedSample", "load_llava_json"]
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("human", "gpt")
 BAD_SAMPLES = ("error", "skip")
+CHECKS = ("fast", "full")
 TRUNCATED_LISTED = 5  # samples the truncation warning names (a warning, not an error: enough to find them)
 # What the image cache's entries vouch for; a new check method must change it (old entries then go unused).
 IMAGE_CHECK = "decode_check: draft JPEG, full other formats"
@@ -112,6 +128,18 @@ def _skipped(record, where: str, reason: str, messages: list[str]) -> SkippedSam
     return SkippedSample(sample_id, where, image, reason, "; ".join(m.removeprefix(prefix) for m in messages))
 
 
+def _parse_json(data: bytes):
+    """``json.loads(data.decode("utf-8"))``, through orjson when it parses the text (several times faster
+    on a file of LLaVA's size); what orjson refuses and json takes (NaN, integers over 64 bits, lone
+    surrogates) or neither takes goes to json, whose errors give the line and column."""
+    if orjson is not None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data.decode("utf-8"))
+
+
 def _read_records(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
     """(where, record) for every sample in a JSON list or a JSON Lines file, and (where, problem) per bad line."""
     try:
@@ -125,7 +153,7 @@ def _read_records(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
             if not line.strip():
                 continue
             try:
-                records.append((f"{path}:{lineno}", json.loads(line.decode("utf-8"))))
+                records.append((f"{path}:{lineno}", _parse_json(line)))
             except UnicodeDecodeError as e:
                 problems.append((f"{path}:{lineno}", f"not UTF-8 (byte {e.start + 1} of the line)"))
             except json.JSONDecodeError as e:
@@ -133,12 +161,10 @@ def _read_records(path: Path) -> tuple[list[tuple[str, object]], list[str]]:
         return records, problems
 
     try:
-        text = raw.decode("utf-8")
+        data = _parse_json(raw)
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8") from e
-    try:
-        data = json.loads(text)
     except json.JSONDecodeError as e:
         hint = " (one sample per line is JSON Lines: name the file .jsonl)" if e.msg == "Extra data" else ""
         raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}{hint}") from e
@@ -335,17 +361,17 @@ def _write_verified(path: Path, verified: dict[str, tuple[int, int]], folder: st
 class LlavaSFTDataset(Dataset):
     """LLaVA-v1.5 supervised fine-tuning samples: token ids, labels and the image.
 
-    At construction the file is loaded and validated (:func:`load_llava_json`),
-    every sample is tokenized (in batches) and every image decoded (in threads), so a
-    bad sample stops the run before training rather than during it, with every
-    problem of the file in one :class:`DataError`: malformed samples, missing, empty
-    and undecodable images, samples that fail tokenization. ``validate=False`` skips
-    the image check and the tokenization (for a file already checked); ``lengths``
-    are then an estimate (words, plus ``num_image_tokens``).
+    At construction the file is loaded and validated (:func:`load_llava_json`) and its
+    samples and images checked to the depth ``check`` names (``"fast"`` or ``"full"``,
+    see the module's docstring), so a bad sample stops the run before training rather
+    than during it, with every problem of the file in one :class:`DataError`: malformed
+    samples, missing, empty and unreadable images, samples that fail tokenization.
+    ``lengths`` are tokens after a full check, official LLaVA's word counts (plus
+    ``num_image_tokens`` for an image) after a fast one.
 
-    The tokenized lengths (keyed by each sample's content, the tokenizer and the
-    settings) and the images that decoded (keyed by path, size and modification time)
-    are kept under ``cache_dir`` (default :func:`llava_sgg.data.cache.default_cache_dir`;
+    After a full check the tokenized lengths (keyed by each sample's content, the tokenizer
+    and the settings) and the images that decoded (keyed by path, size and modification
+    time) are kept under ``cache_dir`` (default :func:`llava_sgg.data.cache.default_cache_dir`;
     ``False``: no cache), so that the other ranks of a node, which wait for the first,
     and later runs read them instead of redoing them. The cache vouches only for the
     checks: items are always encoded from the file's text when they are read.
@@ -365,13 +391,13 @@ class LlavaSFTDataset(Dataset):
     def __init__(self, data_path: str | os.PathLike, image_folder: str | os.PathLike | None, tokenizer,
                  image_processor=None, *, num_image_tokens: int, model_max_length: int,
                  image_token: str = "<image>", image_aspect_ratio: str = "pad", template: str = "vicuna_v1",
-                 validate: bool = True, bad_samples: str = "error", max_bad_fraction: float = 0.01,
+                 check: str = "fast", bad_samples: str = "error", max_bad_fraction: float = 0.01,
                  skipped_samples_file: str | os.PathLike | None = None,
                  cache_dir: str | os.PathLike | bool | None = None):
         if bad_samples not in BAD_SAMPLES:
             raise ValueError(f"unknown bad_samples {bad_samples!r}; choose one of: {', '.join(BAD_SAMPLES)}")
-        if bad_samples == "skip" and not validate:
-            raise ValueError("bad_samples='skip' needs validate=True: bad samples are found by the validation")
+        if check not in CHECKS:
+            raise ValueError(f"unknown check {check!r}; choose one of: {', '.join(CHECKS)}")
         if isinstance(max_bad_fraction, bool) or not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction must be a number in [0, 1], got {max_bad_fraction!r}")
         if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
@@ -396,32 +422,41 @@ class LlavaSFTDataset(Dataset):
         n_images = sum(s.image is not None for s in self.samples)
         if n_images and (self.image_folder is None or image_processor is None):
             raise ValueError(f"{data_path}: {n_images} samples have images; pass image_folder and image_processor")
-        if validate:
-            with _gc_paused():
+        with _gc_paused():
+            if check == "full":
                 tokenized = self._tokenize_all(data_path)
-                bad_images = self._check_images(data_path)
-                self._lengths = self._keep_trainable(data_path, n_records, problems, tokenized, bad_images)
-        else:
-            if problems and bad_samples == "error":
-                raise DataError.from_problems(f"{data_path} ({n_records} samples)", problems, hint=SKIP_HINT)
-            self._lengths = [sum(len(v.split()) for turn in s.turns for v in turn)
-                             + (num_image_tokens if s.image else 0) for s in self.samples]
+                keep = self._keep_trainable(data_path, n_records, problems, tokenized.problems,
+                                            self._check_images(data_path))
+                self._lengths = self._token_lengths(data_path, tokenized, keep)
+            else:
+                token_problems = self._check_reachable(data_path)
+                self._keep_trainable(data_path, n_records, problems, token_problems,
+                                     self._check_images(data_path, decode=False))
+                # Official LLaVA's modality_lengths: words of every turn (the image adds a constant).
+                self._lengths = [sum(len(v.split()) for turn in s.turns for v in turn)
+                                 + (num_image_tokens if s.image else 0) for s in self.samples]
         if bad_samples == "skip":
             self._report_skipped(data_path, n_records, max_bad_fraction, skipped_samples_file)
 
     def _image_path(self, sample: Sample) -> Path:
         return self.image_folder / sample.image
 
-    def _check_images(self, data_path) -> dict[int, tuple[str, str]]:
+    def _check_images(self, data_path, decode: bool = True) -> dict[int, tuple[str, str]]:
         """``{sample index: (reason, message)}`` for the samples whose image cannot be trained on.
 
-        Each image file is decoded once (samples share images), in threads; images the cache has
-        seen decode, unchanged since, are not decoded again.
+        Each image file is checked once (samples share images), in threads. Decoded (``decode``),
+        images the cache has seen decode, unchanged since, are not decoded again; the quick check
+        costs about what finding an image in the cache does, and is not cached.
         """
         with_image = [(i, str(self._image_path(s))) for i, s in enumerate(self.samples) if s.image is not None]
         paths = list(dict.fromkeys(path for _, path in with_image))
         if not paths:
             return {}
+        if not decode:
+            with tqdm(total=len(paths), desc=f"Checking the images of {Path(data_path).name}", unit=" images",
+                      disable=_quiet()) as bar:
+                found, _ = check_images(paths, workers=_cpus_per_process(), progress=bar.update, decode=False)
+            return {i: found[path] for i, path in with_image if path in found}
         if self.cache_dir is None:
             found, _ = self._decode_images(data_path, paths, _cpus_per_process())
             return {i: found[path] for i, path in with_image if path in found}
@@ -490,28 +525,38 @@ class LlavaSFTDataset(Dataset):
                                    np.array([e[1] for e in entries], np.int32),
                                    {i: e[2] for i, e in enumerate(entries) if e[2] is not None})
 
+    def _check_reachable(self, data_path) -> dict[int, str]:
+        """``{sample index: problem}`` for the samples whose text holds a special token's string or whose
+        answers are all truncated away (:func:`reachability_problems`)."""
+        turns = [move_image_to_front(s.turns, self.image_token) if s.image else s.turns for s in self.samples]
+        with tqdm(total=len(turns), desc=f"Checking the answers of {Path(data_path).name} fit", unit=" samples",
+                  disable=_quiet()) as bar:
+            return reachability_problems(turns, self.tokenizer, model_max_length=self.model_max_length,
+                                         num_image_tokens=self.num_image_tokens, image_token=self.image_token,
+                                         template=self.template, progress=bar.update)
+
     def _tokenize(self, data_path, samples: list[Sample], settings, cached: int = 0) -> ConversationLengths:
         turns = [move_image_to_front(s.turns, self.image_token) if s.image else s.turns for s in samples]
         desc = f"Tokenizing {Path(data_path).name}" + (f" ({cached} samples cached)" if cached else "")
         with tqdm(total=len(turns), desc=desc, unit=" samples", disable=_quiet()) as bar:
             return conversation_lengths(turns, self.tokenizer, progress=bar.update, **settings)
 
-    def _keep_trainable(self, data_path, n_records: int, problems: list[str], tokenized: ConversationLengths,
+    def _keep_trainable(self, data_path, n_records: int, problems: list[str], token_problems: dict[int, str],
                         bad_images: dict[int, tuple[str, str]]) -> list[int]:
         """Raise every problem of the file at once (error mode), or leave the bad samples out (skip mode);
-        returns the lengths of the samples kept."""
+        returns the indices (into the samples before) of the samples kept."""
         image_lines, token_lines, image_skips, token_skips, keep = [], [], [], [], []
         for i, sample in enumerate(self.samples):
             if i in bad_images:
                 reason, message = bad_images[i]
                 image_lines.append(f"{sample.name}: {message}")
                 image_skips.append(SkippedSample(sample.id, sample.where, sample.image, reason, message))
-            if i in tokenized.problems:
-                message = tokenized.problems[i]
+            if i in token_problems:
+                message = token_problems[i]
                 token_lines.append(f"{sample.name}: {message}")
                 if i not in bad_images:  # a sample is left out for its first problem found
                     token_skips.append(SkippedSample(sample.id, sample.where, sample.image, "tokenization", message))
-            if i not in bad_images and i not in tokenized.problems:
+            if i not in bad_images and i not in token_problems:
                 keep.append(i)
         self.skipped += image_skips + token_skips
         if self.bad_samples == "error" and self.skipped:
@@ -519,6 +564,10 @@ class LlavaSFTDataset(Dataset):
             raise DataError.from_problems(f"{data_path} ({n_records} samples; bad: {counts})",
                                           problems + image_lines + token_lines, hint=SKIP_HINT)
         self.samples = [self.samples[i] for i in keep]
+        return keep
+
+    def _token_lengths(self, data_path, tokenized: ConversationLengths, keep: list[int]) -> list[int]:
+        """The kept samples' tokenized lengths, warning of those truncated."""
         lengths, full_lengths = tokenized.lengths[keep], tokenized.full_lengths[keep]
         truncated = np.flatnonzero(full_lengths > self.model_max_length)
         if len(truncated):
@@ -559,15 +608,17 @@ class LlavaSFTDataset(Dataset):
 
     @property
     def lengths(self) -> list[int]:
-        """Tokens per sample, image tokens included, after truncation."""
+        """Tokens per sample, image tokens included, after truncation (``check="full"``), or official
+        LLaVA's estimate, words plus ``num_image_tokens`` for an image (``check="fast"``)."""
         return list(self._lengths)
 
     @property
     def modality_lengths(self) -> list[int]:
         """``lengths`` with text-only samples negative, for :class:`ModalityLengthGroupedSampler`.
 
-        Official LLaVA counts words here and leaves the image out; tokens are
-        what memory and padding are made of.
+        Official LLaVA counts words here and leaves the image out, as a fast check does (a
+        constant for every image sample changes no order); a full check's tokens are what
+        memory and padding are made of.
         """
         return [n if s.image is not None else -n for n, s in zip(self._lengths, self.samples)]
 
@@ -581,7 +632,8 @@ class LlavaSFTDataset(Dataset):
             try:
                 image = load_image(path)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
-                # Every image was decoded when the dataset was built: only one damaged since gets here.
+                # After a full check only an image damaged since gets here; after a fast one, also a
+                # JPEG damaged inside its scans (quick_check).
                 hint = f"; {SKIP_HINT}" if self.bad_samples == "error" else ""
                 raise DataError(f"{sample.name}: cannot read image {path}: {e}{hint}") from e
             item["pixel_values"] = process_image(image, self.image_processor, self.image_aspect_ratio)

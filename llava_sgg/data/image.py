@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
 __all__ = ["IMAGE_ASPECT_RATIOS", "changed_since", "check_images", "decode_check", "expand2square", "file_signature",
-           "image_problem", "load_image", "process_image"]
+           "image_problem", "load_image", "process_image", "quick_check"]
 
 # pad: LLaVA-1.5's default (image_aspect_ratio=pad in its finetune scripts), nothing cropped away;
 # crop: the CLIP processor's own resize-shortest-side + centre crop (official "square"/default);
@@ -42,11 +43,10 @@ def decode_check(path) -> None:
     cut short after its header, a broken scan or Huffman table) is found here too (of 300 damaged copies
     of a baseline and a progressive JPEG, cut, overwritten or zeroed in places, it refused exactly
     those that load_image refused; tests/test_data_image.py checks a sample of them), but
-    the inverse DCT at full size and the colour conversion are skipped (about two thirds of a full
-    decode's CPU; docs/benchmarks/data-prep-cpu2.json). Reading the header and checking that the file
-    ends with the end-of-image marker would be far cheaper, but it passes a JPEG whose scans are damaged
-    (and refuses a valid one with bytes after the marker); the images that decoded are cached instead
-    (LlavaSFTDataset), so that the cost is paid once. Other formats are decoded in full, as at batch time.
+    the inverse DCT at full size and the colour conversion are skipped (most of a full decode's
+    CPU). :func:`quick_check`, the default, is far cheaper but passes a JPEG whose scans are damaged;
+    ``data.check: full`` uses this one, and caches the images that decoded (LlavaSFTDataset), so that
+    the cost is paid once. Other formats are decoded in full, as at batch time.
     """
     with Image.open(path) as image:
         if image.format == "JPEG":
@@ -56,31 +56,48 @@ def decode_check(path) -> None:
             image.convert("RGB")
 
 
+def quick_check(path) -> None:
+    """Check the image at ``path`` as cheaply as finds what damages downloaded files; PIL's errors pass.
+
+    The header is parsed (format, size). A PNG's chunks are read to its end with their checksums
+    (``verify()``); a JPEG passes when its last two bytes are the end-of-image marker, which a
+    file cut short (an interrupted download, a full disk) lacks; a JPEG without it (cut short, or
+    valid with bytes after the marker) and every other format go through :func:`decode_check`.
+    What passes here and still fails to load is a JPEG damaged inside its scans: the batch that
+    draws it stops with an error naming the sample (``data.check: full`` decodes every image).
+    """
+    with Image.open(path) as image:
+        if image.format == "PNG":
+            image.verify()
+            return
+        if image.format == "JPEG":
+            with open(path, "rb") as f:
+                f.seek(-2, os.SEEK_END)
+                if f.read(2) == b"\xff\xd9":
+                    return
+    decode_check(path)
+
+
 def image_problem(path, *, decode: bool = False) -> tuple[str, str] | None:
     """``(reason, message)`` if the image at ``path`` cannot be trained on, else None; ``reason`` is
     ``missing_image``, ``empty_image`` or ``unreadable_image``.
 
-    Without ``decode`` only what is cheap is read: the file's size and PIL's header
-    (format, size; for PNG also ``verify()``'s chunk checksums), which finds missing,
-    zero-byte and non-image files. A truncated JPEG passes that; ``decode=True`` decodes
-    it (:func:`decode_check`), so that what passes also loads at batch time.
+    Without ``decode`` the check is :func:`quick_check`, which finds missing, zero-byte,
+    non-image and truncated files; ``decode=True`` decodes the image (:func:`decode_check`),
+    so that what passes also loads at batch time.
     """
     try:
-        size = os.stat(path).st_size
+        st = os.stat(path)
     except FileNotFoundError:
         return "missing_image", f"image not found: {path}"
     except OSError as e:
         return "unreadable_image", f"cannot read image {path}: {e.strerror or e}"
-    if not os.path.isfile(path):
+    if not stat.S_ISREG(st.st_mode):
         return "missing_image", f"image not found (not a file): {path}"
-    if size == 0:
+    if st.st_size == 0:
         return "empty_image", f"image is empty (0 bytes, an interrupted download?): {path}"
     try:
-        if decode:
-            decode_check(path)
-        else:
-            with Image.open(path) as image:
-                image.verify()
+        (decode_check if decode else quick_check)(path)
     # PIL's plugins report a broken file as OSError, SyntaxError, ValueError, struct.error,
     # EOFError, IndexError, ...: any of them means the image cannot be read.
     except Exception as e:  # noqa: BLE001
@@ -97,18 +114,20 @@ def file_signature(path) -> tuple[int, int] | None:
     return st.st_size, st.st_mtime_ns
 
 
-def _check_chunk(paths):
-    # The signature before the decode: a file changed after it is checked again next time.
-    return [(file_signature(path), image_problem(path, decode=True)) for path in paths]
+def _check_chunk(paths, decode):
+    # The signature (what the cache of decoded images keeps) before the check: a file changed after it
+    # is checked again next time.
+    return [(file_signature(path) if decode else None, image_problem(path, decode=decode)) for path in paths]
 
 
 def check_images(paths: Sequence, *, workers: int = 1, progress: Callable[[int], object] | None = None,
-                 chunk_size: int = 64) -> tuple[dict, dict]:
-    """Decode every image of ``paths`` (:func:`image_problem` with ``decode=True``) in ``workers`` threads.
+                 chunk_size: int = 64, decode: bool = True) -> tuple[dict, dict]:
+    """Check every image of ``paths`` (:func:`image_problem`, decoding each unless ``decode=False``) in
+    ``workers`` threads.
 
     Returns ``(problems, good)``: ``problems[path] = (reason, message)`` for each image that cannot be
-    trained on, and ``good[path]`` the :func:`file_signature` of each other one, which tells a later
-    check that it has not changed since. ``progress`` is called with the number of images done, a chunk
+    trained on, and, when decoding, ``good[path]`` the :func:`file_signature` of each other one, which
+    tells a later check that it has not changed since. ``progress`` is called with the number of images done, a chunk
     at a time.
 
     Threads, not processes: PIL decodes with the GIL released, and threads were as fast as processes
@@ -117,7 +136,7 @@ def check_images(paths: Sequence, *, workers: int = 1, progress: Callable[[int],
     chunks = [paths[i:i + chunk_size] for i in range(0, len(paths), chunk_size)]
     problems, good = {}, {}
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(chunks)))) as pool:
-        for chunk, results in zip(chunks, pool.map(_check_chunk, chunks)):
+        for chunk, results in zip(chunks, pool.map(_check_chunk, chunks, [decode] * len(chunks))):
             for path, (signature, problem) in zip(chunk, results):
                 if problem is not None:
                     problems[path] = problem

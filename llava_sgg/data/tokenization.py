@@ -35,7 +35,8 @@ from .conversation import ConversationTemplate, get_template, render_conversatio
 from .errors import DataError
 
 __all__ = ["IGNORE_INDEX", "ConversationLengths", "EncodedConversation", "check_tokenizer", "conversation_lengths",
-           "encode_conversation", "encode_conversations", "move_image_to_front", "tokenization_fingerprint"]
+           "encode_conversation", "encode_conversations", "move_image_to_front", "reachability_problems",
+           "special_token_problem", "tokenization_fingerprint"]
 
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss's default ignore_index, as official LLaVA and HF use
 
@@ -143,6 +144,22 @@ def _check_labels(text: str, spans, ids: Sequence[int], owners: Sequence[int], t
                             f"{got[:120]!r}, the answer is {expected[:120]!r}")
 
 
+def special_token_problem(turns: Sequence[tuple[str, str]], specials: Sequence[str],
+                          image_token: str = "<image>") -> str | None:
+    """The problem :func:`encode_conversation` raises when a turn holds a special token's string, else None.
+
+    Such a string would be tokenized as that token: an "</s>" inside an answer
+    teaches the model to stop there. The placeholder is allowed in questions only.
+    ``specials`` are the tokenizer's special tokens other than the placeholder.
+    """
+    for k, (human, gpt) in enumerate(turns):
+        for role, value, forbidden in (("question", human, specials), ("answer", gpt, [*specials, image_token])):
+            found = [t for t in forbidden if t in value]
+            if found:
+                return f"{role} {k + 1} contains the tokenizer's special token {found[0]!r}"
+    return None
+
+
 def encode_conversation(turns: Sequence[tuple[str, str]], tokenizer, *, model_max_length: int,
                         num_image_tokens: int = 0, image_token: str = "<image>",
                         template: str | ConversationTemplate = "vicuna_v1") -> EncodedConversation:
@@ -162,15 +179,10 @@ def encode_conversation(turns: Sequence[tuple[str, str]], tokenizer, *, model_ma
     :func:`check_tokenizer` (the dataset checks it once).
     """
     image_id = tokenizer.convert_tokens_to_ids(image_token)
-    # A special token's string in the data would be tokenized as that token: an
-    # "</s>" inside an answer teaches the model to stop there. The placeholder is
-    # allowed in questions only.
     specials = [t for t in tokenizer.all_special_tokens if t and t != image_token]
-    for k, (human, gpt) in enumerate(turns):
-        for role, value, forbidden in (("question", human, specials), ("answer", gpt, specials + [image_token])):
-            found = [t for t in forbidden if t in value]
-            if found:
-                raise DataError(f"{role} {k + 1} contains the tokenizer's special token {found[0]!r}")
+    problem = special_token_problem(turns, specials, image_token)
+    if problem is not None:
+        raise DataError(problem)
 
     try:
         rendered = render_conversation(turns, eos=tokenizer.eos_token, template=template, image_token=image_token)
@@ -295,6 +307,90 @@ def conversation_lengths(conversations: Sequence[Sequence[tuple[str, str]]], tok
         if progress is not None:
             progress(len(chunk.conversations))
     return ConversationLengths(lengths, full_lengths, problems)
+
+
+# Tokens a conversation may gain or lose where its first answer meets the text before it (a
+# merge across the edge) and after the placeholder expands; a conversation whose first answer
+# starts this close to model_max_length is encoded in full instead of trusted.
+_REACH_MARGIN = 8
+
+
+def _token_bound(text: str, normalize: Callable[[str], str] | None, added: int) -> int:
+    """At least as many tokens as any BPE, unigram, WordPiece or byte-level tokenizer makes of ``text``.
+
+    Every token covers at least one character of the normalized, pre-tokenized text, or is one
+    byte of a character the vocabulary lacks (byte fallback): so no more tokens than that text's
+    UTF-8 bytes. Normalizing is applied (NFKC may expand a character); pre-tokenizing may write a
+    space as "▁" (2 bytes more) and prepend a "▁" to each word (3 more), counted per space plus one.
+    ``added``: the tokens the post-processor adds (BOS).
+    """
+    if normalize is not None:
+        text = normalize(text)
+    return len(text.encode("utf-8", "surrogatepass")) + 5 * (text.count(" ") + 1) + added
+
+
+def reachability_problems(conversations: Sequence[Sequence[tuple[str, str]]], tokenizer, *, model_max_length: int,
+                          num_image_tokens: int = 0, image_token: str = "<image>",
+                          template: str | ConversationTemplate = "vicuna_v1", batch_size: int = 4096,
+                          progress: Callable[[int], object] | None = None) -> dict[int, str]:
+    """``{index: problem}`` for the conversations :func:`encode_conversation` refuses for a special token's
+    string in the text or for all answers truncated away: the checks ``data.check: fast`` makes before
+    training, without tokenizing whole conversations.
+
+    Only the text before each first answer is tokenized (in batches): when the first answer starts
+    well inside ``model_max_length``, its first token is trained and the conversation cannot lose
+    all its answers. The few that start near or past the limit, and any the template cannot render
+    from its first turn alone, are encoded in full by :func:`conversation_lengths`, so that their
+    problem is the one a full check reports. What this leaves to the batch that draws a sample is
+    the label mask's decode check (:func:`encode_conversation` raises it there, naming the sample).
+    """
+    template = get_template(template)
+    specials = [t for t in tokenizer.all_special_tokens if t and t != image_token]
+    specials_re = re.compile("|".join(map(re.escape, specials))) if specials else None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    normalize = backend.normalizer.normalize_str if backend is not None and backend.normalizer else None
+    added = tokenizer.num_special_tokens_to_add()
+    problems, exact = {}, []
+    for start in range(0, len(conversations), batch_size):
+        chunk = conversations[start:start + batch_size]
+        prefixes, owners = [], []
+        for j, turns in enumerate(chunk):
+            # One regex over the joined turns is cheap; a hit gets special_token_problem's exact message.
+            suspect = ((specials_re is not None and specials_re.search("\x00".join(chain.from_iterable(turns))))
+                       or any(image_token in gpt for _, gpt in turns))
+            problem = special_token_problem(turns, specials, image_token) if suspect else None
+            if problem is not None:
+                problems[start + j] = problem
+                continue
+            try:  # (plain renders one turn or refuses)
+                rendered = render_conversation(turns if template.style == "plain" else turns[:1],
+                                               eos=tokenizer.eos_token, template=template, image_token=image_token)
+            except ValueError:
+                exact.append(start + j)  # the template refuses it: the full encode says how
+                continue
+            prefixes.append(rendered.text[:rendered.trained_spans[0][0]])
+            owners.append(start + j)
+        # Most prefixes are short enough that a bound on their token count settles them; the others are
+        # tokenized, and those that end near the limit encoded in full.
+        budget = model_max_length - _REACH_MARGIN
+        counted = []
+        for i, prefix in zip(owners, prefixes):
+            images = prefix.count(image_token) * (num_image_tokens - 1)
+            if _token_bound(prefix, normalize, added) + images < budget:
+                continue
+            counted.append((i, prefix, images))
+        if counted:
+            encoded = tokenizer([prefix for _, prefix, _ in counted], add_special_tokens=True, verbose=False)
+            for (i, _, images), ids in zip(counted, encoded["input_ids"]):
+                if len(ids) + images >= budget:
+                    exact.append(i)
+        if progress is not None:
+            progress(len(chunk))
+    if exact:
+        found = conversation_lengths([conversations[i] for i in exact], tokenizer, model_max_length=model_max_length,
+                                     num_image_tokens=num_image_tokens, image_token=image_token, template=template)
+        problems.update({exact[j]: message for j, message in found.problems.items()})
+    return dict(sorted(problems.items()))
 
 
 @dataclass

@@ -18,14 +18,12 @@ from typing import Any
 
 import yaml
 
-from ..data.conversation import TEMPLATES
+from ..data import BAD_SAMPLES, CHECKS, IMAGE_ASPECT_RATIOS, TEMPLATES
 from ..model.builder import ModelConfig, ModelError
 from ..optim import check_optimizer_options
 
 MODES = ("pretrain", "full", "lora", "qlora")
 DISTRIBUTED = ("ddp", "fsdp2")
-ASPECT_RATIOS = ("pad", "resize", "crop")
-BAD_SAMPLES = ("error", "skip")
 DEFAULT_LR = 2e-5  # the optimizer's lr when its section has none (run.training_arguments' learning_rate)
 
 
@@ -48,6 +46,10 @@ class DataConfig:
     # cannot download (355 of its 80k samples in LLaVA issue #1618, 0.05% of the mix) and below the
     # smallest source of the mix (OKVQA, 9k samples, 1.35%), so a whole missing source is refused.
     max_bad_fraction: float = 0.01
+    # What is checked before the model loads (llava_sgg/data/dataset.py). fast: structure, image files
+    # (header, end marker), answers truncated away; samples are tokenized when drawn, as officially.
+    # full: also every sample tokenized and every image decoded (cached for later runs and other ranks).
+    check: str = "fast"
 
 
 @dataclass
@@ -229,8 +231,10 @@ def _validate(cfg: RunConfig, origin: str, optimizer_origin: str | None = None) 
         raise ConfigError(f"{origin}: model.torch_dtype={cfg.model.torch_dtype} needs train.bf16=true: frozen weights "
                           "stay in that dtype and trainable ones in fp32 masters, so compute runs in bf16 "
                           "(as official LLaVA's DeepSpeed bf16 mode); for fp32 compute set model.torch_dtype=float32")
-    if d.image_aspect_ratio not in ASPECT_RATIOS:
-        raise ConfigError(f"{origin}: data.image_aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}")
+    if d.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+        raise ConfigError(f"{origin}: data.image_aspect_ratio must be one of {', '.join(IMAGE_ASPECT_RATIOS)}")
+    if d.check not in CHECKS:
+        raise ConfigError(f"{origin}: data.check must be one of {', '.join(CHECKS)}; got {d.check!r}")
     if d.bad_samples not in BAD_SAMPLES:
         raise ConfigError(f"{origin}: data.bad_samples must be one of {', '.join(BAD_SAMPLES)}; got {d.bad_samples!r}")
     if isinstance(d.max_bad_fraction, bool) or not isinstance(d.max_bad_fraction, (int, float)) \

@@ -160,7 +160,8 @@ def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
     dataset = LlavaSFTDataset(d.data_path, d.image_folder, processor.tokenizer, processor.image_processor,
                               num_image_tokens=num_image_tokens, image_token=cfg.model.image_token,
                               image_aspect_ratio=d.image_aspect_ratio, model_max_length=d.model_max_length,
-                              template=d.template, bad_samples=d.bad_samples, max_bad_fraction=d.max_bad_fraction,
+                              template=d.template, check=d.check, bad_samples=d.bad_samples,
+                              max_bad_fraction=d.max_bad_fraction,
                               skipped_samples_file=_skipped_samples_file(cfg))
     set_seed(cfg.train.seed)
     model, processor = prepare_model(cfg, processor)
