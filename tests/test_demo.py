@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from llava_sgg.cli import main
 
 
+@pytest.mark.slow  # the whole demo job (about a minute on 2 cores)
 def test_quick_demo_runs_to_the_table_report_and_plots(tmp_path, capsys):
     output, cache = tmp_path / "demo", tmp_path / "cache"
     assert main(["demo", "--quick", "--output", str(output), "--cache", str(cache)]) == 0
@@ -35,69 +38,68 @@ def test_recipe_precision_follows_settings_else_the_device(tmp_path, monkeypatch
     import dataclasses
     from pathlib import Path
 
-    from llava_sgg.demo import run
+    from llava_sgg.demo import recipes, stages
 
     # Only the recipe's own switch is read here: the raw config is returned unvalidated.
-    monkeypatch.setattr(run, "build_run_config", lambda raw, origin: raw)
+    monkeypatch.setattr(stages, "build_run_config", lambda raw, origin: raw)
     data = type("Data", (), {"train_json": Path("train.json"), "image_folder": Path("images")})()
 
     def trains_in_bf16(settings) -> bool:
-        return run.run_config(settings, Path("tower"), Path("decoder"), data, tmp_path, "adamw")["train"]["bf16"]
+        return stages.run_config(settings, Path("tower"), Path("decoder"), data, tmp_path, "adamw")["train"]["bf16"]
 
-    assert trains_in_bf16(dataclasses.replace(run.FULL, bf16=True)) is True
-    assert trains_in_bf16(dataclasses.replace(run.FULL, bf16=False)) is False
-    assert trains_in_bf16(run.FULL) is run.native_bf16()
+    assert trains_in_bf16(dataclasses.replace(recipes.FULL, bf16=True)) is True
+    assert trains_in_bf16(dataclasses.replace(recipes.FULL, bf16=False)) is False
+    assert trains_in_bf16(recipes.FULL) is recipes.native_bf16()
     # The recipe the README states: full fine-tuning of the 4-layer decoder, GPU_STEPS on a GPU.
-    assert run.FULL.mode == "full" and run.FULL.decoder_layers == 4 and run.FULL.steps == run.GPU_STEPS
+    assert recipes.FULL.mode == "full" and recipes.FULL.decoder_layers == 4 and recipes.FULL.steps == recipes.GPU_STEPS
 
 
 def test_steps_override_the_recipe_and_bad_counts_are_errors(capsys):
     import dataclasses
 
-    from llava_sgg.demo import run
+    from llava_sgg.demo import recipes
 
-    cpu = run.recipe(quick=False, gpu=False)
+    cpu = recipes.recipe(quick=False, gpu=False)
     # On a CPU: at most CPU_MAX_STEPS, cut to the time budget, no captions stage (the alignment makes the connector).
-    assert (cpu.steps, cpu.time_budget, cpu.connector) == (run.CPU_MAX_STEPS, run.CPU_BUDGET_S, None)
+    assert (cpu.steps, cpu.time_budget, cpu.connector) == (recipes.CPU_MAX_STEPS, recipes.CPU_BUDGET_S, None)
     assert cpu.alignment is not None and cpu.tower.position_weight > 0
-    gpu = run.recipe(quick=False, gpu=True)
-    assert (gpu.steps, gpu.time_budget) == (run.GPU_STEPS, None) and gpu.connector is not None
-    fixed = run.recipe(quick=False, gpu=False, steps=1200)
+    gpu = recipes.recipe(quick=False, gpu=True)
+    assert (gpu.steps, gpu.time_budget) == (recipes.GPU_STEPS, None) and gpu.connector is not None
+    fixed = recipes.recipe(quick=False, gpu=False, steps=1200)
     assert (fixed.steps, fixed.time_budget) == (1200, None)
-    assert run.recipe(quick=True, gpu=False, steps=5) == dataclasses.replace(run.QUICK, steps=5, time_budget=None)
+    assert recipes.recipe(quick=True, gpu=False, steps=5) == dataclasses.replace(recipes.QUICK, steps=5, time_budget=None)
     assert main(["demo", "--steps", "0", "--output", "unused"]) == 2
     assert "demo steps must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_verdict_names_each_metric_below_the_better_baseline():
-    from llava_sgg.demo import run
+    from llava_sgg.demo import recipes, report
 
-    n = len(run.METRICS)
+    n = len(report.METRICS)
     rows = [("adamw", [70.0] * n), ("adamw_sgg", [60.0] + [70.0] * (n - 1)),
             ("chance", [50.0] * n), ("majority", [66.7] + [10.0] * (n - 1))]
-    missed = run.shortfalls(rows)
+    missed = report.shortfalls(rows)
     # The better baseline is taken per metric: majority's 66.7 on the first, chance's 50 elsewhere.
-    assert missed == {"adamw": [], "adamw_sgg": [f"{run.METRICS[0][1]} (60.0 vs 66.7)"]}
-    lines = run.verdict(rows, 100)
+    assert missed == {"adamw": [], "adamw_sgg": [f"{report.METRICS[0][1]} (60.0 vs 66.7)"]}
+    lines = report.verdict(rows, 100)
     assert lines[0] == "adamw: beats chance and majority on every metric."
     assert lines[1].startswith("adamw_sgg: does not beat the better baseline on POPE F1 (60.0 vs 66.7)")
-    assert f"--steps {run.GPU_STEPS}" in lines[2]
+    assert f"--steps {recipes.GPU_STEPS}" in lines[2]
     # A tie is not a win; at the GPU recipe's steps there is no hint to run longer.
     tied = [("adamw", [50.0] * n), ("chance", [50.0] * n), ("majority", [0.0] * n)]
-    assert len(run.shortfalls(tied)["adamw"]) == n
-    assert len(run.verdict(tied, run.GPU_STEPS)) == 1
+    assert len(report.shortfalls(tied)["adamw"]) == n
+    assert len(report.verdict(tied, recipes.GPU_STEPS)) == 1
 
 
 def test_plan_steps_fits_two_runs_and_their_evaluations_in_the_budget():
-    from llava_sgg.demo import run
+    from llava_sgg.demo import planning
 
-    # 540 s budget, 140 s gone, 0.5 s a step: two evaluations cost 2 * 40 * 0.5 = 40 s, leaving 360 s
-    # for two runs of 0.5 s steps: 360 steps each.
-    assert run.plan_steps(540, 140, 0.5, most=1000) == 360
-    assert run.plan_steps(540, 140, 0.5, most=200) == 200          # capped by the recipe's steps
-    assert run.plan_steps(540, 500, 5.0, most=400) == run.MIN_STEPS  # over budget already: train a little anyway
-    assert run.plan_steps(100, 0, 1.0, most=1000, runs=1) == 60
-    assert run.plan_steps(540, 500, 5.0, most=2) == 2                # never more than the recipe asks
-    # A measured evaluation replaces the allowance, counted at EVAL_MARGIN times: 2 * 1.25 * 16 s = 40 s.
-    assert run.plan_steps(540, 140, 0.5, most=1000, evaluation=16) == 360
-    assert run.plan_steps(540, 140, 1.0, most=1000, evaluation=0.0) == 200
+    # 540 s budget, 140 s gone, 0.5 s a step, 16 s to evaluate a model: two evaluations, counted at
+    # EVAL_MARGIN times, cost 2 * 1.25 * 16 = 40 s, leaving 360 s for two runs of 0.5 s steps: 360 steps each.
+    assert planning.plan_steps(540, 140, 0.5, most=1000, evaluation=16) == 360
+    assert planning.plan_steps(540, 140, 0.5, most=200, evaluation=16) == 200  # capped by the recipe's steps
+    # Over budget already: train a little anyway.
+    assert planning.plan_steps(540, 500, 5.0, most=400, evaluation=16) == planning.MIN_STEPS
+    assert planning.plan_steps(100, 0, 1.0, most=1000, evaluation=32, runs=1) == 60
+    assert planning.plan_steps(540, 500, 5.0, most=2, evaluation=16) == 2  # never more than the recipe asks
+    assert planning.plan_steps(540, 140, 1.0, most=1000, evaluation=0.0) == 200

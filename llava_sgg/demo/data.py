@@ -53,6 +53,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..evaluation.prompts import MME_SUFFIX, OPTION_LETTER, OPTION_LETTERS, SHORT_ANSWER
+
 __all__ = [
     "DemoData", "DemoDataConfig", "EvalFiles", "PRETRAIN_PROMPT", "Scene", "build_demo_data", "caption",
     "config_hash", "count_check_question",
@@ -63,12 +65,6 @@ __all__ = [
 FORMAT = "digits-v2"  # the folder prefix; bump it when the files written change so old folders are not reused
 N_LABELS = 10
 SOURCE = "sklearn_digits"  # MMBench's "source" column
-
-# The instructions LLaVA-v1.5 appends (its mix665k for short answers, model_vqa_mmbench for choices).
-SHORT_ANSWER = "Answer the question using a single word or phrase."
-MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
-MME_SUFFIX = " Please answer yes or no."  # official MME ground-truth files; LLaVA's converter maps back to it
-OPTION_LETTERS = "ABCD"
 
 COUNT_QUESTION = "How many digits are in the image?"
 LISTING_QUESTION = "Which digits are in the image?"
@@ -269,7 +265,7 @@ def count_check_question(count: int) -> str:
 def multiple_choice_prompt(question: str, options: Sequence[str]) -> str:
     """Exactly what LLaVA's model_vqa_mmbench builds (no hint, --single-pred-prompt)."""
     lines = [question] + [f"{letter}. {option}" for letter, option in zip(OPTION_LETTERS, options)]
-    return "\n".join(lines + [MULTIPLE_CHOICE])
+    return "\n".join(lines + [OPTION_LETTER])
 
 
 def _position_choice(scene: Scene, config: DemoDataConfig, rng) -> tuple[str, list[str], str]:
@@ -500,7 +496,7 @@ def _mme(scenes: list[Scene], config: DemoDataConfig, rng) -> tuple[list[dict], 
                 yes = count_check_question(len(scene.digits))
                 no = count_check_question(_wrong_count(scene, config, rng))
             path = f"{subtask}/{scene.image}"
-            ground_truth[f"{subtask}/{scene.id}.txt"] = f"{yes}{MME_SUFFIX}\tYes\n{no}{MME_SUFFIX}\tNo\n"
+            ground_truth[f"{subtask}/{scene.id}.txt"] = f"{yes} {MME_SUFFIX}\tYes\n{no} {MME_SUFFIX}\tNo\n"
             for question in (yes, no):
                 questions.append({"question_id": path, "image": path, "text": f"{question}\n{SHORT_ANSWER}",
                                   "category": subtask})

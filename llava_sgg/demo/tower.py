@@ -1,11 +1,11 @@
-"""Pretraining the demo's vision tower: what a downloaded CLIP checkpoint would bring, made here in seconds.
+"""Pretraining the demo's vision tower: what a downloaded CLIP checkpoint would bring, made here.
 
 LLaVA-v1.5 keeps its CLIP tower frozen: it relies on features that already tell objects apart. No
-pretrained CLIP installs offline, and a tower trained from scratch *through* the language model does
-not learn digit identity within the demo's budget (tried: the models learned counting, not which
-digit). So before fine-tuning, the CLIP ViT built from config is pretrained on the training split
-alone: every patch token of the layer LLaVA reads (``vision_feature_layer``) is classified as the digit
-whose grid cell holds the patch's centre, or as empty, through a linear head that is then dropped.
+pretrained CLIP installs offline, and a tower trained from scratch *through* the language model
+learns counting within the demo's budget but not which digit is which. So before fine-tuning, the
+CLIP ViT built from config is pretrained on the training split alone: every patch token of the
+layer LLaVA reads (``vision_feature_layer``) is classified as the digit whose grid cell holds the
+patch's centre, or as empty, through a linear head that is then dropped.
 The result is saved like any CLIP checkpoint and loaded, frozen, by the fine-tuning runs.
 """
 

@@ -25,10 +25,7 @@ from tqdm import tqdm
 
 from ..data import load_image, process_image, render_prompt
 from .answers import AnswerFileError, format_ids, read_jsonl_records
-
-SHORT_ANSWER = "Answer the question using a single word or phrase."
-OPTION_LETTER = "Answer with the option's letter from the given choices directly."
-OPTION_LETTER_CN = "请直接回答选项字母。"
+from .prompts import OPTION_LETTER, OPTION_LETTER_CN, OPTION_LETTERS
 
 
 @dataclass
@@ -192,7 +189,7 @@ def mmbench_prompts(tsv_file: str | os.PathLike, *, rotate_options: bool = False
     asks each row once per rotation of its options instead: not the published
     protocol on the official TSV (``mmbench.ROTATION_CAVEAT``).
     """
-    from .mmbench import OPTION_LETTERS, mmbench_questions, read_mmbench_tsv
+    from .mmbench import mmbench_questions, read_mmbench_tsv
 
     if lang not in ("en", "cn"):
         raise ValueError(f"lang must be 'en' or 'cn', got {lang!r}")

@@ -39,12 +39,12 @@ from pathlib import Path
 
 from .answers import (AnswerFileError, format_ids, format_metrics, metrics_path, read_jsonl_records,
                       write_metrics)
+from .prompts import OPTION_LETTERS
 
-__all__ = ["OPTION_LETTERS", "ROTATION_CAVEAT", "MMBenchQuestion", "is_missing", "read_mmbench_tsv",
+__all__ = ["ROTATION_CAVEAT", "MMBenchQuestion", "is_missing", "read_mmbench_tsv",
            "mmbench_questions", "parse_option", "score_mmbench", "submission_table", "write_submission",
            "add_arguments", "run"]
 
-OPTION_LETTERS = ("A", "B", "C", "D")  # LLaVA's all_options
 CIRCULAR_OFFSET = 1_000_000  # rotation k of question i is row i + k * 1e6 in the official TSV
 # pandas.read_table's default NA strings: LLaVA and VLMEvalKit read the TSV with pandas, so an
 # option or hint spelled exactly like one of these (quoted or not) is NaN to them; LLaVA stops

@@ -48,6 +48,7 @@ from pathlib import Path
 
 from .answers import (AnswerFileError, format_ids, format_metrics, metrics_path, read_jsonl_records,
                       write_metrics)
+from .prompts import MME_SUFFIX, SHORT_ANSWER
 
 __all__ = ["PERCEPTION", "COGNITION", "SUBTASKS", "parse_pred_ans", "eval_tool_prediction", "read_mme_ground_truth",
            "convert_answers_to_mme", "write_mme_results", "read_mme_results", "score_mme", "add_arguments", "run"]
@@ -56,10 +57,6 @@ PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity",
               "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 SUBTASKS = PERCEPTION + COGNITION
-# LLaVA-1.5 asks MME questions with its short-answer prompt instead of MME's own suffix;
-# convert_answer_to_mme.py swaps them back before looking the question up.
-LLAVA_SUFFIX = "Answer the question using a single word or phrase."
-MME_SUFFIX = "Please answer yes or no."
 
 Row = tuple[str, str, str, str]  # image, question, ground truth, prediction
 
@@ -83,9 +80,10 @@ def parse_pred_ans(prediction: str) -> str:
 
 
 def _question_key(question: str) -> str:
-    # Both suffixes dropped and spaces collapsed: some MME questions carry two spaces before
+    # LLaVA asks with SHORT_ANSWER where MME's files have MME_SUFFIX (convert_answer_to_mme.py swaps
+    # them back). Both suffixes dropped and spaces collapsed: some MME questions carry two spaces before
     # "Please answer yes or no.", which LLaVA's converter retries by hand.
-    return " ".join(question.replace(LLAVA_SUFFIX, " ").replace(MME_SUFFIX, " ").split())
+    return " ".join(question.replace(SHORT_ANSWER, " ").replace(MME_SUFFIX, " ").split())
 
 
 def _qa_folder(subtask_dir: Path) -> Path:

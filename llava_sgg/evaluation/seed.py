@@ -26,10 +26,9 @@ from pathlib import Path
 
 from .answers import (AnswerFileError, answer_texts, format_ids, format_metrics, match_ids, metrics_path, read_json,
                       read_jsonl, write_metrics)
+from .prompts import OPTION_LETTERS
 
-__all__ = ["LETTERS", "seed_image_questions", "score_seed", "seed_upload_records", "add_arguments", "run"]
-
-LETTERS = ("A", "B", "C", "D")
+__all__ = ["seed_image_questions", "score_seed", "seed_upload_records", "add_arguments", "run"]
 
 
 def _by_string_id(records: dict, *, source) -> dict:
@@ -56,7 +55,7 @@ def _validate(annotation: dict, *, source) -> tuple[dict[str, dict], dict[int, s
         question_id = str(question["question_id"])
         if question_id in questions:
             problems["a duplicated question_id"].append(question_id)
-        elif question.get("answer") not in LETTERS:
+        elif question.get("answer") not in OPTION_LETTERS:
             problems["an answer that is not A-D"].append(question_id)
         elif question.get("question_type_id") not in type_names:
             problems["a question_type_id not in question_type"].append(question_id)
@@ -107,7 +106,7 @@ def score_seed(annotation: dict, answers: dict, *, source: str = "answers", imag
         per_type[questions[key]["question_type_id"]].append(hits[key])
     part = {data_type: [hits[key] for key in scored if questions[key]["data_type"] == data_type]
             for data_type in ("image", "video")}
-    not_a_letter = [key for key in scored if texts[key] not in LETTERS]
+    not_a_letter = [key for key in scored if texts[key] not in OPTION_LETTERS]
     metrics = {
         "benchmark": "seed",
         "questions": len(scored),

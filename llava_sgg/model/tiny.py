@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
 
+from ..evaluation.prompts import SHORT_ANSWER
+
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 _CORPUS = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the user's questions. USER: ASSISTANT: What is in the image? "
-    "Answer the question using a single word or phrase. The digit 3 is left of 7. Yes No zero one two three "
+    f"{SHORT_ANSWER} The digit 3 is left of 7. Yes No zero one two three "
     "four five six seven eight nine how many digits are there"
 )
 
