@@ -1,4 +1,4 @@
-"""The `llava-sgg` command line: train, merge, and the SGG example."""
+"""The `llava-sgg` command line: train, merge, answer and score, the demo, studies, the SGG example."""
 
 from __future__ import annotations
 
@@ -24,6 +24,22 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, optim=args.optim, overrides=args.set)
     output = train(cfg)
     print(f"wrote {output}")
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from .study import load_plan, run_study
+
+    records = run_study(load_plan(args.plan), args.output, jobs=args.jobs, retry_failed=args.retry_failed)
+    print(f"{sum(r['status'] == 'finished' for r in records)} of {len(records)} runs finished; "
+          f"`llava-sgg report {args.output}` tabulates them")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .study import write_report
+
+    print(f"wrote {write_report(args.study, args.output)}")
     return 0
 
 
@@ -210,6 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stage-2 steps of each run (default 2500 on a GPU; on a CPU planned from a measured "
                            "step so the demo ends within 9 minutes)")
     demo.set_defaults(func=_demo)
+
+    study = commands.add_parser("study", help="run a plan's grid of runs (a YAML file), one JSON each; resumes "
+                                               "a study folder, skipping finished runs")
+    study.add_argument("plan", help="the plan (YAML: name, command, grid, fixed, compare; see llava_sgg/study)")
+    study.add_argument("--output", required=True, help="the study folder (runs/<key>/record.json, plan.yaml)")
+    study.add_argument("--jobs", type=int, default=1, help="runs at a time (small runs share one GPU well)")
+    study.add_argument("--retry-failed", action="store_true", help="run again the runs that failed before")
+    study.set_defaults(func=_study)
+
+    report = commands.add_parser("report", help="a study folder as markdown: mean ± std over seeds, Welch's "
+                                                 "t-test against the baseline, plots")
+    report.add_argument("study", help="a folder `llava-sgg study` wrote")
+    report.add_argument("--output", default=None, help="the markdown file (default STUDY/report.md; plots beside)")
+    report.set_defaults(func=_report)
 
     example = commands.add_parser(
         "sgg-example", help="train a badly scaled toy network with each base optimizer and its SGG version")

@@ -1,0 +1,232 @@
+"""``llava-sgg report STUDY``: a study folder as markdown tables and plots.
+
+Runs that differ only in their ``seed`` form one variant. For each metric of the runs' results, a
+table gives every variant's mean ± standard deviation over its seeds (sample std, ddof=1) and, when
+the plan names a baseline (``compare.baseline``), its difference from the baseline's mean with the
+two-sided p-value of Welch's t-test (unequal variances) on the two sets of seeds. The verdict says
+"better" or "worse" (by ``compare.metrics``' direction) only when p < 0.05, "no difference beyond
+seed spread" otherwise, and "too few seeds" below two a side: with three seeds only large, steady
+differences pass, which is the honest reading of a small study.
+
+Plots (PNG, beside the markdown): each curve of the results (``"curves": {name: [[step, value], ...]}``)
+as the mean over seeds with a ±1 std band per variant, SGG's scale trajectories among them when the
+runs record them; and when the grid varies a learning rate (a grid key starting with ``lr``), each
+metric against it on a log axis, failed (diverged) runs marked with a cross.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .runner import read_record
+
+__all__ = ["ALPHA", "compare", "load_study", "variants", "write_report"]
+
+ALPHA = 0.05
+SEED = "seed"
+
+
+def load_study(study_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """(the plan as the study folder keeps it, every run's record, in folder order)."""
+    study_dir = Path(study_dir)
+    plan_path = study_dir / "plan.yaml"
+    if not plan_path.is_file():
+        raise FileNotFoundError(f"{study_dir}: no plan.yaml; is this a folder `llava-sgg study` wrote?")
+    plan = yaml.safe_load(plan_path.read_text())
+    records = [r for r in (read_record(p) for p in sorted((study_dir / "runs").glob("*/record.json"))) if r]
+    return plan, records
+
+
+def variants(records: list[dict]) -> dict[tuple, list[dict]]:
+    """Records grouped by their values other than ``seed`` (a key: tuple of (name, value) pairs)."""
+    groups = defaultdict(list)
+    for record in records:
+        groups[tuple((k, v) for k, v in record["values"].items() if k != SEED)].append(record)
+    return dict(groups)
+
+
+def _label(variant: tuple) -> str:
+    return ", ".join(f"{k}={v}" for k, v in variant) or "(all runs)"
+
+
+def compare(values: list[float], baseline: list[float], better: str | None) -> tuple[float | None, str]:
+    """(Welch's two-sided p-value, verdict) of ``values`` against ``baseline``."""
+    from scipy import stats
+
+    if len(values) < 2 or len(baseline) < 2:
+        return None, "too few seeds"
+    if np.std(values) == 0 and np.std(baseline) == 0:
+        p = 1.0 if np.mean(values) == np.mean(baseline) else 0.0
+    else:
+        p = float(stats.ttest_ind(values, baseline, equal_var=False).pvalue)
+    if p >= ALPHA:
+        return p, "no difference beyond seed spread"
+    higher = np.mean(values) > np.mean(baseline)
+    if better is None:
+        return p, "higher" if higher else "lower"
+    return p, "better" if higher == (better == "higher") else "worse"
+
+
+def _metric_values(records: list[dict], metric: str) -> list[float]:
+    out = []
+    for r in records:
+        value = r.get("result", {}).get("metrics", {}).get(metric) if r["status"] == "finished" else None
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out.append(float(value))
+    return out
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _table(metric: str, groups: dict, baseline: tuple | None, better: str | None) -> list[str]:
+    lines = [f"### {metric}" + (f" ({better} is better)" if better else ""), "",
+             "| variant | seeds | mean ± std | Δ vs baseline | p (Welch) | verdict |", "|---|---|---|---|---|---|"]
+    base = _metric_values(groups[baseline], metric) if baseline in groups else []
+    for variant, records in groups.items():
+        values = _metric_values(records, metric)
+        failed = sum(r["status"] == "failed" for r in records)
+        seeds = f"{len(values)}" + (f" (+{failed} failed)" if failed else "")
+        if not values:
+            lines.append(f"| {_label(variant)} | {seeds} | — | — | — | no result |")
+            continue
+        spread = f"{_fmt(np.mean(values))} ± {_fmt(np.std(values, ddof=1)) if len(values) > 1 else '—'}"
+        if variant == baseline:
+            lines.append(f"| **{_label(variant)}** (baseline) | {seeds} | {spread} | — | — | — |")
+        elif base:
+            p, verdict = compare(values, base, better)
+            lines.append(f"| {_label(variant)} | {seeds} | {spread} | {np.mean(values) - np.mean(base):+.4g} | "
+                         f"{'—' if p is None else '< 0.001' if p < 0.001 else f'{p:.3f}'} | {verdict} |")
+        else:
+            lines.append(f"| {_label(variant)} | {seeds} | {spread} | — | — | — |")
+    return lines + [""]
+
+
+def _curve_plots(groups: dict, plots: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({n for rs in groups.values() for r in rs if r["status"] == "finished"
+                    for n in r.get("result", {}).get("curves", {})})
+    written = []
+    for name in names:
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for variant, records in groups.items():
+            curves = [np.asarray(r["result"]["curves"][name], float) for r in records
+                      if r["status"] == "finished" and r.get("result", {}).get("curves", {}).get(name)]
+            if not curves:
+                continue
+            steps = curves[0][:, 0]  # the other seeds are read at the first seed's steps
+            ys = np.stack([np.interp(steps, c[:, 0], c[:, 1]) for c in curves])
+            mean = ys.mean(0)
+            (line,) = ax.plot(steps, mean, label=f"{_label(variant)} (n={len(curves)})")
+            if len(curves) > 1:
+                std = ys.std(0, ddof=1)
+                ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.set_title(f"{name}: mean over seeds, band ±1 std")
+        ax.legend(fontsize=7)
+        path = plots / f"curve-{_slug(name)}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _lr_plots(records: list[dict], metrics: list[str], lr_key: str, plots: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = defaultdict(list)  # variant without lr and seed -> records
+    for r in records:
+        others[tuple((k, v) for k, v in r["values"].items() if k not in (SEED, lr_key))].append(r)
+    written = []
+    for metric in metrics:
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for variant, rs in others.items():
+            lrs = sorted({r["values"][lr_key] for r in rs})
+            means, stds, failed = [], [], []
+            for lr in lrs:
+                at = [r for r in rs if r["values"][lr_key] == lr]
+                values = _metric_values(at, metric)
+                means.append(np.mean(values) if values else np.nan)
+                stds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+                failed.append(any(r["status"] == "failed" for r in at))
+            line = ax.errorbar(lrs, means, yerr=stds, marker="o", capsize=3, label=_label(variant))
+            top = np.nanmax(means) if np.isfinite(means).any() else 0.0
+            for lr, bad in zip(lrs, failed):
+                if bad:
+                    ax.plot([lr], [top], marker="x", markersize=10, color=line[0].get_color())
+        ax.set_xscale("log")
+        ax.set_xlabel(lr_key)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} against {lr_key} (mean ± std; x: a run failed or diverged)")
+        ax.legend(fontsize=7)
+        path = plots / f"lr-{_slug(metric)}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def write_report(study_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Write ``report.md`` (or ``out``) and its plots (``plots/`` beside it); returns the markdown's path."""
+    study_dir = Path(study_dir)
+    plan, records = load_study(study_dir)
+    out = Path(out) if out is not None else study_dir / "report.md"
+    plots = out.parent / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    compare_spec = plan.get("compare") or {}
+    directions = compare_spec.get("metrics") or {}
+    groups = variants(records)
+    baseline_values = compare_spec.get("baseline")
+    baseline = None
+    if baseline_values:
+        baseline = next((v for v in groups if all(dict(v).get(k) == x for k, x in baseline_values.items())), None)
+    metrics = list(directions) + sorted({m for r in records if r["status"] == "finished"
+                                         for m in r.get("result", {}).get("metrics", {})} - set(directions))
+    finished = sum(r["status"] == "finished" for r in records)
+    planned = math.prod(len(v) for v in plan["grid"].values())
+    lines = [f"# Study: {plan['name']}", "",
+             f"{planned} runs planned, {finished} finished, {len(records) - finished} failed, "
+             f"{planned - len(records)} not run. Command: `{' '.join(plan['command'])}`; grid: "
+             + "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in plan["grid"].items())
+             + (f"; fixed: {', '.join(f'{k}={v}' for k, v in plan.get('fixed', {}).items())}" if plan.get("fixed")
+                else "") + ".", "",
+             f"Each row is a variant's runs over its seeds: mean ± sample std. Against the baseline, Welch's "
+             f"two-sided t-test on the seeds; a difference is called better or worse only at p < {ALPHA}.", ""]
+    for metric in metrics:
+        lines += _table(metric, groups, baseline, directions.get(metric))
+    failed = [r for r in records if r["status"] == "failed"]
+    if failed:
+        lines += ["### Failed runs", ""]
+        for r in failed:
+            last = (r.get("error") or "").strip().splitlines()[-1:] or [""]
+            lines.append(f"- `{r['key']}` (exit {r['returncode']}): {last[0][:200]}")
+        lines.append("")
+    images = _curve_plots(groups, plots)
+    lr_key = next((k for k in plan["grid"] if k.startswith("lr")), None)
+    if lr_key is not None and len(plan["grid"][lr_key]) > 1:
+        images += _lr_plots(records, metrics, lr_key, plots)
+    if images:
+        lines += ["### Plots", ""] + [f"![{p.stem}]({p.relative_to(out.parent)})" for p in images] + [""]
+    out.write_text("\n".join(lines))
+    return out

@@ -1,0 +1,134 @@
+"""`llava-sgg study` and `report`: a resumable grid of commands, and seed statistics with a known answer."""
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from llava_sgg.study import PlanError, compare, load_plan, run_study, write_report
+
+# A "training run": its loss curve falls to `final` (the variant's value plus a seed's offset); it fails
+# (as a diverging run stops) when lr_scale is 10 and the optimizer is plain.
+SCRIPT = """
+import json, sys
+optimizer, lr_scale, seed, out = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if optimizer == "plain" and lr_scale == 10:
+    sys.exit("step 3: the loss is nan")
+final = {"plain": 1.0, "sgg": 0.5}[optimizer] + 0.01 * (seed - 1) + 0.001 * lr_scale
+curve = [[s, final + 1.0 / (s + 1)] for s in range(0, 50, 10)]
+json.dump({"metrics": {"loss": final}, "curves": {"train_loss": curve}}, open(out, "w"))
+"""
+
+
+def write_plan(tmp_path, grid=None, **extra):
+    (tmp_path / "fake_train.py").write_text(SCRIPT)
+    plan = {"name": "toy", "command": [sys.executable, str(tmp_path / "fake_train.py"), "{optimizer}", "{lr_scale}",
+                                       "{seed}", "{result}"],
+            "grid": grid or {"optimizer": ["plain", "sgg"], "lr_scale": [1, 10], "seed": [0, 1, 2]},
+            "compare": {"baseline": {"optimizer": "plain", "lr_scale": 1}, "metrics": {"loss": "lower"}}, **extra}
+    import yaml
+
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
+    return tmp_path / "plan.yaml"
+
+
+@pytest.mark.slow
+def test_a_study_runs_its_grid_resumes_and_reports(tmp_path):
+    plan = load_plan(write_plan(tmp_path))
+    study = tmp_path / "study"
+    messages = []
+    records = run_study(plan, study, jobs=2, echo=messages.append)
+    assert [r["status"] for r in records].count("finished") == 9 and [r["status"] for r in records].count("failed") == 3
+    assert "the loss is nan" in records[3]["error"]
+    # Finished and failed runs are skipped; a run whose record is gone (killed) runs again, alone.
+    (study / "runs" / "optimizer=sgg,lr_scale=1,seed=2" / "record.json").unlink()
+    messages.clear()
+    run_study(plan, study, echo=messages.append)
+    assert messages[0].startswith("study toy: 12 runs, 11 done before, 1 to run")
+    assert messages[1].startswith("[1/1] optimizer=sgg,lr_scale=1,seed=2: finished")
+    messages.clear()
+    run_study(plan, study, retry_failed=True, echo=messages.append)
+    assert "3 to run" in messages[0]
+
+    report = write_report(study).read_text()
+    assert "| optimizer=sgg, lr_scale=1 | 3 | 0.501 ± 0.01 | -0.5 |" in report and "| better |" in report
+    assert "| optimizer=plain, lr_scale=10 | 0 (+3 failed) | — | — | — | no result |" in report
+    assert "`optimizer=plain,lr_scale=10,seed=0` (exit 1): step 3: the loss is nan" in report
+    assert (study / "plots" / "curve-train_loss.png").is_file() and (study / "plots" / "lr-loss.png").is_file()
+
+
+def test_welch_p_values_and_verdicts_match_an_independent_computation():
+    a, b = [1.0, 1.1, 0.9, 1.05], [1.3, 1.5, 1.2]
+    # Welch's t and Welch-Satterthwaite degrees of freedom, by hand.
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    t = (np.mean(a) - np.mean(b)) / math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    expected = 2 * stats.t.sf(abs(t), dof)
+    p, verdict = compare(a, b, "lower")
+    assert p == pytest.approx(expected, rel=1e-9) and p < 0.05 and verdict == "better"
+    assert compare(a, b, "higher")[1] == "worse"
+    assert compare([1.0, 1.2, 0.8], [1.05, 0.9, 1.15], "lower")[1] == "no difference beyond seed spread"
+    assert compare([1.0], b, "lower") == (None, "too few seeds")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grid": {"optimizer": []}}, "grid.optimizer must be a non-empty list"),
+    ({"learning_rate": 1}, "unknown key(s) learning_rate"),
+    ({"command": ["python", "{optimzer}"]}, "command placeholder {optimzer} is not in grid or fixed"),
+    ({"fixed": {"seed": 1}}, "seed is given twice"),
+    ({"compare": {"baseline": {"optimizer": "adam"}}}, "compare.baseline.optimizer='adam' is not a grid value"),
+    ({"compare": {"metrics": {"loss": "smaller"}}}, "compare.metrics.loss must be lower or higher"),
+    ({"grid": {"lr": [0.1, "0.1"]}}, "grid.lr has values that name the same run"),
+])
+def test_a_bad_plan_is_refused_naming_the_key(tmp_path, change, message):
+    import yaml
+
+    path = write_plan(tmp_path)
+    plan = {**yaml.safe_load(path.read_text()), **change}
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    with pytest.raises(PlanError, match=f"^{tmp_path / 'plan.yaml'}: .*" + message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("{", r"\{").replace("}", r"\}").replace("[", r"\[")):
+        load_plan(path)
+
+
+def test_a_report_of_synthetic_records_has_the_known_answer(tmp_path):
+    """Records written by hand (no runner): a clear gain, a gain inside the seed spread, one failure."""
+    import yaml
+
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump({
+        "name": "synthetic", "command": ["x"], "grid": {"rule": ["none", "mda", "mean_ratio"], "seed": [0, 1, 2]},
+        "compare": {"baseline": {"rule": "none"}, "metrics": {"acc": "higher"}}}))
+    values = {"none": [50.0, 51.0, 49.0], "mda": [60.0, 61.0, 59.5], "mean_ratio": [50.5, 52.0, 48.0]}
+    for rule, accs in values.items():
+        for seed, acc in enumerate(accs):
+            folder = tmp_path / "runs" / f"rule={rule},seed={seed}"
+            folder.mkdir(parents=True)
+            status = "failed" if (rule, seed) == ("mean_ratio", 2) else "finished"
+            record = {"key": folder.name, "values": {"rule": rule, "seed": seed}, "status": status, "returncode": 0,
+                      "result": {"metrics": {"acc": acc}}, "error": "boom"}
+            (folder / "record.json").write_text(json.dumps(record))
+    report = write_report(tmp_path).read_text()
+    assert "| **rule=none** (baseline) | 3 | 50 ± 1 |" in report
+    assert "| rule=mda | 3 | 60.17 ± 0.7638 | +10.17 |" in report and report.count("| better |") == 1
+    assert "| rule=mean_ratio | 2 (+1 failed) | 51.25 ± 1.061 | +1.25 |" in report
+    assert "no difference beyond seed spread" in report
+
+
+@pytest.mark.slow
+def test_the_cli_runs_a_study_and_reports_it(tmp_path, capsys):
+    from llava_sgg.cli import main
+
+    grid = {"optimizer": ["sgg"], "lr_scale": [1], "seed": [0, 1]}
+    assert main(["study", str(write_plan(tmp_path, grid=grid, compare={})), "--output", str(tmp_path / "s")]) == 0
+    assert "2 of 2 runs finished" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "s")]) == 0 and (tmp_path / "s" / "report.md").is_file()
+
+
+def test_the_cli_names_a_plan_it_cannot_read(tmp_path, capsys):
+    from llava_sgg.cli import main
+
+    assert main(["study", str(tmp_path / "missing.yaml"), "--output", str(tmp_path / "s")]) == 2
+    assert "llava-sgg study: " + str(tmp_path / "missing.yaml") + ": cannot read the plan" in capsys.readouterr().err
