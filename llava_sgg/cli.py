@@ -120,7 +120,8 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
-    run_demo(args.output, quick=args.quick, cache=args.cache, steps=args.steps)
+    run_demo(args.output, quick=args.quick, cache=args.cache, steps=args.steps, optimizers=args.optimizers,
+             seed=args.seed, lr_scale=args.lr_scale, result=args.result)
     return 0
 
 
@@ -225,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None,
                       help="stage-2 steps of each run (default 2500 on a GPU; on a CPU planned from a measured "
                            "step so the demo ends within 9 minutes)")
+    demo.add_argument("--optimizers", nargs="+", default=["adamw", "adamw_sgg"], metavar="NAME",
+                      choices=["adamw", "adafactor", "lamb", "adamw_sgg", "adafactor_sgg", "lamb_sgg"],
+                      help="the fine-tuning runs, one per optimizer (default: adamw adamw_sgg)")
+    demo.add_argument("--seed", type=int, default=None, help="the recipe's seed (default 0)")
+    demo.add_argument("--lr-scale", type=float, default=1.0, help="multiplies the recipe's learning rates")
+    demo.add_argument("--result", default=None, help="also write metrics and loss curves here, for `llava-sgg study`")
     demo.set_defaults(func=_demo)
 
     study = commands.add_parser("study", help="run a plan's grid of runs (a YAML file), one JSON each; resumes "

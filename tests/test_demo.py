@@ -103,3 +103,22 @@ def test_plan_steps_fits_two_runs_and_their_evaluations_in_the_budget():
     assert planning.plan_steps(100, 0, 1.0, most=1000, evaluation=32, runs=1) == 60
     assert planning.plan_steps(540, 500, 5.0, most=2, evaluation=16) == 2  # never more than the recipe asks
     assert planning.plan_steps(540, 140, 1.0, most=1000, evaluation=0.0) == 200
+
+
+@pytest.mark.slow  # the whole demo job, one optimizer
+def test_a_quick_demo_run_as_a_study_runs_it(tmp_path):
+    """What `llava-sgg study` runs: one optimizer, a seed and a learning-rate scale, metrics in a JSON."""
+    output, result = tmp_path / "demo", tmp_path / "result.json"
+    assert main(["demo", "--quick", "--output", str(output), "--cache", str(tmp_path / "cache"),
+                 "--optimizers", "lamb_sgg", "--seed", "1", "--lr-scale", "2", "--result", str(result)]) == 0
+    found = json.loads(result.read_text())
+    assert {"POPE F1", "GQA acc", "MME perception /400", "final_loss"} <= set(found["metrics"])
+    assert [step for step, _ in found["curves"]["train_loss"]] == list(range(1, found["summary"]["steps"] + 1))
+    assert set(found["summary"]["table"]) == {"lamb_sgg", "chance", "majority"}
+    assert found["summary"]["seed"] == 1 and found["summary"]["lr"] == 2 * recipes_lr()
+
+
+def recipes_lr() -> float:
+    from llava_sgg.demo.recipes import QUICK
+
+    return QUICK.lr

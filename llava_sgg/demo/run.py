@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,10 +34,15 @@ from .tower import pretrain_vision_tower
 
 
 def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | None = None,
-             settings: DemoSettings | None = None, steps: int | None = None) -> dict:
+             settings: DemoSettings | None = None, steps: int | None = None,
+             optimizers: Sequence[str] = OPTIMIZERS, seed: int | None = None, lr_scale: float = 1.0,
+             result: str | Path | None = None) -> dict:
     """Build data, fine-tune with each optimizer, evaluate, compare with baselines, write the report.
 
-    ``settings`` replaces the recipe that ``quick``, the device and ``steps`` pick (see :func:`recipe`).
+    ``settings`` replaces the recipe that ``quick``, the device and ``steps`` pick (see :func:`recipe`);
+    ``seed`` and ``lr_scale`` (both learning rates multiplied) change it, for a study
+    (``llava-sgg study``), whose run reads ``result``: ``{"metrics": {label: value}, "curves":
+    {"train_loss": [[step, loss], ...]}}``, names prefixed with the optimizer's when there are several.
     """
     start = time.time()
     output = Path(output)
@@ -44,6 +50,8 @@ def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | Non
     gpu = torch.cuda.is_available()
     if settings is None:
         settings = recipe(quick, gpu, steps)
+    settings = dataclasses.replace(settings, seed=settings.seed if seed is None else seed,
+                                   lr=settings.lr * lr_scale, mm_projector_lr=settings.mm_projector_lr * lr_scale)
     data = build_demo_data(cache / "demo-data", settings.data)
     vision = vision_tower(cache / "models", settings.vision, settings.seed)
     tower_report = None
@@ -67,7 +75,7 @@ def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | Non
         settings = dataclasses.replace(settings, steps=steps)
 
     runs, scores = {}, {}
-    for name in OPTIMIZERS:
+    for name in optimizers:
         run = train_one(settings, vision, language_model, data, output / name, name, projector)
         model = run["trainer"].model
         answers = answer_benchmarks(model, run["processor"], data, output / name / "answers", settings, name)
@@ -85,11 +93,20 @@ def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | Non
     summary = {"device": device, "seconds": seconds, "quick": quick, "metrics": [label for _, label, _ in METRICS],
                "tower_pretraining": tower_report, "connector_alignment": alignment_report,
                "table": {name: values for name, values in rows}, "steps": settings.steps,
+               "seed": settings.seed, "lr": settings.lr, "mm_projector_lr": settings.mm_projector_lr,
                "seconds_per_step": seconds_per_step, "evaluation_seconds_estimate": eval_seconds,
                "time_budget": settings.time_budget,
                "below_baseline": shortfalls(rows),
                "train_seconds": {n: r["train_seconds"] for n, r in runs.items()},
                "final_loss": {n: r["losses"][-1] for n, r in runs.items()}}
     (output / "summary.json").write_text(json.dumps(summary, indent=1))
+    if result is not None:
+        prefix = (lambda name: f"{name}/") if len(runs) > 1 else (lambda name: "")
+        metrics = {f"{prefix(name)}{label}": value for name, values in rows if name in runs
+                   for (_, label, _), value in zip(METRICS, values)}
+        metrics.update({f"{prefix(n)}final_loss": r["losses"][-1] for n, r in runs.items()})
+        curves = {f"{prefix(n)}train_loss": [[step, loss] for step, loss in enumerate(r["losses"], start=1)]
+                  for n, r in runs.items()}
+        Path(result).write_text(json.dumps({"metrics": metrics, "curves": curves, "summary": summary}))
     print(f"\n{format_table(rows)}\n\n" + "\n".join(verdict(rows, settings.steps)) + f"\n\nwall time {seconds:.0f} s on {device}; report: {report}")
     return summary
