@@ -291,6 +291,7 @@ train(tiny_run(make_parts(root), make_dataset(root), root / "out", mode="lora", 
 """
 
 
+@pytest.mark.slow  # two Python processes
 def test_no_dependency_noise_at_import_or_in_a_lora_step(tmp_path):
     """bitsandbytes' hint to trust remote code (on CPUs with AVX512-BF16) and transformers' FutureWarning on
     `is_gradient_checkpointing` (read by peft) contradict the README; neither reaches the user."""
