@@ -109,20 +109,16 @@ def time_steps(fn: Callable[[], None], device, steps: int, warmup: int = 3) -> l
     return times
 
 
-def _statistics(opt: SGG) -> dict:
-    """What SGG clusters, per eligible parameter (the first moment, or Adafactor's normalized update)."""
-    from .optim.sgg import _eligible
-
-    out = {}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if p.grad is not None and _eligible(p):
-                out[p] = (lambda p=p, group=group: opt._steps.statistic(group, p, opt.state[p]))
-    return out
+def _grouped(opt: SGG) -> list[torch.Tensor]:
+    """The parameters a re-clustering clusters now: those SGG groups (cluster_scales not None) with a gradient."""
+    return [p for group in opt.param_groups for p in group["params"]
+            if p.grad is not None and opt.cluster_scales(p) is not None]
 
 
 def sgg_state_bytes(opt: SGG) -> int:
-    return sum(t.numel() * t.element_size() for layer in opt._layers.values() for t in layer.values())
+    """Bytes of SGG's own state: every layer's ids (or thresholds) and scales, as its state dict holds them."""
+    layers = opt.state_dict()["sgg"]["layers"]
+    return sum(t.numel() * t.element_size() for layer in layers.values() for t in layer.values())
 
 
 def bench_optimizer(name: str, param_set: str, device, steps: int) -> dict:
@@ -132,16 +128,16 @@ def bench_optimizer(name: str, param_set: str, device, steps: int) -> dict:
     row = {"optimizer": name, "parameters": n}
     if isinstance(opt, SGG):
         opt.step()  # creates the base's state
-        stats = _statistics(opt)
-        row["eligible_elements"] = sum(p.numel() for p in stats)
+        grouped = _grouped(opt)
+        row["eligible_elements"] = sum(p.numel() for p in grouped)
         _sync(device)
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        times = time_steps(lambda: opt._recluster(stats), device, steps=3, warmup=1)
+        times = time_steps(opt.recluster, device, steps=3, warmup=1)
         row["recluster_s"] = statistics.median(times)
         _sync(device)
         row["sgg_state_bytes"] = sgg_state_bytes(opt)
         row["sgg_bytes_per_eligible_element"] = row["sgg_state_bytes"] / row["eligible_elements"]
-        row["sgg_bytes_per_layer"] = row["sgg_state_bytes"] / len(stats)
+        row["sgg_bytes_per_layer"] = row["sgg_state_bytes"] / len(grouped)
         if device.type == "cuda":
             row["extra_memory_bytes"] = torch.cuda.memory_allocated(device) - before
         opt.global_mda = opt.global_mda if opt.global_mda is not None else 0.0
@@ -220,10 +216,9 @@ def run_cluster(elements: int, n_clusters: int, device: str | None, output: Path
         opt = SGG(torch.optim.AdamW([p], lr=1e-4), n_clusters=n_clusters, recluster_interval=10**9, backend=backend)
         p.grad = (torch.randn(p.shape, generator=g) ** 3).to(device)
         opt.step()
-        stats = _statistics(opt)
         _sync(device)
         t0 = time.perf_counter()
-        opt._recluster(stats)
+        opt.recluster()
         _sync(device)
         rows.append({"backend": backend, "recluster_s": time.perf_counter() - t0,
                      "scales": opt.cluster_scales(p).tolist()})
@@ -324,7 +319,7 @@ def run_train(optimizers: list[str], steps: int, text_tokens: int, output: Path,
 
         train_step()
         if isinstance(opt, SGG):
-            opt._recluster(_statistics(opt))  # fit the ids: every step after this is the scaled step
+            opt.recluster()  # fit the ids: every step after this is the scaled step
         times = time_steps(train_step, device, steps)
         step_s = statistics.median(times)
         flops = _llava_flops(model, image_tokens, text_tokens, lora_params)

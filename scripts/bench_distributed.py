@@ -55,7 +55,6 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    from llava_sgg.bench import _statistics
     from llava_sgg.optim import SGG, build_optimizer
 
     dist.init_process_group("nccl")
@@ -94,7 +93,7 @@ def main() -> None:
             torch.cuda.synchronize(device)
             dist.barrier()
             start = time.perf_counter()
-            opt._recluster(_statistics(opt))  # every later step is the scaled step
+            opt.recluster()  # every later step is the scaled step
             torch.cuda.synchronize(device)
             recluster_s = time.perf_counter() - start
         first_peak = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)

@@ -152,6 +152,7 @@ def _assert_same(run: dict, reference: dict, exact_params: bool) -> None:
         assert torch.equal(run["scales"][name], reference["scales"][name]), name
 
 
+@pytest.mark.slow  # distributed_runs: 2 processes (torch.multiprocessing)
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_ranks_give_the_ids_scales_and_parameters_of_one_process(distributed_runs, strategy):
     _, results = distributed_runs
@@ -161,6 +162,7 @@ def test_two_ranks_give_the_ids_scales_and_parameters_of_one_process(distributed
     _assert_same(results[strategy], reference, exact_params=True)
 
 
+@pytest.mark.slow  # distributed_runs: 2 processes
 def test_lamb_sgg_under_fsdp2_matches_one_process_up_to_the_norms_reduction_order(distributed_runs):
     _, results = distributed_runs
     run, reference = results["fsdp2-lamb"], reference_run(make=_lamb)
@@ -172,6 +174,7 @@ def test_lamb_sgg_under_fsdp2_matches_one_process_up_to_the_norms_reduction_orde
             torch.testing.assert_close(run["scales"][name], reference["scales"][name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # distributed_runs: 2 processes
 def test_sharded_checkpoint_resumes_on_one_process(distributed_runs):
     """Saved by 2 FSDP2 ranks at step 3 with torch.distributed.checkpoint, resumed by one plain process."""
     import torch.distributed.checkpoint as dcp
@@ -247,6 +250,7 @@ def _assert_exact_sgg(record: dict) -> None:
         assert torch.equal(record["scales"][name], opt.cluster_scales(p)), name
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_torchrun_trains_the_tiny_llava_with_fsdp2_and_exact_sgg(llava_assets):
     """`torchrun --nproc_per_node 2` with train.distributed=fsdp2 in the run config."""
     record = _launch(llava_assets, ["torchrun", "--nproc_per_node", "2"], "fsdp2", "torchrun-fsdp2")
@@ -254,6 +258,7 @@ def test_torchrun_trains_the_tiny_llava_with_fsdp2_and_exact_sgg(llava_assets):
     _assert_exact_sgg(record)
 
 
+@pytest.mark.slow  # accelerate launch, 2 processes
 def test_accelerate_launch_config_file_selects_fsdp2_with_exact_sgg(llava_assets):
     """`accelerate launch --config_file configs/accelerate/fsdp2_1node.yaml`: FSDP2 although the run config says ddp."""
     launcher = ["accelerate", "launch", "--config_file", str(ROOT / "configs/accelerate/fsdp2_1node.yaml"),

@@ -192,7 +192,8 @@ def test_max_bad_steps_must_be_a_count(assets, tmp_path, value):
     assert load_run_config([str(config)], overrides=["train.max_bad_steps=3"]).train.max_bad_steps == 3
 
 
-@pytest.mark.parametrize("distributed", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp2"])
+@pytest.mark.slow  # torchrun, 2 processes
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp2"])
 def test_every_rank_stops_at_the_step_only_one_rank_saw_diverge(assets, tmp_path, distributed):
     """2 CPU processes: rank 1's loss alone is NaN at step 2 (its gradient finite); both ranks stop there,
     where the other would otherwise step on and wait for rank 1 in the next collective."""

@@ -7,8 +7,17 @@ from llava_sgg.optim import SGG
 from llava_sgg.optim import steps
 
 
-def _run(assignment: str, n_steps: int = 3, shape=(1500, 1000)):
-    """A 1.5 M-element layer (two parts of 2**20) and a small one, stepped with fixed gradients."""
+# Parts of 2**12 elements here instead of CPU_PART's 2**20: the same code on a layer a thousandth the size.
+PART = 2**12
+
+
+@pytest.fixture(autouse=True)
+def small_parts(monkeypatch):
+    monkeypatch.setattr(steps, "CPU_PART", PART)
+
+
+def _run(assignment: str, n_steps: int = 3, shape=(60, 100)):
+    """A 6000-element layer (two parts: 4096 and 1904 elements) and a small one, stepped with fixed gradients."""
     torch.manual_seed(0)
     big, small = torch.nn.Parameter(torch.randn(shape)), torch.nn.Parameter(torch.randn(64, 32))
     opt = SGG(torch.optim.AdamW([big, small], lr=1e-2, weight_decay=0.1), n_clusters=3, recluster_interval=2,
@@ -24,6 +33,7 @@ def _run(assignment: str, n_steps: int = 3, shape=(1500, 1000)):
 @pytest.mark.parametrize("assignment", ["frozen", "dynamic"])
 def test_cpu_update_in_parts_equals_the_whole_update_bit_for_bit(monkeypatch, assignment):
     _, big_parts, small_parts = _run(assignment)
+    assert len(steps.cpu_parts(big_parts)) == 2 and steps.cpu_parts(small_parts) is None
     monkeypatch.setattr(steps, "CPU_PART", 2**40)  # one part: the whole-tensor update
     assert steps.cpu_parts(big_parts) is None
     _, big_whole, small_whole = _run(assignment)

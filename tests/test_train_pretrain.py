@@ -115,6 +115,7 @@ def _script_env(tmp_path, **extra) -> dict:
     return env
 
 
+@pytest.mark.slow  # launches bash (with a stand-in python: milliseconds)
 @pytest.mark.parametrize("ngpus, accumulation", [("8", "1"), ("2", "4"), ("0", "8")])
 def test_pretrain_script_keeps_the_global_batch_of_256(tmp_path, ngpus, accumulation):
     """A dry run: a stand-in `python` prints the command scripts/pretrain.sh would run."""
@@ -136,6 +137,7 @@ def test_pretrain_script_keeps_the_global_batch_of_256(tmp_path, ngpus, accumula
     assert args.index("optimizer.lr=1.0e-3") < args.index("optimizer.lr=5e-4")  # the user's --set wins
 
 
+@pytest.mark.slow  # scripts/pretrain.sh end to end
 def test_pretrain_script_trains_a_tiny_connector_end_to_end(stage1, tmp_path):
     root, parts, data = stage1
     tiny = tiny_config_file(tmp_path, parts, data)

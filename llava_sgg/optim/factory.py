@@ -41,8 +41,13 @@ SGG_OPTIONS = {
     "n_clusters": "n_clusters", "recluster_interval": "recluster_interval", "beta3": "beta3",
     "scale_bounds": "scale_bounds", "sgg_eps": "eps", "cluster_on": "cluster_on", "assignment": "assignment",
     "backend": "backend", "exact_limit": "exact_limit", "sample_size": "sample_size", "seed": "seed",
-    "fused": "fused",
+    "fused": "fused", "rule": "rule", "mean_decay": "mean_decay",
 }
+
+
+def decays(name: str, p: nn.Parameter) -> bool:
+    """Whether weight decay applies: to matrices, never to biases and norms (as LLaVA and timm)."""
+    return p.ndim >= 2 and not name.endswith(".bias")
 
 
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -51,7 +56,7 @@ def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dic
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+        (decay if decays(name, p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -1,8 +1,9 @@
 """Fused GPU steps: each base optimizer's update with SGG's per-element scale, one pass per tensor.
 
 :mod:`.steps` is the reference: ``moments`` then ``apply``, a dozen torch ops
-per tensor. On a CUDA device with Triton the functions here do the same
-arithmetic in the kernels of :mod:`.kernels`, reading every tensor once; the
+per tensor. Where the kernels run (a CUDA device with Triton:
+:func:`.launch.kernels_for`) the functions here do the same arithmetic in the
+kernels of :mod:`.kernels`, reading every tensor once; the
 cluster id of an element is read as one byte (frozen ids) or re-derived from
 the K-1 thresholds inside the kernel (dynamic ids), so the scale costs at most
 one extra byte per element. Anything these kernels do not cover (CPU tensors,
@@ -13,41 +14,22 @@ gradients) takes the reference path, which the CPU test suite runs.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
-from functools import cache
-from itertools import accumulate
 
 import torch
 from torch import Tensor
 
+from .launch import BLOCK, TensorTable, aligned, kernels_for, tensor_table, triton_cdiv
 from .steps import AdafactorSteps, AdamSteps, LambSteps
 
-__all__ = ["AdamPlan", "ScaleSource", "TensorTable", "aligned", "available", "supports", "fused_steps", "tensor_table"]
+__all__ = ["AdamPlan", "LARGE", "ScaleSource", "supports", "fused_steps"]
 
-BLOCK = 2048
 TILE_ROWS, TILE_COLS = 32, 128
 # AdamW tensors of at least this many elements get a launch of their own (adam_tensor_kernel); the
 # smaller ones of a launch group share one multi-tensor launch (adam_kernel). A 4 Mi-element fp32
-# step moves 117 MB, tens of microseconds of memory traffic against a few for the launch, and the
-# multi-tensor kernel's dependent table reads cost 12% on the 1.34 B-parameter step.
+# step moves 117 MB, far more time in memory traffic than a launch costs, and a launch of its own
+# spares each program the multi-tensor kernel's dependent table reads.
 LARGE = 1 << 22
-
-
-@cache
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-
-        from . import kernels  # noqa: F401
-    except Exception:  # no Triton, or a Triton that cannot build here
-        return False
-    return True
-
-
-def available(t: Tensor) -> bool:
-    """Whether the fused kernels can run on ``t``'s device."""
-    return t.is_cuda and _triton_ok()
 
 
 @dataclass
@@ -62,7 +44,7 @@ class ScaleSource:
 
 def supports(steps, group: dict, p: Tensor) -> bool:
     """Whether ``p`` can take the fused step of ``steps`` (else the caller runs the reference path)."""
-    if not available(p) or p.grad is None or p.grad.is_sparse or not p.is_contiguous() \
+    if not kernels_for(p.device) or p.grad is None or p.grad.is_sparse or not p.is_contiguous() \
             or not p.grad.is_contiguous():
         return False
     if steps is AdamSteps:
@@ -72,60 +54,6 @@ def supports(steps, group: dict, p: Tensor) -> bool:
     if steps is AdafactorSteps:
         return p.ndim == 2 and group["beta1"] is None
     return False
-
-
-@dataclass(frozen=True)
-class TensorTable:
-    """What a multi-tensor kernel needs to find its tensor: addresses, sizes, and each program's tensor."""
-
-    addresses: Tensor  # [T, columns] int64: each tensor's data addresses
-    numels: Tensor  # [T] int64
-    block_tensor: Tensor  # [programs] int32: the tensor each program works on
-    first_block: Tensor  # [T] int64: the first program of each tensor
-    programs: int
-
-
-# Device copies by their contents. The sizes of a set of tensors never change, so their program
-# tables (large for a big model) are built once; addresses are a few numbers per tensor, and those of
-# gradients may move between steps (set_to_none), so a changed set costs one small upload.
-_BLOCKS: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor, int]] = OrderedDict()
-_ADDRESSES: OrderedDict[tuple, Tensor] = OrderedDict()
-_KEPT = 16
-
-
-def _cached(cache: OrderedDict, key: tuple, make):
-    value = cache.get(key)
-    if value is None:
-        value = cache[key] = make()
-        while len(cache) > _KEPT:
-            cache.popitem(last=False)
-    cache.move_to_end(key)
-    return value
-
-
-def _to_device(t: Tensor, device) -> Tensor:
-    if torch.device(device).type == "cuda":
-        t = t.pin_memory()  # so the copy is asynchronous: no wait for the work queued before it
-    return t.to(device, non_blocking=True)
-
-
-def _blocks(numels: tuple[int, ...], per_program: int, device) -> tuple[Tensor, Tensor, Tensor, int]:
-    blocks = [triton_cdiv(n, per_program) for n in numels]
-    first = [0, *accumulate(blocks)][:-1]
-    sizes = _to_device(torch.tensor(list(numels) + first, dtype=torch.int64), device)
-    block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), torch.tensor(blocks))
-    return sizes[: len(numels)], _to_device(block_tensor, device), sizes[len(numels):], sum(blocks)
-
-
-def tensor_table(rows: list[tuple[int, ...]], numels: list[int], per_program: int, device) -> TensorTable:
-    """The device table of a multi-tensor launch: ``per_program`` elements of one tensor per program."""
-    numels = tuple(numels)
-    sizes, block_tensor, first_block, programs = _cached(_BLOCKS, (numels, per_program, device),
-                                                         lambda: _blocks(numels, per_program, device))
-    flat = tuple(x for row in rows for x in row)
-    addresses = _cached(_ADDRESSES, (flat, device),
-                        lambda: _to_device(torch.tensor(flat, dtype=torch.int64), device).view(len(rows), -1))
-    return TensorTable(addresses, sizes, block_tensor, first_block, programs)
 
 
 def _scale_args(source: ScaleSource | None, device) -> tuple:
@@ -160,11 +88,6 @@ def fused_steps(steps, items: list[tuple[dict, Tensor, dict, ScaleSource | None]
 
 def _scalar(x) -> float:
     return float(x) if isinstance(x, Tensor) else x
-
-
-def aligned(addresses) -> bool:
-    """Whether every address is a multiple of 16 bytes, so the kernels may load 16 bytes at a time."""
-    return all(a % 16 == 0 for a in addresses)
 
 
 def _address(t: Tensor | None) -> int:
@@ -208,8 +131,8 @@ class AdamPlan:
     """The launches of one fused AdamW step over a fixed set of tensors: built once, replayed every step.
 
     Building walks every tensor in Python (its launch group, scale source, addresses; the
-    device tables of the multi-tensor launches). That walk costs milliseconds on a model of a
-    few hundred tensors, and the GPU idles through it, since it comes before the first launch.
+    device tables of the multi-tensor launches). On a model of a few hundred tensors that walk
+    is host time the GPU idles through, since it comes before the first launch.
     Between re-clusterings nothing it depends on changes except, at most, the addresses of the
     gradients (``zero_grad(set_to_none=True)``) and the hyper-parameters (an LR schedule), so
     a step from the plan compares the parameters' and gradients' addresses with those it was
@@ -425,6 +348,3 @@ def _adafactor(items) -> None:
     for (_, _, state, _), value in zip(items, rms.unbind()):
         state["RMS"] = value
 
-
-def triton_cdiv(n: int, block: int) -> int:
-    return (n + block - 1) // block

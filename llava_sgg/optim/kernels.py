@@ -7,8 +7,8 @@ pass over every tensor (the step is memory-bound, so a second pass is a
 second step). Each kernel reads every tensor once and keeps the arithmetic of
 :mod:`.steps` (the reference path), in float32 whatever the storage dtype.
 
-Import this module only where Triton and a CUDA device exist;
-:mod:`.fused` decides that and otherwise runs the reference path.
+Import this module only where a kernel may run: :func:`.launch.kernels_for`
+decides that, and elsewhere the callers run the reference path.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def adam_tensor_kernel(p_ptr, g_ptr, m_ptr, v_ptr, ids_ptr, scales_ptr, thr_ptr,
 
     For large tensors: a launch costs nothing next to their bytes, and the
     programs start loading data at once, where the multi-tensor kernel first
-    makes three dependent table reads (which, over 1.3 B elements, cost 12%).
+    makes three dependent table reads.
     Triton specializes on the arguments' 16-byte alignment and on n, so the
     loads are wide without hints.
     """
@@ -603,7 +603,7 @@ def cluster_median_kernel(xs_ptr, mean_ptr, ranges_ptr, out_ptr, n, steps, K: tl
     The torch version is some 50 tiny launches per batch of rows, host time the GPU waited for. Here
     each round tries WAYS - 1 values of t at once, one per lane (lane 0 idle), with the same integer
     arithmetic, the same float32 windows and the same searches (``steps`` halvings of a row of n),
-    so the same result to the bit. Loops, not unrolled: unrolled, the searches took minutes to compile.
+    so the same result to the bit. Loops, not unrolled: unrolled, the searches are slow to compile.
     ``ranges_ptr``: [4, L, K] int64 (neg_lo, neg_hi, pos_lo, pos_hi), the cluster's index ranges.
     """
     row = tl.program_id(0).to(tl.int64)

@@ -1,10 +1,19 @@
 """SGG: Scaling with Gradient Grouping (Li et al., ACL 2025, arXiv 2506.01049).
 
 The wrapper is bookkeeping: it counts steps, decides when to re-cluster, keeps
-each layer's cluster ids (or thresholds) and scales, and hands tensors to the
-pure functions in :mod:`.functional` (what the clusters and scales are) and
-:mod:`.steps` (how the base optimizer's step is scaled). docs/sgg.md explains
-the algorithm and every decision.
+each layer's cluster ids (or thresholds) and scales, and hands tensors to pure
+functions: :mod:`.functional` (the batched re-clustering: thresholds, ids and
+medians of every layer; :mod:`.reference` is the same math one layer at a time),
+:mod:`.scaling` (the scaling rule: how each cluster's scale moves), and
+:mod:`.steps` / :mod:`.fused` (how the base optimizer's step is scaled). Which
+of their paths runs, torch ops or Triton kernels, is decided per device by
+:func:`.launch.kernels_for`. docs/sgg.md explains the algorithm and every decision.
+
+Sharded training (FSDP2) reaches SGG through public methods only: the
+checkpoint entry points :meth:`SGG.prepare_state_for_load`,
+:meth:`SGG.checkpoint_state` and :meth:`SGG.load_checkpoint_state`
+(:mod:`.distributed` offers the first for any optimizer), and
+:meth:`SGG.recluster` for benchmarks.
 """
 
 from __future__ import annotations
@@ -18,22 +27,27 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import distributed as D
+from . import dtensor as D
 from . import functional as F
 from . import fused as fused_steps
 from .lamb import Lamb
-from .steps import AdafactorSteps, AdamSteps, LambSteps
+from .launch import kernels_for
+from .reference import assign_clusters, kmeans_1d_sklearn
+from .scaling import carried_kmeans_ids, mda_scales, mean_ratio_scales
+from .steps import AdafactorSteps, AdamSteps, LambSteps, create_state
 
-__all__ = ["SGG"]
+__all__ = ["SGG", "steps_for"]
 
 CLUSTER_ON = ("abs", "signed")
+RULES = ("mda", "mean_ratio")
+AUTHORS_KMEANS_SEED = 42  # the random_state of the authors' MiniBatchKMeans (backend="sklearn", rule="mean_ratio")
 ASSIGNMENTS = ("frozen", "dynamic")
 BACKENDS = ("torch", "sklearn")
 MAX_CLUSTERS = 256  # frozen ids are stored as uint8
 
 
-def _steps_for(optimizer: Optimizer):
-    """The split step of a known base optimizer, or None for the generic path."""
+def steps_for(optimizer: Optimizer):
+    """The split step (:mod:`.steps`) of a known base optimizer, or None for the generic path."""
     kind = type(optimizer)
     if kind in (torch.optim.Adam, torch.optim.AdamW):
         return AdamSteps
@@ -45,9 +59,20 @@ def _steps_for(optimizer: Optimizer):
     return None
 
 
-def _eligible(p: Tensor) -> bool:
-    # Appendix A: only matrices (and higher) are grouped; norms and biases never.
+def _eligible(p: Tensor, rule: str = "mda", n_clusters: int = 1) -> bool:
+    # Appendix A: the paper groups only matrices (and higher), never norms and biases. The authors'
+    # code scales every parameter with a gradient; its k-means needs at least K elements.
+    if rule == "mean_ratio":
+        return p.requires_grad and p.numel() >= n_clusters
     return p.requires_grad and p.ndim >= 2
+
+
+def _moment_buffer(state: dict) -> Tensor | None:
+    """A generic base optimizer's first moment: its exp_avg, else its momentum_buffer."""
+    for key in ("exp_avg", "momentum_buffer"):
+        if isinstance(state.get(key), Tensor):
+            return state[key]
+    return None
 
 
 def _decoupled_weight_decay(adamw: bool, group: dict) -> bool:
@@ -59,7 +84,16 @@ def _is_int(x) -> bool:
 
 
 def _validate(n_clusters, recluster_interval, beta3, scale_bounds, eps, cluster_on, assignment, backend,
-              exact_limit, sample_size, fused, seed=0) -> tuple[float, float]:
+              exact_limit, sample_size, fused, seed=0, rule="mda", mean_decay=0.95) -> tuple[float, float]:
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}; got {rule!r}")
+    if isinstance(mean_decay, bool) or not isinstance(mean_decay, (int, float)) or not 0.0 <= mean_decay < 1.0:
+        raise ValueError(f"mean_decay must be a number in [0, 1), got {mean_decay!r}")
+    if rule == "mean_ratio" and cluster_on != "abs":
+        raise ValueError("rule='mean_ratio' clusters |m|, as the authors' code does: cluster_on must be 'abs'")
+    if rule == "mean_ratio" and assignment != "frozen":
+        raise ValueError("rule='mean_ratio' keeps each element's cluster until the next re-clustering, as the "
+                         "authors' code does: assignment must be 'frozen'")
     if not isinstance(fused, bool):
         raise ValueError(f"fused must be True or False, got {fused!r}")
     if not _is_int(n_clusters) or not 1 <= n_clusters <= MAX_CLUSTERS:
@@ -99,6 +133,13 @@ class SGG(Optimizer):
     per-element step by its group's scale. Before the first re-clustering, and
     always with ``n_clusters=1``, SGG is the base optimizer exactly.
 
+    ``rule="mean_ratio"`` is the authors' published rule instead (:func:`.scaling.mean_ratio_scales`):
+    every parameter with a gradient is grouped, each group's mean |m| enters an EMA
+    (``mean_decay``, starting at 1), the target is the layer's mean |m| over it, and
+    the scale, an EMA (``beta3``) starting at 1, is clamped to ``scale_bounds``; with
+    ``backend="sklearn"`` the clusters come from a MiniBatchKMeans kept per layer and
+    ``partial_fit`` again at each re-clustering, as in their code. docs/sgg.md compares them.
+
     ``param_groups`` and ``state`` are the base optimizer's own objects, so LR
     schedulers, gradient clipping and checkpointing see a normal optimizer.
     """
@@ -106,19 +147,24 @@ class SGG(Optimizer):
     def __init__(self, optimizer: Optimizer, n_clusters: int = 3, recluster_interval: int = 500,
                  beta3: float = 0.99, scale_bounds: tuple[float, float] = (0.1, 10.0), eps: float = 1e-8, *,
                  cluster_on: str = "abs", assignment: str = "frozen", backend: str = "torch",
-                 exact_limit: int = 2**22, sample_size: int = 2**20, seed: int = 0, fused: bool = True):
+                 exact_limit: int = 2**22, sample_size: int = 2**20, seed: int = 0, fused: bool = True,
+                 rule: str = "mda", mean_decay: float = 0.95):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"SGG wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, SGG):
             raise TypeError("SGG cannot wrap another SGG")
         self.scale_bounds = _validate(n_clusters, recluster_interval, beta3, scale_bounds, eps, cluster_on,
-                                      assignment, backend, exact_limit, sample_size, fused, seed)
+                                      assignment, backend, exact_limit, sample_size, fused, seed, rule, mean_decay)
+        self.rule, self.mean_decay = rule, float(mean_decay)
+        if rule == "mean_ratio" and any(D.is_dtensor(p) for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("rule='mean_ratio' does not support sharded (FSDP2) parameters yet; "
+                             "train with DDP (train.distributed: ddp) or rule='mda'")
         self.n_clusters, self.recluster_interval, self.beta3, self.eps = n_clusters, recluster_interval, beta3, eps
         self.cluster_on, self.assignment, self.backend = cluster_on, assignment, backend
         self.exact_limit, self.sample_size, self.seed = exact_limit, sample_size, seed
         self.fused = fused
         self.optimizer = optimizer
-        self._steps = _steps_for(optimizer)
+        self._steps = steps_for(optimizer)
         for group in optimizer.param_groups:
             self._check_group(group)
         self._wrapping = True
@@ -128,12 +174,13 @@ class SGG(Optimizer):
         self._wrapping = False
         self.param_groups, self.state, self.defaults = optimizer.param_groups, optimizer.state, optimizer.defaults
         self._layers: dict[Tensor, dict[str, Tensor]] = {}  # under FSDP2: ids of this rank's shard
-        self._placeholders: set[Tensor] = set()  # layers made by distributed.prepare_state_for_load
+        self._placeholders: set[Tensor] = set()  # layers made by _add_placeholders for a checkpoint
         self._sgg_step = 0
         self.global_mda: float | None = None
+        self._rescaled = False  # a re-clustering has happened: scales may differ from 1
         # The fused AdamW step's launches (fused.AdamPlan), kept between re-clusterings. Dropped
-        # wherever ids, scales or state are replaced: _recluster, load_state_dict, add_param_group
-        # (and distributed's load templates); a moved gradient or parameter is caught by its check.
+        # wherever ids, scales or state are replaced: _recluster, load_state_dict, add_param_group,
+        # _add_placeholders; a moved gradient or parameter is caught by its check.
         self._adam_plan: fused_steps.AdamPlan | None = None
 
     # ----------------------------------------------------------------- public API
@@ -144,24 +191,55 @@ class SGG(Optimizer):
         For a sharded (DTensor) ``p`` a DTensor laid out like ``p``: ``.full_tensor()`` gives all ids.
         """
         layer = self._layers.get(p)
-        if layer is None or not _eligible(p) or p in self._placeholders:
+        if layer is None or not self._eligible(p) or p in self._placeholders:
             return None
         if self.assignment == "frozen":
             return D.like(layer["cluster_ids"].long(), p)
         statistic = self._current_statistic(p)
         if statistic is None:
             return None
-        ids = F.assign_clusters(self._clustered_value(D.local(statistic).float()), layer["thresholds"])
+        ids = assign_clusters(self._clustered_value(D.local(statistic).float()), layer["thresholds"])
         return D.like(ids.long(), p)
 
     def cluster_scales(self, p: Tensor) -> Tensor | None:
         """The ``n_clusters`` scales of ``p`` (ones until its first re-clustering); None if not grouped."""
-        if not _eligible(p):
+        if not self._eligible(p):
             return None
         layer = self._layers.get(p)
         if layer is None:
             return torch.ones(self.n_clusters, device=p.device)
         return layer["cluster_scales"].clone()
+
+    @property
+    def reclusterings(self) -> int:
+        """How many re-clusterings the steps taken so far made (a resumed run counts the earlier ones)."""
+        if self.n_clusters == 1 and self.rule == "mda":
+            return 0
+        return self._sgg_step // self.recluster_interval
+
+    @torch.no_grad()
+    def summary(self) -> dict[str, float]:
+        """What the last re-clustering left, as numbers to log: ``global_mda`` (rule ``mda``), and per
+        cluster c the minimum, median and maximum of its scale over the grouped layers
+        (``scale_min/c``, ``scale_median/c``, ``scale_max/c``) and, with frozen ids, the share of
+        grouped elements in it (``share/c``; under sharding, of this rank's shards). Empty before
+        the first re-clustering."""
+        layers = [(p, layer) for p, layer in self._layers.items() if p not in self._placeholders]
+        if not layers:
+            return {}
+        out = {} if self.global_mda is None else {"global_mda": self.global_mda}
+        scales = torch.stack([layer["cluster_scales"].float().cpu() for _, layer in layers])  # [L, K]
+        counts = torch.zeros(self.n_clusters, dtype=torch.float64)
+        if self.assignment == "frozen":
+            for _, layer in layers:
+                counts += torch.bincount(layer["cluster_ids"].reshape(-1).long(), minlength=self.n_clusters).cpu()
+        for c in range(self.n_clusters):
+            column = scales[:, c]
+            out.update({f"scale_min/{c}": column.min().item(), f"scale_median/{c}": column.median().item(),
+                        f"scale_max/{c}": column.max().item()})
+            if counts.sum() > 0:
+                out[f"share/{c}"] = (counts[c] / counts.sum()).item()
+        return out
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None):
@@ -170,8 +248,9 @@ class SGG(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._sgg_step += 1
-        recluster = self.n_clusters > 1 and self._sgg_step % self.recluster_interval == 0
-        if not recluster and self.global_mda is None:
+        # The authors' rule rescales with one cluster too (the layer's mean over its EMA).
+        recluster = (self.n_clusters > 1 or self.rule == "mean_ratio") and self._sgg_step % self.recluster_interval == 0
+        if not recluster and not self._rescaled:
             self.optimizer.step()  # every scale is still 1: this *is* the SGG step
         elif self._steps is None:
             self._generic_step(recluster)
@@ -206,6 +285,7 @@ class SGG(Optimizer):
             "global_mda": self.global_mda,
             "n_clusters": self.n_clusters,
             "assignment": self.assignment,
+            "rule": self.rule,
             "layers": layers,
             "clustered": clustered,
         }
@@ -218,6 +298,9 @@ class SGG(Optimizer):
             if sgg["n_clusters"] != self.n_clusters:
                 raise ValueError(f"state dict was saved with n_clusters={sgg['n_clusters']}, "
                                  f"this SGG has n_clusters={self.n_clusters}")
+            if sgg.get("rule", "mda") != self.rule:
+                raise ValueError(f"state dict was saved with rule={sgg.get('rule', 'mda')!r}, "
+                                 f"this SGG has rule={self.rule!r}")
             if sgg["assignment"] != self.assignment:
                 raise ValueError(f"state dict was saved with assignment={sgg['assignment']!r}, "
                                  f"this SGG has assignment={self.assignment!r}")
@@ -228,7 +311,7 @@ class SGG(Optimizer):
         if sgg is None:
             warnings.warn("state dict has no 'sgg' entry (saved by the base optimizer): "
                           "SGG starts its clustering afresh", stacklevel=2)
-            self._layers, self._sgg_step, self.global_mda = {}, 0, None
+            self._layers, self._sgg_step, self.global_mda, self._rescaled = {}, 0, None, False
             return
         params = self._all_params()
         clustered = sgg.get("clustered")
@@ -239,11 +322,82 @@ class SGG(Optimizer):
         self._placeholders = set()
         self._sgg_step = int(sgg["step"])
         self.global_mda = None if sgg["global_mda"] is None else float(sgg["global_mda"])
+        self._rescaled = bool(self._layers)
+
+    @torch.no_grad()
+    def recluster(self) -> None:
+        """Re-cluster now, as a re-clustering step does, without stepping or counting a step.
+
+        Every grouped layer with a gradient and a statistic (what the base optimizer's last
+        step left in its state) gets new ids and scales, and ``global_mda`` is updated. For
+        benchmarks, which time a re-clustering on its own. A layer of a generic base
+        optimizer without a first moment is skipped: its statistic is its step, known only
+        inside a step.
+        """
+        statistics = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if p.grad is None or not self._eligible(p) or not state:
+                    continue
+                if self._steps is not None:
+                    statistics[p] = partial(self._steps.statistic, group, p, state)
+                elif (moment := _moment_buffer(state)) is not None:
+                    statistics[p] = lambda moment=moment: moment
+        self._recluster(statistics)
+
+    def prepare_state_for_load(self) -> None:
+        """Create the state a sharded checkpoint will fill, so that ``state_dict()`` is its template.
+
+        ``torch.distributed.checkpoint.load`` writes into an existing state dict, resharding every
+        DTensor to the layout it finds there; a freshly built optimizer has no state yet. This creates
+        the base optimizer's state tensors (zeros, laid out like each parameter) and SGG's per-layer
+        entries, then::
+
+            opt.prepare_state_for_load()
+            sd = {"optim": opt.state_dict()}
+            dcp.load(sd, checkpoint_id=path)
+            opt.load_state_dict(sd["optim"])
+
+        restores the run on any number of ranks. Layers that the checkpoint had not clustered yet
+        come back unclustered (the checkpoint's ``clustered`` mask).
+        """
+        create_state(self.optimizer, self._steps)
+        self._add_placeholders()
+
+    def checkpoint_state(self) -> dict:
+        """SGG's own ``"sgg"`` entry, with an entry for every grouped layer, for ``torch.distributed.checkpoint``.
+
+        DCP loads into a template of fixed keys, so a checkpoint written before a layer's first
+        clustering still lists it (its ``clustered`` flag is off). torch's ``get_optimizer_state_dict``,
+        which accelerate uses to save FSDP optimizers, keeps only ``state`` and ``param_groups``,
+        so the trainer saves this entry next to it.
+        """
+        added = self._add_placeholders()
+        try:
+            return self.state_dict()["sgg"]
+        finally:
+            for p in added:
+                del self._layers[p]
+                self._placeholders.discard(p)
+            self._adam_plan = None
+
+    def load_checkpoint_state(self, checkpoint_id) -> None:
+        """Restore the entry :meth:`checkpoint_state` saved (with DCP), resharded onto this run's ranks."""
+        import torch.distributed.checkpoint as dcp
+
+        self.prepare_state_for_load()
+        state = self.state_dict()
+        template = {"sgg": state["sgg"]}
+        dcp.load(template, checkpoint_id=str(checkpoint_id))
+        state["sgg"] = template["sgg"]
+        self.load_state_dict(state)
 
     def __repr__(self) -> str:
         return (f"SGG(n_clusters={self.n_clusters}, recluster_interval={self.recluster_interval}, "
                 f"beta3={self.beta3}, scale_bounds={self.scale_bounds}, eps={self.eps}, "
-                f"cluster_on={self.cluster_on!r}, assignment={self.assignment!r}, backend={self.backend!r})"
+                f"cluster_on={self.cluster_on!r}, assignment={self.assignment!r}, backend={self.backend!r}, "
+                f"rule={self.rule!r}" + (f", mean_decay={self.mean_decay}" if self.rule == "mean_ratio" else "") + ")"
                 f" wrapping {self.optimizer!r}")
 
     # ------------------------------------------------------------------ internals
@@ -254,8 +408,29 @@ class SGG(Optimizer):
             if torch.is_complex(p):
                 raise ValueError("SGG does not support complex parameters")
 
+    def _eligible(self, p: Tensor) -> bool:
+        return _eligible(p, self.rule, self.n_clusters)
+
     def _all_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    def _add_placeholders(self) -> list[Tensor]:
+        """Entries for every grouped layer not clustered yet (scales 1: they step as unclustered), for a checkpoint."""
+        added = []
+        for p in self._all_params():
+            if self._eligible(p) and p not in self._layers:
+                device = D.local(p).device
+                layer = {"cluster_scales": torch.ones(self.n_clusters, device=device)}
+                if self.assignment == "frozen":
+                    layer["cluster_ids"] = torch.zeros(D.local(p).shape, dtype=torch.uint8, device=device)
+                else:
+                    layer["thresholds"] = torch.zeros(self.n_clusters - 1, device=device)
+                self._layers[p] = layer
+                self._placeholders.add(p)
+                added.append(p)
+        if added:
+            self._adam_plan = None  # its scale sources predate these layers
+        return added
 
     def _clustered_value(self, x: Tensor) -> Tensor:
         # Spec decision: group by magnitude |x| unless cluster_on="signed".
@@ -285,13 +460,13 @@ class SGG(Optimizer):
         else:
             values = D.local(statistic())
             values = values if part is None else values.view(-1)[part]
-            ids = F.assign_clusters(self._clustered_value(values.float()), layer["thresholds"])
-        # index_select: half the time of advanced indexing on a CPU, the same values.
+            ids = assign_clusters(self._clustered_value(values.float()), layer["thresholds"])
+        # index_select, not advanced indexing: faster on a CPU, the same values.
         scales = layer["cluster_scales"].index_select(0, ids.reshape(-1).int()).view(ids.shape)
         return scales if part is not None else D.like(scales, p)
 
     def _scale_source(self, p: Tensor) -> fused_steps.ScaleSource | None:
-        layer = self._layers.get(p) if _eligible(p) else None
+        layer = self._layers.get(p) if self._eligible(p) else None
         if layer is None:
             return None
         if self.assignment == "frozen":
@@ -336,7 +511,7 @@ class SGG(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError("SGG does not support sparse gradients")
             steps.moments(group, p, self.state[p], self._decoupled(group))
-        statistics = {p: partial(steps.statistic, group, p, self.state[p]) for group, p in active if _eligible(p)}
+        statistics = {p: partial(steps.statistic, group, p, self.state[p]) for group, p in active if self._eligible(p)}
         if recluster:
             self._recluster(statistics)
         for group, p in active:
@@ -365,16 +540,13 @@ class SGG(Optimizer):
     def _generic_step(self, recluster: bool) -> None:
         # Spec: p <- p_before + S[C] * (p_after_base - p_before). The statistic
         # is the base's exp_avg, else its momentum_buffer, else the step itself.
-        active = [p for g in self.param_groups for p in g["params"] if p.grad is not None and _eligible(p)]
+        active = [p for g in self.param_groups for p in g["params"] if p.grad is not None and self._eligible(p)]
         before = {p: p.detach().clone() for p in active}
         self.optimizer.step()
 
         def statistic(p: Tensor) -> Tensor:
-            state = self.state.get(p, {})
-            for key in ("exp_avg", "momentum_buffer"):
-                if isinstance(state.get(key), Tensor):
-                    return state[key]
-            return p - before[p]
+            moment = _moment_buffer(self.state.get(p, {}))
+            return p - before[p] if moment is None else moment
 
         statistics = {p: partial(statistic, p) for p in active}
         if recluster:
@@ -384,12 +556,12 @@ class SGG(Optimizer):
             if scale is not None:
                 p.copy_(before[p] + (p - before[p]) * scale)
 
-    def _fit_thresholds(self, rows: Tensor) -> Tensor:
+    def _fit_thresholds(self, rows: Tensor, kernels: bool) -> Tensor:
         """[L, K-1] thresholds for sorted work rows [L, n]."""
         signed = self.cluster_on == "signed"
         if self.backend == "sklearn":
-            return torch.stack([F.kmeans_1d_sklearn(row if signed else row.abs(), self.n_clusters) for row in rows])
-        return F.kmeans_1d_rows(rows, self.n_clusters, signed=signed)
+            return torch.stack([kmeans_1d_sklearn(row if signed else row.abs(), self.n_clusters) for row in rows])
+        return F.kmeans_1d_rows(rows, self.n_clusters, signed=signed, kernels=kernels)
 
     # Rows of one work size are stacked and sorted together, at most this many values at a time.
     ROWS_BATCH_ELEMENTS = 2**27
@@ -402,10 +574,15 @@ class SGG(Optimizer):
         clustered, and their group medians found, in one batch
         (:func:`.functional.kmeans_1d_rows`, :func:`.functional.rows_cluster_mda`).
         Every element then gets its id in one pass, and the model-wide median is
-        exact over all elements (:func:`.functional.deviation_median`).
+        exact over all elements (:func:`.functional.deviation_median`). The scaling
+        rule (:mod:`.scaling`) then moves every layer's scales, a device at a time.
         """
         self._adam_plan = None  # new ids, thresholds and scale tensors
         if not statistics:
+            return
+        self._rescaled = True
+        if self.rule == "mean_ratio":
+            self._recluster_mean_ratio(statistics)
             return
         params = list(statistics)
         stats = [statistics[p]().detach() for p in params]
@@ -418,12 +595,14 @@ class SGG(Optimizer):
         numels = [x.numel() for x in stats]  # of the full tensors
         means = [None if sharded else x.mean() for x in values]
         signed = self.cluster_on == "signed"
+        # The one choice of path, per device: Triton kernels or torch ops, for every function below.
+        kernels = {x.device: kernels_for(x.device) for x in values}
         by_size: dict[tuple[torch.device, int], list[int]] = {}
         for i, x in enumerate(values):
             size = numels[i] if numels[i] <= self.exact_limit else self.sample_size
             by_size.setdefault((x.device, size), []).append(i)
         thresholds, mda, counts = [None] * len(params), [None] * len(params), [None] * len(params)
-        for (_, size), members in by_size.items():
+        for (device, size), members in by_size.items():
             per_batch = max(1, self.ROWS_BATCH_ELEMENTS // size)
             for start in range(0, len(members), per_batch):
                 batch = members[start:start + per_batch]
@@ -432,41 +611,42 @@ class SGG(Optimizer):
                     for i in batch:
                         means[i] = whole[i].mean()
                 rows = self._sorted_rows([whole[i] for i in batch], batch, size)
-                fitted = self._fit_thresholds(rows)
+                fitted = self._fit_thresholds(rows, kernels[device])
                 medians, sizes = F.rows_cluster_mda(rows, torch.stack([means[i] for i in batch]), fitted,
-                                                    signed=signed)
+                                                    signed=signed, kernels=kernels[device])
                 for i, layer_thresholds, layer_mda, layer_sizes in zip(batch, fitted.unbind(0), medians.unbind(0),
                                                                        sizes.unbind(0)):
                     thresholds[i], mda[i], counts[i] = layer_thresholds, layer_mda, layer_sizes
                     if sharded and numels[i] > self.exact_limit:  # sizes of the whole layer
-                        ids = F.assign_ids(whole[i], layer_thresholds, signed=signed)
-                        counts[i] = F.cluster_sizes(ids, self.n_clusters)
+                        ids = F.assign_ids(whole[i], layer_thresholds, signed=signed, kernels=kernels[device])
+                        counts[i] = F.cluster_sizes(ids, self.n_clusters, kernels=kernels[device])
                 del whole, rows
         if sharded:
             pieces = [D.histogram_piece(x, v) for x, v in zip(stats, values)]  # views: no second copy
-            global_mda = F.deviation_median(pieces, means, total=sum(numels), reduce=D.histogram_reduce)
+            global_mda = F.deviation_median(pieces, means, total=sum(numels), reduce=D.histogram_reduce,
+                                            kernels=all(kernels.values()))
         else:
-            global_mda = F.deviation_median(values, means)
+            global_mda = F.deviation_median(values, means, kernels=all(kernels.values()))
         # Ids of every layer (frozen), and the whole-layer sizes of sampled layers, in one launch per device.
         sampled = [numels[i] > self.exact_limit and not sharded for i in range(len(params))]
         ids = [None] * len(params)
         needs_ids = [i for i in range(len(params)) if self.assignment == "frozen" or sampled[i]]
-        for members in self._by_device(needs_ids, values).values():
+        for device, members in self._by_device(needs_ids, values).items():
             # With dynamic ids only the sizes of sampled layers are wanted: no ids are written.
             found, sizes = F.assign_ids_many([values[i] for i in members], torch.stack([thresholds[i] for i in members]),
                                              signed=signed, sizes=[sampled[i] for i in members],
-                                             ids=self.assignment == "frozen")
+                                             ids=self.assignment == "frozen", kernels=kernels[device])
             for i, layer_ids, layer_sizes in zip(members, found, sizes):
                 ids[i] = layer_ids
                 if sampled[i]:  # sizes of the whole layer, not of its sample
                     counts[i] = layer_sizes
-        # Eq. 6-7 for all layers of a device at once: [L, K] tensors, a few launches instead of ~10 per layer.
+        # The scaling rule (the paper's, Eq. 6-7) for all layers of a device at once: [L, K] tensors.
         for device, members in self._by_device(range(len(params)), values).items():
             old = [self._layers.get(params[i], {}).get("cluster_scales") for i in members]
             previous = torch.stack([torch.ones(self.n_clusters, device=device) if s is None else s for s in old])
-            target = F.target_scales(global_mda.to(device), torch.stack([mda[i] for i in members]), self.scale_bounds,
-                                     self.eps)
-            updated = F.ema_scales(previous, target, torch.stack([counts[i] for i in members]), self.beta3)
+            updated = mda_scales(previous, global_mda.to(device), torch.stack([mda[i] for i in members]),
+                                 torch.stack([counts[i] for i in members]), scale_bounds=self.scale_bounds,
+                                 eps=self.eps, beta3=self.beta3)
             scales = [torch.empty_like(row) for row in updated]  # a tensor of its own per layer, as before
             torch._foreach_copy_(scales, list(updated.unbind(0)))
             for i, layer_scales in zip(members, scales):
@@ -479,6 +659,27 @@ class SGG(Optimizer):
                 else:
                     layer["thresholds"] = thresholds[i]
         self.global_mda = float(global_mda)
+
+    def _recluster_mean_ratio(self, statistics: dict[Tensor, Callable[[], Tensor]]) -> None:
+        """The authors' re-clustering, a layer at a time: ids from |m|, then :func:`.scaling.mean_ratio_scales`."""
+        for p, statistic in statistics.items():
+            magnitude = statistic().detach().float().reshape(-1).abs()
+            layer = self._layers.setdefault(p, {})
+            if self.backend == "sklearn":
+                ids = carried_kmeans_ids(layer, magnitude, self.n_clusters)
+            else:
+                kernels = kernels_for(magnitude.device)
+                thresholds = F.kmeans_1d_rows(magnitude.sort().values[None], self.n_clusters, signed=True,
+                                              kernels=kernels)[0]
+                ids = assign_clusters(magnitude, thresholds).to(torch.uint8)
+            k = self.n_clusters
+            counts = torch.zeros(k, device=magnitude.device).index_add_(0, ids.long(), torch.ones_like(magnitude))
+            sums = torch.zeros(k, device=magnitude.device).index_add_(0, ids.long(), magnitude)
+            ones = torch.ones(k, device=magnitude.device)
+            layer["cluster_scales"], layer["cluster_means"] = mean_ratio_scales(
+                layer.get("cluster_scales", ones), layer.get("cluster_means", ones), magnitude.mean(), sums, counts,
+                mean_decay=self.mean_decay, beta3=self.beta3, scale_bounds=self.scale_bounds, eps=self.eps)
+            layer["cluster_ids"] = ids.to(torch.uint8).view(p.shape)
 
     @staticmethod
     def _by_device(indices, tensors: list[Tensor]) -> dict[torch.device, list[int]]:
@@ -497,8 +698,8 @@ class SGG(Optimizer):
 
         Rows of whole layers are sorted straight from each layer into its row: torch sorts rows of a
         million values or more one at a time anyway (the same radix sort, so the same values), and
-        sorting the rows of a stacked batch first copied the batch and made int64 indices for all of
-        it (1.5 GB for 32 rows of 4 Mi); here one row's indices are made, and reused.
+        sorting the rows of a stacked batch would copy the batch and make int64 indices for all of
+        it; here one row's indices are made, and reused.
         """
         if any(x.numel() > self.exact_limit for x in xs):
             return self._work_rows(xs, indices, size).sort(dim=1).values

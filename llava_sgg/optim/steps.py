@@ -15,21 +15,21 @@ not LAMB's trust ratio) between the moment update and the parameter update.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
-from .distributed import is_dtensor
+from .dtensor import is_dtensor
 
-__all__ = ["AdamSteps", "AdafactorSteps", "LambSteps", "cpu_parts"]
+__all__ = ["AdamSteps", "AdafactorSteps", "LambSteps", "cpu_parts", "create_state"]
 
 # On a CPU the Adam update of a large tensor runs in parts of this many elements. Whole, each
 # temporary (the denominator, the scaled moment, the gathered scales) of a tensor above glibc's
-# mmap threshold (32 MB at most) is mapped fresh and page-faulted on every step: about 100 ms per
-# temporary of a 28 M-element embedding on 2 cores, several times the arithmetic. In parts the
-# temporaries come from the reused heap and stay in cache. Elementwise work, so bit for bit the same.
+# mmap threshold (32 MB at most) is mapped fresh and page-faulted on every step, which costs several
+# times the arithmetic. In parts the temporaries come from the reused heap and stay in cache.
+# Elementwise work, so bit for bit the same.
 CPU_PART = 2**20
 
 
@@ -267,3 +267,27 @@ class LambSteps:
         if scale is not None:
             update.mul_(scale)
         p.add_(update * trust, alpha=-group["lr"])
+
+
+def create_state(optimizer: Optimizer, steps) -> None:
+    """Give every parameter of ``optimizer`` that has no state yet the state its first step creates.
+
+    ``steps``: the optimizer's split step (:class:`AdamSteps`, :class:`AdafactorSteps`,
+    :class:`LambSteps`), or None for an optimizer without one, which is refused. For loading
+    a sharded checkpoint, which writes into existing state (:func:`.distributed.prepare_state_for_load`).
+    Adafactor's state follows the gradient's dtype: a parameter without a gradient borrows a
+    zero one for the while.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if optimizer.state.get(p):
+                continue
+            if steps is None or not hasattr(steps, "init_state"):
+                raise NotImplementedError(f"cannot create the state of {type(optimizer).__name__} "
+                                          "before its first step")
+            if p.grad is None and steps is AdafactorSteps:
+                p.grad = torch.zeros_like(p)
+                steps.init_state(group, p, optimizer.state[p])
+                p.grad = None
+            else:
+                steps.init_state(group, p, optimizer.state[p])

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
-from ..optim.distributed import local
+from ..optim.dtensor import local
 from .checkpoints import CheckpointError, newest_complete
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import TrainingArguments, set_seed
 
 from ..model.builder import DTYPES, ModelError, build_llava, load_preprocessing, save_mm_projector, save_spec
-from ..plotting import plot_curves
+from ..plotting import plot_curves, plot_sgg_scales
 from .checkpoints import begin_outputs, finished_run, outputs_complete, seal_outputs
 from .config import RunConfig
 from .memory import check_fits, memory_plan
@@ -204,6 +204,7 @@ def save_outputs(trainer: LlavaTrainer, processor, cfg: RunConfig) -> Path:
         curve = ([row["step"] for row in history], [row["loss"] for row in history])
         plot_curves({"loss": curve}, output / "loss_curve.png", ylabel="training loss", log=False,
                     title=f"{cfg.train.mode} / {cfg.optimizer['name']}", size=(6, 3.6), marker=".")
+        plot_sgg_scales(history, output / "sgg_scales.png", title=f"SGG scales, {cfg.optimizer['name']}")
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         seal_outputs(output, trainer.state.global_step, cfg.to_dict())

@@ -20,8 +20,10 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import LlavaForConditionalGeneration, Trainer
 
+from ..data import IGNORE_INDEX
 from ..optim import SGG, build_optimizer
-from ..optim.distributed import load_sgg_checkpoint_state, refuse_zero, sgg_checkpoint_state
+from ..optim.factory import decays
+from ..optim.distributed import refuse_zero
 from .checkpoints import (STAGING, CheckpointError, check_resumable, newest_complete, publish, rotate,
                           seal_checkpoint)
 from .guards import DivergenceGuard
@@ -29,7 +31,6 @@ from .guards import DivergenceGuard
 logger = logging.getLogger(__name__)
 
 PROJECTOR = "multi_modal_projector"
-IGNORE_INDEX = -100
 SGG_CHECKPOINT = "sgg_state"  # folder of a checkpoint holding SGG's sharded entry (FSDP runs)
 # What a failed torch.load / safetensors read / load_state_dict raises; re-raised naming the checkpoint file.
 _LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError)
@@ -46,8 +47,7 @@ def llava_param_groups(model: nn.Module, lr: float, weight_decay: float, mm_proj
         if not p.requires_grad:
             continue
         projector = PROJECTOR in name and mm_projector_lr is not None
-        decay = p.ndim >= 2 and not name.endswith(".bias")
-        groups.setdefault((projector, decay), []).append(p)
+        groups.setdefault((projector, decays(name, p)), []).append(p)
     return [{"params": params, "lr": mm_projector_lr if projector else lr,
              "weight_decay": weight_decay if decay else 0.0}
             for (projector, decay), params in sorted(groups.items())]
@@ -57,6 +57,7 @@ class LlavaTrainer(Trainer):
     """Trainer whose optimizer is any :func:`build_optimizer` name, SGG ones included."""
 
     _saving_checkpoint = False  # while True, Trainer's output dir is the staging folder (_save_checkpoint)
+    _sgg_logged = 0  # re-clusterings whose summary has been logged (a resumed run: those of the checkpoint)
     resumed_finished_run = False  # set as training starts: the checkpoint resumed from ends the schedule
 
     def __init__(self, *args, optimizer_config: dict, mm_projector_lr: float | None = None,
@@ -111,7 +112,7 @@ class LlavaTrainer(Trainer):
             # keeps only "state" and "param_groups": SGG's own entry goes next to it, sharded.
             import torch.distributed.checkpoint as dcp
 
-            dcp.save({"sgg": sgg_checkpoint_state(sgg)}, checkpoint_id=str(Path(output_dir) / SGG_CHECKPOINT))
+            dcp.save({"sgg": sgg.checkpoint_state()}, checkpoint_id=str(Path(output_dir) / SGG_CHECKPOINT))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
@@ -121,7 +122,9 @@ class LlavaTrainer(Trainer):
             super()._load_optimizer_and_scheduler(checkpoint)
             sgg = self._sgg()
             if sgg is not None and (Path(checkpoint) / SGG_CHECKPOINT).is_dir():
-                load_sgg_checkpoint_state(sgg, Path(checkpoint) / SGG_CHECKPOINT)
+                sgg.load_checkpoint_state(Path(checkpoint) / SGG_CHECKPOINT)
+            if sgg is not None:
+                self._sgg_logged = sgg.reclusterings
         except _LOAD_ERRORS as error:
             files = ", ".join(name for name in self._checkpoint_needs()
                               if name not in ("trainer_state.json", self._model_file()))
@@ -209,6 +212,12 @@ class LlavaTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self.resumed_finished_run:
             logs = {key: value for key, value in logs.items() if key != "train_loss"}  # 0/0 steps, not a loss
+        sgg = self._sgg()
+        if sgg is not None and sgg.reclusterings > self._sgg_logged:
+            # After each re-clustering the next log carries SGG's state: TensorBoard, W&B (train.report_to)
+            # and trainer_state.json's log history get it; save_outputs plots it.
+            self._sgg_logged = sgg.reclusterings
+            logs = {**logs, **{f"sgg/{key}": value for key, value in sgg.summary().items()}}
         super().log(logs, *args, **kwargs)
 
     def _get_grad_norm(self, model, grad_norm=None):
