@@ -121,7 +121,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
     run_demo(args.output, quick=args.quick, cache=args.cache, steps=args.steps, optimizers=args.optimizers,
-             seed=args.seed, lr_scale=args.lr_scale, result=args.result)
+             seed=args.seed, lr_scale=args.lr_scale, rule=args.rule, result=args.result)
     return 0
 
 
@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the fine-tuning runs, one per optimizer (default: adamw adamw_sgg)")
     demo.add_argument("--seed", type=int, default=None, help="the recipe's seed (default 0)")
     demo.add_argument("--lr-scale", type=float, default=1.0, help="multiplies the recipe's learning rates")
+    demo.add_argument("--rule", choices=["mda", "mean_ratio"], default=None,
+                      help="SGG's scaling rule for the *_sgg runs (default the recipe's: mda, the paper's)")
     demo.add_argument("--result", default=None, help="also write metrics and loss curves here, for `llava-sgg study`")
     demo.set_defaults(func=_demo)
 

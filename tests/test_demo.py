@@ -110,12 +110,14 @@ def test_a_quick_demo_run_as_a_study_runs_it(tmp_path):
     """What `llava-sgg study` runs: one optimizer, a seed and a learning-rate scale, metrics in a JSON."""
     output, result = tmp_path / "demo", tmp_path / "result.json"
     assert main(["demo", "--quick", "--output", str(output), "--cache", str(tmp_path / "cache"),
-                 "--optimizers", "lamb_sgg", "--seed", "1", "--lr-scale", "2", "--result", str(result)]) == 0
+                 "--optimizers", "lamb_sgg", "--seed", "1", "--lr-scale", "2", "--rule", "mean_ratio",
+                 "--result", str(result)]) == 0
     found = json.loads(result.read_text())
     assert {"POPE F1", "GQA acc", "MME perception /400", "final_loss"} <= set(found["metrics"])
     assert [step for step, _ in found["curves"]["train_loss"]] == list(range(1, found["summary"]["steps"] + 1))
     assert set(found["summary"]["table"]) == {"lamb_sgg", "chance", "majority"}
     assert found["summary"]["seed"] == 1 and found["summary"]["lr"] == 2 * recipes_lr()
+    assert found["summary"]["sgg"]["rule"] == "mean_ratio"
 
 
 def recipes_lr() -> float:

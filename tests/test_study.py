@@ -132,3 +132,20 @@ def test_the_cli_names_a_plan_it_cannot_read(tmp_path, capsys):
 
     assert main(["study", str(tmp_path / "missing.yaml"), "--output", str(tmp_path / "s")]) == 2
     assert "llava-sgg study: " + str(tmp_path / "missing.yaml") + ": cannot read the plan" in capsys.readouterr().err
+
+
+def test_names_joined_by_plus_vary_together(tmp_path):
+    import yaml
+
+    path = write_plan(tmp_path, grid={"optimizer+lr_scale": [["plain", 1], ["sgg", 3]], "seed": [0, 1]},
+                      compare={"baseline": {"optimizer+lr_scale": "plain+1"}})
+    plan = load_plan(path)
+    runs = plan.runs(tmp_path / "s")
+    assert [r.key for r in runs] == ["optimizer+lr_scale=plain+1,seed=0", "optimizer+lr_scale=plain+1,seed=1",
+                                     "optimizer+lr_scale=sgg+3,seed=0", "optimizer+lr_scale=sgg+3,seed=1"]
+    assert runs[2].command[2:5] == ("sgg", "3", "0") and runs[2].values == {"optimizer+lr_scale": "sgg+3", "seed": 0}
+    bad = yaml.safe_load(path.read_text())
+    bad["grid"]["optimizer+lr_scale"] = [["plain"]]
+    path.write_text(yaml.safe_dump(bad, sort_keys=False))
+    with pytest.raises(PlanError, match="varies 2 names together"):
+        load_plan(path)

@@ -36,11 +36,11 @@ from .tower import pretrain_vision_tower
 def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | None = None,
              settings: DemoSettings | None = None, steps: int | None = None,
              optimizers: Sequence[str] = OPTIMIZERS, seed: int | None = None, lr_scale: float = 1.0,
-             result: str | Path | None = None) -> dict:
+             rule: str | None = None, result: str | Path | None = None) -> dict:
     """Build data, fine-tune with each optimizer, evaluate, compare with baselines, write the report.
 
     ``settings`` replaces the recipe that ``quick``, the device and ``steps`` pick (see :func:`recipe`);
-    ``seed`` and ``lr_scale`` (both learning rates multiplied) change it, for a study
+    ``seed``, ``lr_scale`` (both learning rates multiplied) and ``rule`` (SGG's scaling rule) change it, for a study
     (``llava-sgg study``), whose run reads ``result``: ``{"metrics": {label: value}, "curves":
     {"train_loss": [[step, loss], ...]}}``, names prefixed with the optimizer's when there are several.
     """
@@ -51,7 +51,8 @@ def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | Non
     if settings is None:
         settings = recipe(quick, gpu, steps)
     settings = dataclasses.replace(settings, seed=settings.seed if seed is None else seed,
-                                   lr=settings.lr * lr_scale, mm_projector_lr=settings.mm_projector_lr * lr_scale)
+                                   lr=settings.lr * lr_scale, mm_projector_lr=settings.mm_projector_lr * lr_scale,
+                                   sgg=settings.sgg if rule is None else {**settings.sgg, "rule": rule})
     data = build_demo_data(cache / "demo-data", settings.data)
     vision = vision_tower(cache / "models", settings.vision, settings.seed)
     tower_report = None
@@ -94,6 +95,7 @@ def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | Non
                "tower_pretraining": tower_report, "connector_alignment": alignment_report,
                "table": {name: values for name, values in rows}, "steps": settings.steps,
                "seed": settings.seed, "lr": settings.lr, "mm_projector_lr": settings.mm_projector_lr,
+               "sgg": settings.sgg,
                "seconds_per_step": seconds_per_step, "evaluation_seconds_estimate": eval_seconds,
                "time_budget": settings.time_budget,
                "below_baseline": shortfalls(rows),

@@ -9,6 +9,7 @@ A plan is YAML:
       optimizer: [adamw, adamw_sgg]
       lr_scale: [1, 3, 10]
       seed: [0, 1, 2]
+      # names joined by "+" vary together: [[adamw, mda], [adamw_sgg, mean_ratio]] gives 2 values, not 4
     fixed: {steps: 2500}       # optional: values every run gets (placeholders too)
     compare:                   # optional, for `llava-sgg report`
       baseline: {optimizer: adamw}
@@ -69,12 +70,19 @@ class Plan:
     def runs(self, study_dir: Path) -> list[Run]:
         runs = []
         for combo in itertools.product(*self.grid.values()):
-            values = dict(zip(self.grid, combo))
+            values = {name: _joined(value) for name, value in zip(self.grid, combo)}
             key = ",".join(f"{name}={_slug(value)}" for name, value in values.items())
             folder = study_dir / "runs" / key
-            fill = {**self.fixed, **values, "result": str(folder / "result.json"), "run_dir": str(folder)}
+            fill = {**self.fixed, "result": str(folder / "result.json"), "run_dir": str(folder)}
+            for name, value in zip(self.grid, combo):
+                fill.update(zip(name.split("+"), value) if "+" in name else {name: value})
             runs.append(Run(key, values, tuple(part.format(**fill) for part in self.command)))
         return runs
+
+
+def _joined(value) -> str | int | float:
+    """A grid value as runs and reports name it: a list (of names joined by "+") as "a+b"."""
+    return "+".join(map(str, value)) if isinstance(value, list) else value
 
 
 def _slug(value) -> str:
@@ -110,15 +118,19 @@ def load_plan(path: str | os.PathLike) -> Plan:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise PlanError(f"{path}: grid.{key} must be a non-empty list of values")
-        if len({_slug(v) for v in values}) != len(values):
+        if "+" in key and not all(isinstance(v, list) and len(v) == len(key.split("+")) for v in values):
+            raise PlanError(f"{path}: grid.{key} varies {len(key.split('+'))} names together: each value must be "
+                            f"a list of {len(key.split('+'))}")
+        if len({_slug(_joined(v)) for v in values}) != len(values):
             raise PlanError(f"{path}: grid.{key} has values that name the same run: {values}")
     if not isinstance(fixed, dict):
         raise PlanError(f"{path}: fixed must map names to values")
-    clash = (set(grid) & set(fixed)) | ((set(grid) | set(fixed)) & RESERVED)
+    names = {name for key in grid for name in key.split("+")}
+    clash = (names & set(fixed)) | ((names | set(fixed)) & RESERVED)
     if clash:
         raise PlanError(f"{path}: {', '.join(sorted(clash))} is given twice (grid, fixed, or the runner's "
                         f"{', '.join(sorted(RESERVED))})")
-    known = set(grid) | set(fixed) | RESERVED
+    known = names | set(fixed) | RESERVED
     for part in command:
         for placeholder in re.findall(r"{([^{}]*)}", part):
             if placeholder not in known:
@@ -132,7 +144,7 @@ def _check_compare(path: Path, compare: dict, grid: dict) -> None:
     if not isinstance(compare, dict) or set(compare) - {"baseline", "metrics"}:
         raise PlanError(f"{path}: compare takes baseline (grid values) and metrics (name: lower|higher)")
     for key, value in (compare.get("baseline") or {}).items():
-        if key not in grid or value not in grid[key]:
+        if key not in grid or value not in [_joined(v) for v in grid[key]]:
             raise PlanError(f"{path}: compare.baseline.{key}={value!r} is not a grid value")
     for metric, better in (compare.get("metrics") or {}).items():
         if better not in ("lower", "higher"):
