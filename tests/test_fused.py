@@ -45,6 +45,7 @@ def test_kmeans_rows_finds_the_optimal_partition_of_small_layers(k):
         assert sse(values, _ids(row, t)) == pytest.approx(best, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.slow  # the default suite checks the bound at K=3 (test_functional.py)
 def test_kmeans_rows_on_large_layers_is_within_the_spec_bound():
     g = torch.Generator().manual_seed(1)
     values = torch.randn(4000, generator=g) ** 3
