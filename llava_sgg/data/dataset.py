@@ -129,8 +129,8 @@ def _skipped(record, where: str, reason: str, messages: list[str]) -> SkippedSam
 
 
 def _parse_json(data: bytes):
-    """``json.loads(data.decode("utf-8"))``, through orjson when it parses the text (several times faster
-    on a file of LLaVA's size); what orjson refuses and json takes (NaN, integers over 64 bits, lone
+    """``json.loads(data.decode("utf-8"))``, through orjson when it parses the text (much faster on a
+    file of LLaVA's size); what orjson refuses and json takes (NaN, integers over 64 bits, lone
     surrogates) or neither takes goes to json, whose errors give the line and column."""
     if orjson is not None:
         try:
@@ -259,7 +259,7 @@ def load_llava_json(path: str | os.PathLike, *, image_token: str = "<image>") ->
 @contextlib.contextmanager
 def _gc_paused():
     """The cyclic garbage collector paused: reading a big file makes millions of small objects, and each
-    full collection meanwhile walks all those made so far, which about doubles the reading of the mix
+    full collection meanwhile walks all those made so far, again and again as the file is read
     (docs/benchmarks/data-prep-cpu2.json). Nothing made here is cyclic garbage."""
     enabled = gc.isenabled()
     gc.disable()
