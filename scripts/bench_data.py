@@ -28,6 +28,7 @@ Prints a summary and saves everything as JSON, with the machine, its load and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import io
@@ -396,6 +397,28 @@ def bench_image_parallel(paths: list[str], workers: int, rounds: int = 3) -> dic
     return {"images": len(paths), "workers": workers, "best_ms_per_image": best, "rounds": rows}
 
 
+@contextlib.contextmanager
+def timed_stages(**targets):
+    """While in the block, each ``name=(owner, attribute)`` records its wall and CPU time (``stages``) and
+    its last result (``results``) in the dicts yielded; the originals are put back on exit."""
+    stages, results, originals = {}, {}, []
+    for name, (owner, attribute) in targets.items():
+        original = getattr(owner, attribute)
+        originals.append((owner, attribute, original))
+
+        def wrapper(*args, _original=original, _name=name, **kwargs):
+            with Timer() as t:
+                results[_name] = _original(*args, **kwargs)
+            stages[_name] = t.row()
+            return results[_name]
+        setattr(owner, attribute, wrapper)
+    try:
+        yield stages, results
+    finally:
+        for owner, attribute, original in originals:
+            setattr(owner, attribute, original)
+
+
 def bench_fast_dataset(data: Path, images: Path, tokenizer, rounds: int = 2) -> dict:
     """The dataset as training builds it by default (``data.check: fast``, no cache), ``rounds`` times,
     with the time of each stage: reading and validating the file, the special-token and answers-fit
@@ -406,22 +429,10 @@ def bench_fast_dataset(data: Path, images: Path, tokenizer, rounds: int = 2) -> 
     from llava_sgg.data import LlavaSFTDataset
     from llava_sgg.data import dataset as module
 
-    stages = {}
-
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            with Timer() as t:
-                result = fn(*args, **kwargs)
-            stages[name] = t.row()
-            return result
-        return wrapper
-
-    originals = module._load_samples, LlavaSFTDataset._check_reachable, LlavaSFTDataset._check_images
-    module._load_samples = timed("read_and_validate", originals[0])
-    LlavaSFTDataset._check_reachable = timed("answers_fit", originals[1])
-    LlavaSFTDataset._check_images = timed("check_images", originals[2])
     rows = []
-    try:
+    with timed_stages(read_and_validate=(module, "_load_samples"),
+                      answers_fit=(LlavaSFTDataset, "_check_reachable"),
+                      check_images=(LlavaSFTDataset, "_check_images")) as (stages, _):
         for _ in range(rounds):
             stages.clear()
             gc.collect()
@@ -430,8 +441,6 @@ def bench_fast_dataset(data: Path, images: Path, tokenizer, rounds: int = 2) -> 
                                      model_max_length=2048, check="fast", cache_dir=False)
             rows.append(t.row(samples=len(ds), stages=dict(stages)))
             del ds
-    finally:
-        module._load_samples, LlavaSFTDataset._check_reachable, LlavaSFTDataset._check_images = originals
     return {"rounds": rows, "best_wall_s": min(r["wall_s"] for r in rows)}
 
 
@@ -444,24 +453,9 @@ def bench_dataset(data: Path, images: Path, tokenizer, cache: Path) -> dict:
     from llava_sgg.data import LlavaSFTDataset
     from llava_sgg.data import dataset as module
 
-    stages, found = {}, {}
-
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            with Timer() as t:
-                result = fn(*args, **kwargs)
-            stages[name] = t.row()
-            if name == "tokenize":
-                found["full_lengths"] = result.full_lengths
-            return result
-        return wrapper
-
-    originals = module._load_samples, LlavaSFTDataset._tokenize_all, LlavaSFTDataset._check_images
-    module._load_samples = timed("read_and_validate", originals[0])
-    LlavaSFTDataset._tokenize_all = timed("tokenize", originals[1])
-    LlavaSFTDataset._check_images = timed("check_images", originals[2])
     rows = {}
-    try:
+    with timed_stages(read_and_validate=(module, "_load_samples"), tokenize=(LlavaSFTDataset, "_tokenize_all"),
+                      check_images=(LlavaSFTDataset, "_check_images")) as (stages, results):
         for name in ("cold", "warm"):
             stages.clear()
             gc.collect()
@@ -471,9 +465,7 @@ def bench_dataset(data: Path, images: Path, tokenizer, cache: Path) -> dict:
             rows[name] = t.row(samples=len(ds), stages=dict(stages))
             with_image = np.array([s.image is not None for s in ds.samples])
             del ds  # the next build starts as another process would, without this one's objects
-    finally:
-        module._load_samples, LlavaSFTDataset._tokenize_all, LlavaSFTDataset._check_images = originals
-    full = found["full_lengths"]
+    full = results["tokenize"].full_lengths
     rows["text_tokens"] = int(full.sum() - 575 * with_image.sum())  # the image placeholder counted once
     rows["tokens_with_576_per_image"] = int(full.sum())
     rows["truncated_at_2048"] = int((full > 2048).sum())

@@ -59,17 +59,19 @@ def test_an_unknown_mode_is_an_error():
         process_image(Image.new("RGB", (8, 8)), processor(), "anyres")
 
 
+def refused(load, path) -> bool:
+    """Whether ``load(path)`` raises (any error PIL raises)."""
+    try:
+        load(path)
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
 def test_the_draft_decode_of_the_check_refuses_what_a_full_decode_refuses(tmp_path):
     import random
 
     from llava_sgg.data.image import decode_check, image_problem
-
-    def refused(load, path):
-        try:
-            load(path)
-        except Exception:  # noqa: BLE001 - any error PIL raises
-            return True
-        return False
 
     rng = random.Random(0)
     image = Image.effect_noise((160, 120), 40).convert("RGB")
@@ -100,13 +102,6 @@ def test_the_quick_check_refuses_files_cut_short_and_never_a_file_that_loads(tmp
     import random
 
     from llava_sgg.data.image import image_problem, quick_check
-
-    def refused(check, path):
-        try:
-            check(path)
-        except Exception:  # noqa: BLE001 - any error PIL raises
-            return True
-        return False
 
     rng = random.Random(1)
     image = Image.effect_noise((160, 120), 40).convert("RGB")

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ..plotting import pyplot, save
 from .runner import read_record
 
 __all__ = ["ALPHA", "compare", "load_study", "variants", "write_report"]
@@ -110,11 +111,7 @@ def _table(metric: str, groups: dict, baseline: tuple | None, better: str | None
 
 
 def _curve_plots(groups: dict, plots: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = sorted({n for rs in groups.values() for r in rs if r["status"] == "finished"
                     for n in r.get("result", {}).get("curves", {})})
     written = []
@@ -132,24 +129,14 @@ def _curve_plots(groups: dict, plots: Path) -> list[Path]:
             if len(curves) > 1:
                 std = ys.std(0, ddof=1)
                 ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        ax.set_xlabel("step")
-        ax.set_ylabel(name)
-        ax.set_title(f"{name}: mean over seeds, band ±1 std")
+        ax.set(xlabel="step", ylabel=name, title=f"{name}: mean over seeds, band ±1 std")
         ax.legend(fontsize=7)
-        path = plots / f"curve-{_slug(name)}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, plots / f"curve-{_slug(name)}.png"))
     return written
 
 
 def _lr_plots(records: list[dict], metrics: list[str], lr_key: str, plots: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     others = defaultdict(list)  # variant without lr and seed -> records
     for r in records:
         others[tuple((k, v) for k, v in r["values"].items() if k not in (SEED, lr_key))].append(r)
@@ -170,16 +157,10 @@ def _lr_plots(records: list[dict], metrics: list[str], lr_key: str, plots: Path)
             for lr, bad in zip(lrs, failed):
                 if bad:
                     ax.plot([lr], [top], marker="x", markersize=10, color=line[0].get_color())
-        ax.set_xscale("log")
-        ax.set_xlabel(lr_key)
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} against {lr_key} (mean ± std; x: a run failed or diverged)")
+        ax.set(xscale="log", xlabel=lr_key, ylabel=metric,
+               title=f"{metric} against {lr_key} (mean ± std; x: a run failed or diverged)")
         ax.legend(fontsize=7)
-        path = plots / f"lr-{_slug(metric)}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, plots / f"lr-{_slug(metric)}.png"))
     return written
 
 
