@@ -49,7 +49,7 @@ PARAM_SETS = {
 }
 
 OPTIMIZERS = ("adamw", "adamw_foreach", "adamw_sgg", "adamw_sgg_dynamic", "adamw_sgg_reference",
-              "adafactor", "adafactor_sgg", "lamb", "lamb_timm", "lamb_sgg")
+              "adamw_sgg_mean_ratio", "adafactor", "adafactor_sgg", "lamb", "lamb_timm", "lamb_sgg")
 
 
 def make_params(name: str, device, dtype=torch.float32, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -74,7 +74,7 @@ def build(name: str, params, lr: float = 1e-4):
     if name.startswith("adamw_sgg"):
         base = torch.optim.AdamW(params, lr=lr, fused=cuda or None)
         return SGG(base, recluster_interval=never, assignment="dynamic" if name.endswith("dynamic") else "frozen",
-                   fused=not name.endswith("reference"))
+                   fused=not name.endswith("reference"), rule="mean_ratio" if name.endswith("mean_ratio") else "mda")
     if name == "lamb_timm":
         from timm.optim import Lamb as TimmLamb
 
@@ -140,7 +140,6 @@ def bench_optimizer(name: str, param_set: str, device, steps: int) -> dict:
         row["sgg_bytes_per_layer"] = row["sgg_state_bytes"] / len(grouped)
         if device.type == "cuda":
             row["extra_memory_bytes"] = torch.cuda.memory_allocated(device) - before
-        opt.global_mda = opt.global_mda if opt.global_mda is not None else 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = time_steps(opt.step, device, steps)

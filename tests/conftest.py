@@ -54,8 +54,8 @@ def _data_cache(tmp_path_factory):
 
 
 def pytest_collection_finish(session):
-    """Freeze what collection built (torch, transformers, every test module: ~600k objects) out of the
-    garbage collector's reach. Trainer.train calls gc.collect() (accelerate's free_memory) and each full
-    pass over that heap took ~0.3 s, several times per training test: about half of their time."""
+    """Freeze what collection built (torch, transformers, every test module: hundreds of thousands of
+    objects) out of the garbage collector's reach. Trainer.train calls gc.collect() (accelerate's
+    free_memory) several times per training test, and each full pass would walk that whole heap."""
     gc.collect()
     gc.freeze()
