@@ -100,12 +100,13 @@ def test_the_authors_rule_with_their_clustering_follows_their_code(k, mean_decay
     assert any((theirs.state[q]["scale"] != 1).any() for q in reference.parameters())
 
 
-def test_its_scales_follow_the_rule_from_the_ids_the_on_device_kmeans_chose():
+@pytest.mark.parametrize("exact_limit", [2**22, 40])  # every layer whole; the larger ones fitted on a sample
+def test_its_scales_follow_the_rule_from_the_ids_the_on_device_kmeans_chose(exact_limit):
     """The default backend clusters on the parameter's device (ids ordered by centre); given its ids,
-    the scales are the authors' EMAs of the layer mean over the cluster means."""
+    the scales are the authors' EMAs of the layer mean over the cluster means of the whole layer."""
     model, batches = model_and_batches(steps=8)
     opt = SGG(torch.optim.Adam(model.parameters(), lr=1e-2), n_clusters=3, recluster_interval=4, beta3=0.9,
-              rule="mean_ratio", mean_decay=0.95)
+              rule="mean_ratio", mean_decay=0.95, exact_limit=exact_limit, sample_size=32)
     means = {p: torch.ones(3) for p in model.parameters()}
     scales = {p: torch.ones(3) for p in model.parameters()}
     for step, (x, y) in enumerate(batches, start=1):

@@ -662,15 +662,18 @@ class SGG(Optimizer):
 
     def _recluster_mean_ratio(self, statistics: dict[Tensor, Callable[[], Tensor]]) -> None:
         """The authors' re-clustering, a layer at a time: ids from |m|, then :func:`.scaling.mean_ratio_scales`."""
-        for p, statistic in statistics.items():
+        for index, (p, statistic) in enumerate(statistics.items()):
             magnitude = statistic().detach().float().reshape(-1).abs()
             layer = self._layers.setdefault(p, {})
             if self.backend == "sklearn":
                 ids = carried_kmeans_ids(layer, magnitude, self.n_clusters)
             else:
-                kernels = kernels_for(magnitude.device)
-                thresholds = F.kmeans_1d_rows(magnitude.sort().values[None], self.n_clusters, signed=True,
-                                              kernels=kernels)[0]
+                # As for the paper's rule, a layer above exact_limit is fitted on a uniform sample;
+                # every element then gets its id, and the means below are the whole layer's.
+                row = (magnitude.sort().values[None] if magnitude.numel() <= self.exact_limit
+                       else self._work_rows([magnitude], [index], self.sample_size).sort(dim=1).values)
+                thresholds = F.kmeans_1d_rows(row, self.n_clusters, signed=True,
+                                              kernels=kernels_for(magnitude.device))[0]
                 ids = assign_clusters(magnitude, thresholds).to(torch.uint8)
             k = self.n_clusters
             counts = torch.zeros(k, device=magnitude.device).index_add_(0, ids.long(), torch.ones_like(magnitude))
