@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import datetime
 import gc
-import io
 import json
 import os
 import platform
@@ -206,8 +205,9 @@ def write_mix(path: Path, samples: int, seed: int) -> dict:
 def build_tokenizer(folder: Path, seed: int):
     """A 32k-piece SentencePiece BPE with Llama-2's trainer options, saved as Vicuna-7B-v1.5 ships its
     tokenizer (tokenizer.model, no tokenizer.json) and loaded as this project loads Vicuna's."""
-    import sentencepiece as spm
     from transformers import AutoTokenizer
+
+    from llava_sgg.model.tiny import write_vicuna_style_tokenizer
 
     if not (folder / "tokenizer.model").is_file():
         folder.mkdir(parents=True, exist_ok=True)
@@ -219,22 +219,7 @@ def build_tokenizer(folder: Path, seed: int):
                  "Describe the following image in detail.", "Provide a one-sentence caption for the provided image.",
                  "Please provide a short description for this region:",
                  "Please provide the bounding box coordinate of the region this sentence describes:"]
-        model = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(text.pool + fixed * 2000),
-            model_writer=model, model_type="bpe", vocab_size=32000, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
-            pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
-            split_digits=True, allow_whitespace_only_pieces=True, minloglevel=2, num_threads=os.cpu_count() or 1)
-        (folder / "tokenizer.model").write_bytes(model.getvalue())
-        token = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-        specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-        (folder / "tokenizer_config.json").write_text(json.dumps({
-            "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False, "legacy": False,
-            "model_max_length": 4096, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
-            "tokenizer_class": "LlamaTokenizer",
-            **{k: {"__type": "AddedToken", "content": v, **token} for k, v in specials.items()}}))
-        (folder / "special_tokens_map.json").write_text(json.dumps(
-            {"pad_token": "<unk>", **{k: {"content": v, **token} for k, v in specials.items()}}))
+        write_vicuna_style_tokenizer(folder, text.pool + fixed * 2000, 32000, num_threads=os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})  # as model.builder does
     return tokenizer

@@ -6,8 +6,6 @@ is trained here, saved that way, loaded through the project's loader, and a conv
 are compared with LLaVA-1.5's algorithm computed with sentencepiece directly.
 """
 
-import io
-import json
 import re
 import sys
 
@@ -34,23 +32,8 @@ IMAGE_TOKEN_INDEX = -200  # official llava/constants.py: the image's place in in
 def vicuna(tmp_path_factory):
     """A folder laid out as lmsys/vicuna-7b-v1.5 (a tiny decoder, SentencePiece files only) and its model."""
     folder = tmp_path_factory.mktemp("vicuna")
-    proto = io.BytesIO()
-    # Llama's trainer options: BPE, byte fallback, ids unk/bos/eos 0/1/2, no normalization, dummy prefix.
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20), model_writer=proto, model_type="bpe", vocab_size=400, byte_fallback=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True, minloglevel=2)
-    (folder / "tokenizer.model").write_bytes(proto.getvalue())
-    token = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False, "legacy": False,
-        "model_max_length": 4096, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
-        "tokenizer_class": "LlamaTokenizer",
-        **{k: {"__type": "AddedToken", "content": v, **token} for k, v in specials.items()}}))
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"pad_token": "<unk>", **{k: {"content": v, **token} for k, v in specials.items()}}))
-    sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+    proto = tiny.write_vicuna_style_tokenizer(folder, CORPUS * 20, 400)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
     LlamaForCausalLM(tiny.tiny_text_config(vocab_size=sp.get_piece_size())).save_pretrained(folder)
     return folder, sp
 

@@ -48,3 +48,34 @@ def tiny_text_config(vocab_size: int = 400) -> LlamaConfig:
     return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512,
                        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+
+
+def write_vicuna_style_tokenizer(folder, sentences, vocab_size: int, num_threads: int = 1) -> bytes:
+    """Train a SentencePiece BPE on ``sentences`` with Llama's trainer options (byte fallback, ids
+    unk/bos/eos 0/1/2, no normalization, dummy prefix, split digits) and save it in ``folder`` as
+    lmsys/vicuna-7b-v1.5 ships its tokenizer: tokenizer.model and its JSON files, no tokenizer.json
+    (no Vicuna tokenizer can be downloaded here). Returns the model's bytes."""
+    import io
+    import json
+    from pathlib import Path
+
+    import sentencepiece as spm
+
+    folder = Path(folder)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
+        allow_whitespace_only_pieces=True, minloglevel=2, num_threads=num_threads)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    token = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False, "legacy": False,
+        "model_max_length": 4096, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        **{k: {"__type": "AddedToken", "content": v, **token} for k, v in specials.items()}}))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"pad_token": "<unk>", **{k: {"content": v, **token} for k, v in specials.items()}}))
+    return model.getvalue()

@@ -177,7 +177,6 @@ class SGG(Optimizer):
         self._placeholders: set[Tensor] = set()  # layers made by _add_placeholders for a checkpoint
         self._sgg_step = 0
         self.global_mda: float | None = None
-        self._rescaled = False  # a re-clustering has happened: scales may differ from 1
         # The fused AdamW step's launches (fused.AdamPlan), kept between re-clusterings. Dropped
         # wherever ids, scales or state are replaced: _recluster, load_state_dict, add_param_group,
         # _add_placeholders; a moved gradient or parameter is caught by its check.
@@ -250,8 +249,10 @@ class SGG(Optimizer):
         self._sgg_step += 1
         # The authors' rule rescales with one cluster too (the layer's mean over its EMA).
         recluster = (self.n_clusters > 1 or self.rule == "mean_ratio") and self._sgg_step % self.recluster_interval == 0
-        if not recluster and not self._rescaled:
-            self.optimizer.step()  # every scale is still 1: this *is* the SGG step
+        if not recluster and len(self._layers) == len(self._placeholders):
+            # No layer clustered yet (placeholders are a subset of the layers): every scale is 1,
+            # so the base step *is* the SGG step.
+            self.optimizer.step()
         elif self._steps is None:
             self._generic_step(recluster)
         else:
@@ -311,7 +312,7 @@ class SGG(Optimizer):
         if sgg is None:
             warnings.warn("state dict has no 'sgg' entry (saved by the base optimizer): "
                           "SGG starts its clustering afresh", stacklevel=2)
-            self._layers, self._sgg_step, self.global_mda, self._rescaled = {}, 0, None, False
+            self._layers, self._sgg_step, self.global_mda = {}, 0, None
             return
         params = self._all_params()
         clustered = sgg.get("clustered")
@@ -322,7 +323,6 @@ class SGG(Optimizer):
         self._placeholders = set()
         self._sgg_step = int(sgg["step"])
         self.global_mda = None if sgg["global_mda"] is None else float(sgg["global_mda"])
-        self._rescaled = bool(self._layers)
 
     @torch.no_grad()
     def recluster(self) -> None:
@@ -580,7 +580,6 @@ class SGG(Optimizer):
         self._adam_plan = None  # new ids, thresholds and scale tensors
         if not statistics:
             return
-        self._rescaled = True
         if self.rule == "mean_ratio":
             self._recluster_mean_ratio(statistics)
             return
@@ -665,6 +664,7 @@ class SGG(Optimizer):
         for index, (p, statistic) in enumerate(statistics.items()):
             magnitude = statistic().detach().float().reshape(-1).abs()
             layer = self._layers.setdefault(p, {})
+            self._placeholders.discard(p)
             if self.backend == "sklearn":
                 ids = carried_kmeans_ids(layer, magnitude, self.n_clusters)
             else:
