@@ -30,7 +30,8 @@ def _train(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace) -> int:
     from .study import load_plan, run_study
 
-    records = run_study(load_plan(args.plan), args.output, jobs=args.jobs, retry_failed=args.retry_failed)
+    records = run_study(load_plan(args.plan), args.output, jobs=args.jobs, retry_failed=args.retry_failed,
+                        part=args.part)
     print(f"{sum(r['status'] == 'finished' for r in records)} of {len(records)} runs finished; "
           f"`llava-sgg report {args.output}` tabulates them")
     return 0
@@ -121,8 +122,20 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
     run_demo(args.output, quick=args.quick, cache=args.cache, steps=args.steps, optimizers=args.optimizers,
-             seed=args.seed, lr_scale=args.lr_scale, rule=args.rule, result=args.result)
+             seed=args.seed, lr_scale=args.lr_scale, rule=args.rule, result=args.result, mode=args.mode,
+             lr_step_decay=_step_decay(args.lr_step_decay), prepare_only=args.prepare_only, sgg=args.sgg)
     return 0
+
+
+def _step_decay(text: str | None) -> dict | None:
+    """``--lr-step-decay EVERY,FACTOR,FLOOR`` (or none) as train.lr_step_decay."""
+    if text is None or text == "none":
+        return None
+    try:
+        every, factor, floor = text.split(",")
+        return {"every": int(every), "factor": float(factor), "floor": float(floor)}
+    except ValueError:
+        raise SystemExit(f"--lr-step-decay: give EVERY,FACTOR,FLOOR (e.g. 50,0.9,0.1) or none, got {text!r}") from None
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -234,6 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rule", choices=["mda", "mean_ratio"], default=None,
                       help="SGG's scaling rule for the *_sgg runs (default the recipe's: mda, the paper's)")
     demo.add_argument("--result", default=None, help="also write metrics and loss curves here, for `llava-sgg study`")
+    demo.add_argument("--mode", choices=["full", "lora"], default="full",
+                      help="fine-tune the decoder fully (the recipe) or with LoRA (rank 64, lr 5x)")
+    demo.add_argument("--lr-step-decay", default=None, metavar="EVERY,FACTOR,FLOOR",
+                      help="multiply the fine-tuning runs' lr schedule by max(FACTOR ** (step // EVERY), FLOOR): "
+                           "the decay SGG's mean_ratio rule implies, without SGG (default none)")
+    demo.add_argument("--sgg", choices=["none", "mda", "mean_ratio", "decay_only"], default=None,
+                      help="with base --optimizers (adamw adafactor lamb): none plain, mda / mean_ratio their SGG "
+                           "versions with that rule, decay_only plain with the stepwise lr decay the mean_ratio "
+                           "rule implies (a study's control)")
+    demo.add_argument("--prepare-only", action="store_true",
+                      help="build data, tower, decoder and connector into --cache and stop (a study's shared start)")
     demo.set_defaults(func=_demo)
 
     study = commands.add_parser("study", help="run a plan's grid of runs (a YAML file), one JSON each; resumes "
@@ -242,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--output", required=True, help="the study folder (runs/<key>/record.json, plan.yaml)")
     study.add_argument("--jobs", type=int, default=1, help="runs at a time (small runs share one GPU well)")
     study.add_argument("--retry-failed", action="store_true", help="run again the runs that failed before")
+    study.add_argument("--part", type=int, default=None,
+                       help="with a plan whose grid is a list: run only its N-th grid (from 1)")
     study.set_defaults(func=_study)
 
     report = commands.add_parser("report", help="a study folder as markdown: mean ± std over seeds, Welch's "

@@ -149,3 +149,69 @@ def test_names_joined_by_plus_vary_together(tmp_path):
     path.write_text(yaml.safe_dump(bad, sort_keys=False))
     with pytest.raises(PlanError, match="varies 2 names together"):
         load_plan(path)
+
+
+def test_a_list_of_grids_runs_their_union_once_and_by_part(tmp_path):
+    import yaml
+
+    grids = [{"optimizer": ["plain", "sgg"], "lr_scale": [1], "seed": [0, 1]},
+             {"optimizer": ["sgg"], "lr_scale": [1, 3], "seed": [0]}]  # sgg,1,0 is in both
+    path = write_plan(tmp_path, grid=grids)
+    plan = load_plan(path)
+    study = tmp_path / "s"
+    keys = [r.key for r in plan.runs(study)]
+    assert keys == ["optimizer=plain,lr_scale=1,seed=0", "optimizer=plain,lr_scale=1,seed=1",
+                    "optimizer=sgg,lr_scale=1,seed=0", "optimizer=sgg,lr_scale=1,seed=1",
+                    "optimizer=sgg,lr_scale=3,seed=0"]
+    assert [r.key for r in plan.runs(study, part=2)] == ["optimizer=sgg,lr_scale=1,seed=0",
+                                                         "optimizer=sgg,lr_scale=3,seed=0"]
+    with pytest.raises(PlanError, match="has 2 grid\\(s\\); part must be 1..2, got 3"):
+        run_study(plan, study, part=3)
+    bad = yaml.safe_load(path.read_text())
+    bad["grid"][1] = {"seed": [0], "optimizer": ["sgg"], "lr_scale": [1]}
+    path.write_text(yaml.safe_dump(bad, sort_keys=False))
+    with pytest.raises(PlanError, match=r"grid\[1\] names seed, optimizer, lr_scale; every grid of the list must "
+                                        r"name optimizer, lr_scale, seed, in that order"):
+        load_plan(path)
+
+
+def test_the_study_dir_placeholder_names_the_study_folder(tmp_path):
+    path = write_plan(tmp_path, grid={"optimizer": ["plain"], "lr_scale": [1], "seed": [0]})
+    import yaml
+
+    plan = yaml.safe_load(path.read_text())
+    plan["command"] = plan["command"] + ["{study_dir}/cache"]
+    path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    (run,) = load_plan(path).runs(tmp_path / "s")
+    assert run.command[-1] == f"{tmp_path / 's'}/cache"
+
+
+def test_each_variant_is_compared_with_the_baseline_of_its_other_values(tmp_path):
+    """baseline {sgg: none}: lamb+mda against plain lamb at the same lr, not against plain adamw."""
+    import yaml
+
+    from llava_sgg.study import baseline_of
+
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump({
+        "name": "families", "command": ["x"],
+        "grid": [{"optimizer": ["adamw", "lamb"], "sgg": ["none", "mda"], "lr_scale": [1], "seed": [0, 1, 2]},
+                 {"optimizer": ["adamw"], "sgg": ["none", "mda"], "lr_scale": [3], "seed": [0, 1, 2]}],
+        "compare": {"baseline": {"sgg": "none"}, "metrics": {"acc": "higher"}}}, sort_keys=False))
+    base = {("adamw", 1): 50.0, ("lamb", 1): 20.0, ("adamw", 3): 40.0}
+    for (optimizer, lr), acc in base.items():
+        for sgg, gain in (("none", 0.0), ("mda", 5.0)):
+            for seed in range(3):
+                values = {"optimizer": optimizer, "sgg": sgg, "lr_scale": lr, "seed": seed}
+                folder = tmp_path / "runs" / ",".join(f"{k}={v}" for k, v in values.items())
+                folder.mkdir(parents=True)
+                record = {"key": folder.name, "values": values, "status": "finished", "returncode": 0,
+                          "result": {"metrics": {"acc": acc + gain + seed}}}
+                (folder / "record.json").write_text(json.dumps(record))
+    variant = (("optimizer", "lamb"), ("sgg", "mda"), ("lr_scale", 1))
+    assert baseline_of(variant, {"sgg": "none"}) == (("optimizer", "lamb"), ("sgg", "none"), ("lr_scale", 1))
+    report = write_report(tmp_path).read_text()
+    # Every SGG variant is exactly 5 above its own baseline (same seeds' offsets), whatever its family.
+    for optimizer, lr in base:
+        assert f"| optimizer={optimizer}, sgg=mda, lr_scale={lr} | 3 | " in report
+    assert report.count("| +5 |") == 3 and report.count("(baseline)") == 3
+    assert "18 runs planned, 18 finished" in report

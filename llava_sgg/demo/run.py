@@ -27,22 +27,57 @@ from .data import build_demo_data
 from .evaluate import answer_benchmarks, baseline_answers, score_all
 from .parts import decoder, vision_tower
 from .planning import plan_steps, probe_costs
-from .recipes import OPTIMIZERS, DemoSettings, recipe
+from ..optim.sgg import SCALE_BOUNDS
+from .recipes import OPTIMIZERS, DemoSettings, recipe, with_mode
 from .report import METRICS, format_table, plot_report, shortfalls, table_rows, verdict, write_report
 from .stages import pretrain_connector, train_one
 from .tower import pretrain_vision_tower
 
 
+SGG_VARIANTS = ("none", "mda", "mean_ratio", "decay_only")
+
+
+def implied_decay(sgg: dict) -> dict:
+    """train.lr_step_decay that mimics the mean_ratio rule when every cluster's target scale is ~0.
+
+    The rule's scales are EMAs, s <- beta3 * s + (1 - beta3) * target, started at 1 and clamped to the
+    lower scale bound; with the targets near 0 (cluster means ~1e-4 against EMAs started at 1) every
+    re-clustering multiplies the step by beta3, down to the bound.
+    """
+    return {"every": sgg["recluster_interval"], "factor": sgg["beta3"],
+            "floor": sgg.get("scale_bounds", SCALE_BOUNDS)[0]}
+
+
+def with_sgg(optimizers: Sequence[str], settings: DemoSettings, sgg: str) -> tuple[list[str], DemoSettings]:
+    if sgg not in SGG_VARIANTS:
+        raise ValueError(f"sgg must be one of {', '.join(SGG_VARIANTS)}, got {sgg!r}")
+    wrapped = [name for name in optimizers if name.endswith("_sgg")]
+    if wrapped:
+        raise ValueError(f"with sgg={sgg!r} name the base optimizers (adamw, adafactor, lamb), not {wrapped}")
+    if sgg in ("mda", "mean_ratio"):
+        return [f"{name}_sgg" for name in optimizers], dataclasses.replace(settings, sgg={**settings.sgg, "rule": sgg})
+    if sgg == "decay_only":
+        return list(optimizers), dataclasses.replace(settings, lr_step_decay=implied_decay(settings.sgg))
+    return list(optimizers), settings
+
+
 def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | None = None,
              settings: DemoSettings | None = None, steps: int | None = None,
              optimizers: Sequence[str] = OPTIMIZERS, seed: int | None = None, lr_scale: float = 1.0,
-             rule: str | None = None, result: str | Path | None = None) -> dict:
+             rule: str | None = None, result: str | Path | None = None, mode: str = "full",
+             lr_step_decay: dict | None = None, prepare_only: bool = False, sgg: str | None = None) -> dict:
     """Build data, fine-tune with each optimizer, evaluate, compare with baselines, write the report.
 
     ``settings`` replaces the recipe that ``quick``, the device and ``steps`` pick (see :func:`recipe`);
-    ``seed``, ``lr_scale`` (both learning rates multiplied) and ``rule`` (SGG's scaling rule) change it, for a study
+    ``seed``, ``lr_scale`` (both learning rates multiplied), ``rule`` (SGG's scaling rule), ``mode`` ("full" or
+    "lora", see recipes.LORA) and ``lr_step_decay`` (train.lr_step_decay of the fine-tuning runs) change it, for a study
     (``llava-sgg study``), whose run reads ``result``: ``{"metrics": {label: value}, "curves":
     {"train_loss": [[step, loss], ...]}}``, names prefixed with the optimizer's when there are several.
+    ``sgg`` turns ``optimizers`` (base names) into: "none" the plain optimizers, "mda" / "mean_ratio"
+    their SGG versions with that rule, "decay_only" the plain optimizers with the stepwise learning-rate
+    decay that the mean_ratio rule's scales follow while the momentum is small (:func:`implied_decay`).
+    ``prepare_only`` builds what the fine-tuning runs start from (data, tower, decoder, connector) into
+    ``cache`` and stops: runs of a study that share a seed then share that cache, read-only.
     """
     start = time.time()
     output = Path(output)
@@ -50,9 +85,12 @@ def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | Non
     gpu = torch.cuda.is_available()
     if settings is None:
         settings = recipe(quick, gpu, steps)
-    settings = dataclasses.replace(settings, seed=settings.seed if seed is None else seed,
+    settings = dataclasses.replace(with_mode(settings, mode),
+                                   lr_step_decay=settings.lr_step_decay if lr_step_decay is None else lr_step_decay, seed=settings.seed if seed is None else seed,
                                    lr=settings.lr * lr_scale, mm_projector_lr=settings.mm_projector_lr * lr_scale,
                                    sgg=settings.sgg if rule is None else {**settings.sgg, "rule": rule})
+    if sgg is not None:
+        optimizers, settings = with_sgg(optimizers, settings, sgg)
     data = build_demo_data(cache / "demo-data", settings.data)
     vision = vision_tower(cache / "models", settings.vision, settings.seed)
     tower_report = None
@@ -65,6 +103,11 @@ def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | Non
                                                       settings.alignment)
     if settings.connector is not None:
         projector = pretrain_connector(settings, vision, language_model, data, cache / "models", projector)
+    if prepare_only:
+        print(f"prepared in {time.time() - start:.0f} s under {cache}: tower {vision.name}, decoder "
+              f"{language_model.name}, connector {projector.name if projector else 'random'}")
+        return {"cache": str(cache), "vision": str(vision), "language_model": str(language_model),
+                "projector": str(projector) if projector else None}
     seconds_per_step = eval_seconds = None
     if settings.time_budget is not None:
         seconds_per_step, eval_seconds = probe_costs(settings, vision, language_model, data, output / "step-probe",
@@ -95,7 +138,7 @@ def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | Non
                "tower_pretraining": tower_report, "connector_alignment": alignment_report,
                "table": {name: values for name, values in rows}, "steps": settings.steps,
                "seed": settings.seed, "lr": settings.lr, "mm_projector_lr": settings.mm_projector_lr,
-               "sgg": settings.sgg,
+               "sgg": settings.sgg, "mode": settings.mode, "lr_step_decay": settings.lr_step_decay,
                "seconds_per_step": seconds_per_step, "evaluation_seconds_estimate": eval_seconds,
                "time_budget": settings.time_budget,
                "below_baseline": shortfalls(rows),

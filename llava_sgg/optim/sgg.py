@@ -40,6 +40,7 @@ __all__ = ["SGG", "steps_for"]
 
 CLUSTER_ON = ("abs", "signed")
 RULES = ("mda", "mean_ratio")
+SCALE_BOUNDS = (0.1, 10.0)  # the paper's clamp of every scale, and the authors' code's
 AUTHORS_KMEANS_SEED = 42  # the random_state of the authors' MiniBatchKMeans (backend="sklearn", rule="mean_ratio")
 ASSIGNMENTS = ("frozen", "dynamic")
 BACKENDS = ("torch", "sklearn")
@@ -145,7 +146,7 @@ class SGG(Optimizer):
     """
 
     def __init__(self, optimizer: Optimizer, n_clusters: int = 3, recluster_interval: int = 500,
-                 beta3: float = 0.99, scale_bounds: tuple[float, float] = (0.1, 10.0), eps: float = 1e-8, *,
+                 beta3: float = 0.99, scale_bounds: tuple[float, float] = SCALE_BOUNDS, eps: float = 1e-8, *,
                  cluster_on: str = "abs", assignment: str = "frozen", backend: str = "torch",
                  exact_limit: int = 2**22, sample_size: int = 2**20, seed: int = 0, fused: bool = True,
                  rule: str = "mda", mean_decay: float = 0.95):

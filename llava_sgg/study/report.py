@@ -2,8 +2,11 @@
 
 Runs that differ only in their ``seed`` form one variant. For each metric of the runs' results, a
 table gives every variant's mean ± standard deviation over its seeds (sample std, ddof=1) and, when
-the plan names a baseline (``compare.baseline``), its difference from the baseline's mean with the
-two-sided p-value of Welch's t-test (unequal variances) on the two sets of seeds. The verdict says
+the plan names a baseline (``compare.baseline``), its difference from its baseline's mean with the
+two-sided p-value of Welch's t-test (unequal variances) on the two sets of seeds. A variant's
+baseline is the variant with the baseline's values and the variant's own other values: with
+``baseline: {sgg: none}``, ``optimizer=lamb, sgg=mda, lr_scale=3`` is compared with
+``optimizer=lamb, sgg=none, lr_scale=3``. The verdict says
 "better" or "worse" (by ``compare.metrics``' direction) only when p < 0.05, "no difference beyond
 seed spread" otherwise, and "too few seeds" below two a side: with three seeds only large, steady
 differences pass, which is the honest reading of a small study.
@@ -25,9 +28,9 @@ import numpy as np
 import yaml
 
 from ..plotting import pyplot, save
-from .runner import read_record
+from .runner import Plan, read_record
 
-__all__ = ["ALPHA", "compare", "load_study", "variants", "write_report"]
+__all__ = ["ALPHA", "baseline_of", "compare", "load_study", "variants", "write_report"]
 
 ALPHA = 0.05
 SEED = "seed"
@@ -87,11 +90,19 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def _table(metric: str, groups: dict, baseline: tuple | None, better: str | None) -> list[str]:
+def baseline_of(variant: tuple, baseline: dict | None) -> tuple | None:
+    """The variant ``variant`` is compared with: the baseline's values, ``variant``'s other values."""
+    if not baseline:
+        return None
+    return tuple((k, baseline.get(k, v)) for k, v in variant)
+
+
+def _table(metric: str, groups: dict, baseline: dict | None, better: str | None) -> list[str]:
     lines = [f"### {metric}" + (f" ({better} is better)" if better else ""), "",
              "| variant | seeds | mean ± std | Δ vs baseline | p (Welch) | verdict |", "|---|---|---|---|---|---|"]
-    base = _metric_values(groups[baseline], metric) if baseline in groups else []
     for variant, records in groups.items():
+        reference = baseline_of(variant, baseline)
+        base = _metric_values(groups[reference], metric) if reference in groups else []
         values = _metric_values(records, metric)
         failed = sum(r["status"] == "failed" for r in records)
         seeds = f"{len(values)}" + (f" (+{failed} failed)" if failed else "")
@@ -99,7 +110,7 @@ def _table(metric: str, groups: dict, baseline: tuple | None, better: str | None
             lines.append(f"| {_label(variant)} | {seeds} | — | — | — | no result |")
             continue
         spread = f"{_fmt(np.mean(values))} ± {_fmt(np.std(values, ddof=1)) if len(values) > 1 else '—'}"
-        if variant == baseline:
+        if variant == reference:
             lines.append(f"| **{_label(variant)}** (baseline) | {seeds} | {spread} | — | — | — |")
         elif base:
             p, verdict = compare(values, base, better)
@@ -145,6 +156,8 @@ def _lr_plots(records: list[dict], metrics: list[str], lr_key: str, plots: Path)
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for variant, rs in others.items():
             lrs = sorted({r["values"][lr_key] for r in rs})
+            if len(lrs) < 2:  # a variant the plan runs at one learning rate only
+                continue
             means, stds, failed = [], [], []
             for lr in lrs:
                 at = [r for r in rs if r["values"][lr_key] == lr]
@@ -178,18 +191,17 @@ def write_report(study_dir: str | os.PathLike, out: str | os.PathLike | None = N
     compare_spec = plan.get("compare") or {}
     directions = compare_spec.get("metrics") or {}
     groups = variants(records)
-    baseline_values = compare_spec.get("baseline")
-    baseline = None
-    if baseline_values:
-        baseline = next((v for v in groups if all(dict(v).get(k) == x for k, x in baseline_values.items())), None)
+    baseline = compare_spec.get("baseline")
     metrics = list(directions) + sorted({m for r in records if r["status"] == "finished"
                                          for m in r.get("result", {}).get("metrics", {})} - set(directions))
     finished = sum(r["status"] == "finished" for r in records)
-    planned = math.prod(len(v) for v in plan["grid"].values())
+    study = Plan(plan["name"], plan["command"], plan["grid"], plan.get("fixed") or {}, compare_spec)
+    planned = len(study.runs(study_dir))
+    grids = study.grids
+    described = " + ".join("; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in grid.items()) for grid in grids)
     lines = [f"# Study: {plan['name']}", "",
              f"{planned} runs planned, {finished} finished, {len(records) - finished} failed, "
-             f"{planned - len(records)} not run. Command: `{' '.join(plan['command'])}`; grid: "
-             + "; ".join(f"{k} = {', '.join(map(str, v))}" for k, v in plan["grid"].items())
+             f"{planned - len(records)} not run. Command: `{' '.join(plan['command'])}`; grid: " + described
              + (f"; fixed: {', '.join(f'{k}={v}' for k, v in plan.get('fixed', {}).items())}" if plan.get("fixed")
                 else "") + ".", "",
              f"Each row is a variant's runs over its seeds: mean ± sample std. Against the baseline, Welch's "
@@ -204,8 +216,8 @@ def write_report(study_dir: str | os.PathLike, out: str | os.PathLike | None = N
             lines.append(f"- `{r['key']}` (exit {r['returncode']}): {last[0][:200]}")
         lines.append("")
     images = _curve_plots(groups, plots)
-    lr_key = next((k for k in plan["grid"] if k.startswith("lr")), None)
-    if lr_key is not None and len(plan["grid"][lr_key]) > 1:
+    lr_key = next((k for k in grids[0] if k.startswith("lr")), None)
+    if lr_key is not None and len({str(v) for grid in grids for v in grid[lr_key]}) > 1:
         images += _lr_plots(records, metrics, lr_key, plots)
     if images:
         lines += ["### Plots", ""] + [f"![{p.stem}]({p.relative_to(out.parent)})" for p in images] + [""]

@@ -10,6 +10,8 @@ A plan is YAML:
       lr_scale: [1, 3, 10]
       seed: [0, 1, 2]
       # names joined by "+" vary together: [[adamw, mda], [adamw_sgg, mean_ratio]] gives 2 values, not 4
+    # grid may also be a list of such mappings, all naming the same keys: the runs are their union
+    # (a run two of them name runs once), and `--part N` runs the N-th alone (a study split over machines).
     fixed: {steps: 2500}       # optional: values every run gets (placeholders too)
     compare:                   # optional, for `llava-sgg report`
       baseline: {optimizer: adamw}
@@ -18,7 +20,7 @@ A plan is YAML:
 Each run gets a folder ``<study>/runs/<key>/``, ``key`` naming its grid values in the plan's order
 (``optimizer=adamw,lr_scale=1,seed=0``). Its command's ``{name}`` placeholders are filled from the
 grid, ``fixed``, ``{result}`` (the JSON file the command must write: ``{"metrics": {name: number},
-"curves": {name: [[step, value], ...]}, ...}``) and ``{run_dir}``. The runner writes ``record.json``
+"curves": {name: [[step, value], ...]}, ...}``), ``{run_dir}`` and ``{study_dir}``. The runner writes ``record.json``
 beside it: the values, the command, the exit status, the wall time and the result. A run whose
 record says it finished with the same command is skipped, so a killed study resumes where it
 stopped; a run that failed (a diverging run stops with an error) keeps its record, is reported as
@@ -44,7 +46,7 @@ import yaml
 __all__ = ["Plan", "PlanError", "Run", "load_plan", "run_study"]
 
 PLAN_KEYS = {"name", "command", "grid", "fixed", "compare"}
-RESERVED = {"result", "run_dir"}
+RESERVED = {"result", "run_dir", "study_dir"}
 STDERR_KEPT = 4000  # characters of a failed run's log kept in its record
 
 
@@ -63,20 +65,32 @@ class Run:
 class Plan:
     name: str
     command: list[str]
-    grid: dict[str, list]
+    grid: dict[str, list] | list[dict[str, list]]  # as the plan gives it
     fixed: dict = field(default_factory=dict)
     compare: dict = field(default_factory=dict)
 
-    def runs(self, study_dir: Path) -> list[Run]:
-        runs = []
-        for combo in itertools.product(*self.grid.values()):
-            values = {name: _joined(value) for name, value in zip(self.grid, combo)}
-            key = ",".join(f"{name}={_slug(value)}" for name, value in values.items())
-            folder = study_dir / "runs" / key
-            fill = {**self.fixed, "result": str(folder / "result.json"), "run_dir": str(folder)}
-            for name, value in zip(self.grid, combo):
-                fill.update(zip(name.split("+"), value) if "+" in name else {name: value})
-            runs.append(Run(key, values, tuple(part.format(**fill) for part in self.command)))
+    @property
+    def grids(self) -> list[dict[str, list]]:
+        return self.grid if isinstance(self.grid, list) else [self.grid]
+
+    def runs(self, study_dir: Path, part: int | None = None) -> list[Run]:
+        """Every run of the plan (of its ``part``-th grid alone, counted from 1), in the plan's order."""
+        runs, seen = [], set()
+        for index, grid in enumerate(self.grids, start=1):
+            if part is not None and index != part:
+                continue
+            for combo in itertools.product(*grid.values()):
+                values = {name: _joined(value) for name, value in zip(grid, combo)}
+                key = ",".join(f"{name}={_slug(value)}" for name, value in values.items())
+                if key in seen:
+                    continue
+                seen.add(key)
+                folder = study_dir / "runs" / key
+                fill = {**self.fixed, "result": str(folder / "result.json"), "run_dir": str(folder),
+                        "study_dir": str(study_dir)}
+                for name, value in zip(grid, combo):
+                    fill.update(zip(name.split("+"), value) if "+" in name else {name: value})
+                runs.append(Run(key, values, tuple(part.format(**fill) for part in self.command)))
         return runs
 
 
@@ -113,19 +127,26 @@ def load_plan(path: str | os.PathLike) -> Plan:
     if not isinstance(command, list) or not command or not all(isinstance(c, (str, int, float)) for c in command):
         raise PlanError(f"{path}: command must be a list of strings (the program and its arguments)")
     command = [str(c) for c in command]
-    if not isinstance(grid, dict) or not grid:
-        raise PlanError(f"{path}: grid must map each varied name to a list of values")
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise PlanError(f"{path}: grid.{key} must be a non-empty list of values")
-        if "+" in key and not all(isinstance(v, list) and len(v) == len(key.split("+")) for v in values):
-            raise PlanError(f"{path}: grid.{key} varies {len(key.split('+'))} names together: each value must be "
-                            f"a list of {len(key.split('+'))}")
-        if len({_slug(_joined(v)) for v in values}) != len(values):
-            raise PlanError(f"{path}: grid.{key} has values that name the same run: {values}")
+    grids = grid if isinstance(grid, list) and grid else [grid]
+    for index, one in enumerate(grids):
+        where = f"grid[{index}]" if isinstance(grid, list) else "grid"
+        if not isinstance(one, dict) or not one:
+            raise PlanError(f"{path}: {where} must map each varied name to a list of values"
+                            + (" (or grid be a list of such mappings)" if not isinstance(grid, list) else ""))
+        if list(one) != list(grids[0]):
+            raise PlanError(f"{path}: {where} names {', '.join(one)}; every grid of the list must name "
+                            f"{', '.join(grids[0])}, in that order")
+        for key, values in one.items():
+            if not isinstance(values, list) or not values:
+                raise PlanError(f"{path}: {where}.{key} must be a non-empty list of values")
+            if "+" in key and not all(isinstance(v, list) and len(v) == len(key.split("+")) for v in values):
+                raise PlanError(f"{path}: {where}.{key} varies {len(key.split('+'))} names together: each value "
+                                f"must be a list of {len(key.split('+'))}")
+            if len({_slug(_joined(v)) for v in values}) != len(values):
+                raise PlanError(f"{path}: {where}.{key} has values that name the same run: {values}")
     if not isinstance(fixed, dict):
         raise PlanError(f"{path}: fixed must map names to values")
-    names = {name for key in grid for name in key.split("+")}
+    names = {name for key in grids[0] for name in key.split("+")}
     clash = (names & set(fixed)) | ((names | set(fixed)) & RESERVED)
     if clash:
         raise PlanError(f"{path}: {', '.join(sorted(clash))} is given twice (grid, fixed, or the runner's "
@@ -136,15 +157,15 @@ def load_plan(path: str | os.PathLike) -> Plan:
             if placeholder not in known:
                 raise PlanError(f"{path}: command placeholder {{{placeholder}}} is not in grid or fixed "
                                 f"(known: {', '.join(sorted(known))})")
-    _check_compare(path, compare, grid)
+    _check_compare(path, compare, grids)
     return Plan(name, command, grid, fixed, compare)
 
 
-def _check_compare(path: Path, compare: dict, grid: dict) -> None:
+def _check_compare(path: Path, compare: dict, grids: list[dict]) -> None:
     if not isinstance(compare, dict) or set(compare) - {"baseline", "metrics"}:
         raise PlanError(f"{path}: compare takes baseline (grid values) and metrics (name: lower|higher)")
     for key, value in (compare.get("baseline") or {}).items():
-        if key not in grid or value not in [_joined(v) for v in grid[key]]:
+        if key not in grids[0] or value not in [_joined(v) for grid in grids for v in grid[key]]:
             raise PlanError(f"{path}: compare.baseline.{key}={value!r} is not a grid value")
     for metric, better in (compare.get("metrics") or {}).items():
         if better not in ("lower", "higher"):
@@ -191,8 +212,8 @@ def _execute(study_dir: Path, run: Run) -> dict:
 
 
 def run_study(plan: Plan, study_dir: str | os.PathLike, *, jobs: int = 1, retry_failed: bool = False,
-              echo: Callable[[str], object] = print) -> list[dict]:
-    """Run every run of ``plan`` not yet finished (with ``jobs`` at a time); returns every run's record.
+              part: int | None = None, echo: Callable[[str], object] = print) -> list[dict]:
+    """Run every run of ``plan`` (of its ``part``-th grid) not yet finished, ``jobs`` at a time; returns their records.
 
     The plan is copied into the study folder (``plan.yaml``), which ``llava-sgg report`` reads.
     """
@@ -201,7 +222,10 @@ def run_study(plan: Plan, study_dir: str | os.PathLike, *, jobs: int = 1, retry_
     (study_dir / "plan.yaml").write_text(yaml.safe_dump(
         {"name": plan.name, "command": plan.command, "grid": plan.grid, "fixed": plan.fixed,
          "compare": plan.compare}, sort_keys=False))
-    runs = plan.runs(study_dir)
+    if part is not None and not 1 <= part <= len(plan.grids):
+        raise PlanError(f"plan {plan.name!r} has {len(plan.grids)} grid(s); part must be 1..{len(plan.grids)}, "
+                        f"got {part}")
+    runs = plan.runs(study_dir, part)
     records, todo = {}, []
     for run in runs:
         record = read_record(_record_path(study_dir, run))

@@ -63,6 +63,11 @@ class TrainConfig:
     mm_projector_lr: float | None = None  # None: the optimizer's lr
     warmup_ratio: float = 0.03
     lr_scheduler_type: str = "cosine"
+    # Multiplies the schedule by max(factor ** (step // every), floor): the stepwise decay that SGG's
+    # mean_ratio rule applies to its scales when the momentum is small (every = recluster_interval,
+    # factor = beta3, floor = the lower scale bound), for runs that test whether that decay alone
+    # explains the rule's effect. None: the schedule alone. A mapping {every, factor, floor}.
+    lr_step_decay: dict | None = None
     max_grad_norm: float = 1.0
     # A step whose loss or gradient norm is NaN or infinite stops the run before the optimizer applies
     # it (train/guards.py); up to this many such steps are skipped first (no weight moves in them).
@@ -310,6 +315,24 @@ def _validate_train(t: TrainConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: train.lr_scheduler_type must be one of {', '.join(schedulers)}; "
                           f"got {t.lr_scheduler_type!r}")
     _validate_report_to(t.report_to, origin)
+    _validate_step_decay(t.lr_step_decay, origin)
+
+
+def _validate_step_decay(decay, origin: str) -> None:
+    if decay is None:
+        return
+    want = "a mapping {every: integer >= 1, factor: number in (0, 1], floor: number in [0, 1]} or null"
+    if not isinstance(decay, dict):
+        raise ConfigError(f"{origin}: train.lr_step_decay must be {want}, got {decay!r}")
+    unknown = set(decay) - {"every", "factor", "floor"}
+    missing = {"every", "factor", "floor"} - set(decay)
+    if unknown or missing:
+        raise ConfigError(f"{origin}: train.lr_step_decay must be {want}; "
+                          + (f"unknown {sorted(unknown)}" if unknown else f"missing {sorted(missing)}"))
+    every, factor, floor = decay["every"], decay["factor"], decay["floor"]
+    if not (_is_int(every) and every >= 1 and _is_number(factor) and 0 < factor <= 1
+            and _is_number(floor) and 0 <= floor <= 1):
+        raise ConfigError(f"{origin}: train.lr_step_decay must be {want}, got {decay!r}")
 
 
 def _validate_report_to(report_to, origin: str) -> None:

@@ -170,7 +170,7 @@ def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
         model=model, args=args, train_dataset=dataset,
         data_collator=DataCollatorForLlava(processor.tokenizer.pad_token_id),
         optimizer_config=cfg.optimizer, mm_projector_lr=cfg.train.mm_projector_lr,
-        max_bad_steps=cfg.train.max_bad_steps,
+        max_bad_steps=cfg.train.max_bad_steps, lr_step_decay=cfg.train.lr_step_decay,
         modality_lengths=dataset.modality_lengths if d.group_by_modality_length else None,
     )
     return trainer, processor

@@ -53,6 +53,27 @@ def llava_param_groups(model: nn.Module, lr: float, weight_decay: float, mm_proj
             for (projector, decay), params in sorted(groups.items())]
 
 
+def step_decayed(scheduler, every: int, factor: float, floor: float):
+    """``scheduler`` (a LambdaLR, as transformers' schedules are) times max(factor ** (step // every), floor).
+
+    ``step`` counts optimizer steps from 1, as SGG counts them: the decay applies from step ``every``
+    on, the step at which SGG re-clusters and rescales. The lambdas are closures, so the scheduler's
+    state dict (checkpoints) keeps only the step count, as transformers' own schedules do.
+    """
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if type(scheduler) is not LambdaLR:
+        raise ValueError(f"train.lr_step_decay needs a LambdaLR schedule, got {type(scheduler).__name__}")
+
+    def decayed(schedule):
+        return lambda index: schedule(index) * max(factor ** ((index + 1) // every), floor)
+
+    optimizer = scheduler.optimizer
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base  # LambdaLR starts from the groups' lr; the inner schedule has already scaled it
+    return LambdaLR(optimizer, [decayed(schedule) for schedule in scheduler.lr_lambdas])
+
+
 class LlavaTrainer(Trainer):
     """Trainer whose optimizer is any :func:`build_optimizer` name, SGG ones included."""
 
@@ -61,8 +82,10 @@ class LlavaTrainer(Trainer):
     resumed_finished_run = False  # set as training starts: the checkpoint resumed from ends the schedule
 
     def __init__(self, *args, optimizer_config: dict, mm_projector_lr: float | None = None,
-                 modality_lengths: list[int] | None = None, max_bad_steps: int = 0, **kwargs):
+                 modality_lengths: list[int] | None = None, max_bad_steps: int = 0,
+                 lr_step_decay: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.lr_step_decay = lr_step_decay
         self.optimizer_config = dict(optimizer_config)
         self.mm_projector_lr = mm_projector_lr
         self.modality_lengths = modality_lengths
@@ -96,6 +119,13 @@ class LlavaTrainer(Trainer):
             if self.is_deepspeed_enabled:
                 refuse_zero(self.optimizer)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is not None or self.lr_step_decay is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.lr_scheduler = step_decayed(scheduler, **self.lr_step_decay)
+        return self.lr_scheduler
 
     def _sgg(self) -> SGG | None:
         """The SGG inside accelerate's optimizer wrapper, if the run uses one."""
