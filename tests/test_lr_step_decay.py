@@ -87,6 +87,13 @@ def test_a_bad_step_decay_is_a_config_error(value, message):
                           "train": {"lr_step_decay": value}})
 
 
+def test_a_step_decay_on_a_plateau_schedule_is_refused_before_training():
+    with pytest.raises(ConfigError, match="reduce_lr_on_plateau is not one"):
+        build_run_config({"model": {"vision_tower": "v", "language_model": "l"}, "data": {"data_path": "d"},
+                          "train": {"lr_step_decay": {"every": 5, "factor": 0.9, "floor": 0.1},
+                                    "lr_scheduler_type": "reduce_lr_on_plateau"}})
+
+
 def test_the_trainer_runs_its_schedule_with_the_decay(tmp_path):
     parts, data = make_parts(tmp_path), make_dataset(tmp_path)
     cfg = tiny_run(parts, data, tmp_path / "out", "full", {"name": "adamw", "lr": 1e-3}, max_steps=6,

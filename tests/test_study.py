@@ -215,3 +215,24 @@ def test_each_variant_is_compared_with_the_baseline_of_its_other_values(tmp_path
         assert f"| optimizer={optimizer}, sgg=mda, lr_scale={lr} | 3 | " in report
     assert report.count("| +5 |") == 3 and report.count("(baseline)") == 3
     assert "18 runs planned, 18 finished" in report
+
+
+def test_the_summary_table_marks_only_differences_beyond_the_seed_spread(tmp_path):
+    import yaml
+
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump({
+        "name": "summary", "command": ["x"], "grid": {"rule": ["none", "mda", "mean_ratio"], "seed": [0, 1, 2]},
+        "compare": {"baseline": {"rule": "none"}, "metrics": {"acc": "higher", "loss": "lower"}}}))
+    values = {"none": ([50.0, 51.0, 49.0], [1.0, 1.1, 0.9]), "mda": ([60.0, 61.0, 59.0], [1.0, 1.2, 0.8]),
+              "mean_ratio": ([40.0, 41.0, 39.0], [2.0, 2.1, 1.9])}
+    for rule, (accs, losses) in values.items():
+        for seed in range(3):
+            folder = tmp_path / "runs" / f"rule={rule},seed={seed}"
+            folder.mkdir(parents=True)
+            (folder / "record.json").write_text(json.dumps({
+                "key": folder.name, "values": {"rule": rule, "seed": seed}, "status": "finished", "returncode": 0,
+                "result": {"metrics": {"acc": accs[seed], "loss": losses[seed]}}}))
+    report = write_report(tmp_path).read_text()
+    assert "| **rule=none** | 3 | 50 ± 1 | 1 ± 0.1 |" in report
+    assert "| rule=mda | 3 | 60 ± 1 ▲ | 1 ± 0.2 |" in report  # same loss: no mark
+    assert "| rule=mean_ratio | 3 | 40 ± 1 ▼ | 2 ± 0.1 ▼ |" in report

@@ -11,6 +11,9 @@ baseline is the variant with the baseline's values and the variant's own other v
 seed spread" otherwise, and "too few seeds" below two a side: with three seeds only large, steady
 differences pass, which is the honest reading of a small study.
 
+The report opens with one summary table (every metric, each variant marked where its verdict is
+better or worse), then a table per metric.
+
 Plots (PNG, beside the markdown): each curve of the results (``"curves": {name: [[step, value], ...]}``)
 as the mean over seeds with a ±1 std band per variant, SGG's scale trajectories among them when the
 runs record them; and when the grid varies a learning rate (a grid key starting with ``lr``), each
@@ -121,6 +124,32 @@ def _table(metric: str, groups: dict, baseline: dict | None, better: str | None)
     return lines + [""]
 
 
+def _summary(metrics: list[str], groups: dict, baseline: dict | None, directions: dict) -> list[str]:
+    """One table of every metric: mean ± std per variant, marked where its baseline comparison is a verdict."""
+    marks = {"better": " ▲", "worse": " ▼", "higher": " ↑", "lower": " ↓"}
+    lines = ["| variant | seeds | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for variant, records in groups.items():
+        reference = baseline_of(variant, baseline)
+        cells = []
+        for metric in metrics:
+            values = _metric_values(records, metric)
+            if not values:
+                cells.append("—")
+                continue
+            cell = _fmt(np.mean(values)) + (f" ± {_fmt(np.std(values, ddof=1))}" if len(values) > 1 else "")
+            if reference in groups and reference != variant:
+                _, verdict = compare(values, _metric_values(groups[reference], metric), directions.get(metric))
+                cell += marks.get(verdict, "")
+            cells.append(cell)
+        finished = sum(r["status"] == "finished" for r in records)
+        failed = len(records) - finished
+        name = f"**{_label(variant)}**" if reference == variant else _label(variant)
+        lines.append(f"| {name} | {finished}" + (f" (+{failed} failed)" if failed else "") + " | "
+                     + " | ".join(cells) + " |")
+    return lines + ["", "Bold: a baseline. ▲ / ▼: better / worse than its baseline at p < "
+                    f"{ALPHA} (Welch); unmarked: no difference beyond seed spread (or too few seeds).", ""]
+
+
 def _curve_plots(groups: dict, plots: Path) -> list[Path]:
     plt = pyplot()
     names = sorted({n for rs in groups.values() for r in rs if r["status"] == "finished"
@@ -206,6 +235,7 @@ def write_report(study_dir: str | os.PathLike, out: str | os.PathLike | None = N
                 else "") + ".", "",
              f"Each row is a variant's runs over its seeds: mean ± sample std. Against the baseline, Welch's "
              f"two-sided t-test on the seeds; a difference is called better or worse only at p < {ALPHA}.", ""]
+    lines += ["## Summary", ""] + _summary(metrics, groups, baseline, directions) + ["## Per metric", ""]
     for metric in metrics:
         lines += _table(metric, groups, baseline, directions.get(metric))
     failed = [r for r in records if r["status"] == "failed"]

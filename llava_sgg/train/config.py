@@ -316,6 +316,9 @@ def _validate_train(t: TrainConfig, origin: str) -> None:
                           f"got {t.lr_scheduler_type!r}")
     _validate_report_to(t.report_to, origin)
     _validate_step_decay(t.lr_step_decay, origin)
+    if t.lr_step_decay is not None and t.lr_scheduler_type == "reduce_lr_on_plateau":
+        raise ConfigError(f"{origin}: train.lr_step_decay multiplies a step-indexed schedule; "
+                          "train.lr_scheduler_type reduce_lr_on_plateau is not one")
 
 
 def _validate_step_decay(decay, origin: str) -> None:
