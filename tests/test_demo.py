@@ -118,6 +118,24 @@ def test_a_quick_demo_run_as_a_study_runs_it(tmp_path):
     assert set(found["summary"]["table"]) == {"lamb_sgg", "chance", "majority"}
     assert found["summary"]["seed"] == 1 and found["summary"]["lr"] == 2 * recipes_lr()
     assert found["summary"]["sgg"]["rule"] == "mean_ratio"
+    # The quick recipe re-clusters every step with beta3 0.5: the rule's scales halve each time while the
+    # targets (cluster means over EMAs started at 1) stay near 0 -- the decay `--sgg decay_only` mimics.
+    medians = [value for _, value in found["curves"]["sgg_scale_median"]]
+    assert medians == pytest.approx([0.5 ** k for k in range(1, len(medians) + 1)], rel=0.05)
+
+
+@pytest.mark.slow  # the whole demo job, twice
+def test_the_study_variants_of_the_demo_run(tmp_path):
+    """--prepare-only builds a seed's start; LoRA, and the decay-only control, then run from it."""
+    cache = tmp_path / "cache"
+    assert main(["demo", "--quick", "--prepare-only", "--output", str(tmp_path / "p"), "--cache", str(cache)]) == 0
+    built = sorted(p.name for p in (cache / "models").iterdir())
+    result = tmp_path / "result.json"
+    assert main(["demo", "--quick", "--output", str(tmp_path / "lora"), "--cache", str(cache), "--mode", "lora",
+                 "--optimizers", "adamw", "--sgg", "decay_only", "--result", str(result)]) == 0
+    assert sorted(p.name for p in (cache / "models").iterdir()) == built  # nothing new: the start was shared
+    summary = json.loads(result.read_text())["summary"]
+    assert summary["mode"] == "lora" and summary["lr_step_decay"] == {"every": 1, "factor": 0.5, "floor": 0.1}
 
 
 def recipes_lr() -> float:

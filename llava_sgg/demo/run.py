@@ -152,6 +152,10 @@ def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | Non
         metrics.update({f"{prefix(n)}final_loss": r["losses"][-1] for n, r in runs.items()})
         curves = {f"{prefix(n)}train_loss": [[step, loss] for step, loss in enumerate(r["losses"], start=1)]
                   for n, r in runs.items()}
+        for n, r in runs.items():  # SGG's scales: min, median and max over every layer's clusters
+            for column, stat in enumerate(("min", "median", "max"), start=1):
+                if r["scale_spread"]:
+                    curves[f"{prefix(n)}sgg_scale_{stat}"] = [[row[0], row[column]] for row in r["scale_spread"]]
         Path(result).write_text(json.dumps({"metrics": metrics, "curves": curves, "summary": summary}))
     print(f"\n{format_table(rows)}\n\n" + "\n".join(verdict(rows, settings.steps)) + f"\n\nwall time {seconds:.0f} s on {device}; report: {report}")
     return summary

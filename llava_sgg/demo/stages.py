@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -23,16 +24,24 @@ class ScaleRecorder(TrainerCallback):
     def __init__(self, model):
         self.names = {p: n for n, p in model.named_parameters()}
         self.history: dict[str, list[list[float]]] = {}
+        # [step, min, median, max] over every grouped layer's cluster scales, at each step that changed them.
+        self.spread: list[list[float]] = []
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         sgg = getattr(optimizer, "optimizer", optimizer)
         if not hasattr(sgg, "cluster_scales"):
             return
+        every = []
         for group in sgg.param_groups:
             for p in group["params"]:
                 scales = sgg.cluster_scales(p)
                 if scales is not None:
                     self.history.setdefault(self.names.get(p, "?"), []).append(scales.tolist())
+                    every += scales.tolist()
+        if every:
+            row = [state.global_step, min(every), float(statistics.median(every)), max(every)]
+            if not self.spread or self.spread[-1][1:] != row[1:]:
+                self.spread.append(row)
 
 
 def pretrain_connector(settings: DemoSettings, vision: Path, language_model: Path, data, cache: Path,
@@ -99,4 +108,5 @@ def train_one(settings, vision, language_model, data, output: Path, name: str, p
     save_outputs(trainer, processor, cfg)
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return {"trainer": trainer, "processor": processor, "losses": losses, "scales": recorder.history,
+            "scale_spread": recorder.spread,
             "train_seconds": seconds, "output": output}
