@@ -173,6 +173,10 @@ def test_bad_arguments_stop_before_any_work(corpus, tmp_path, monkeypatch, capsy
         assert message in capsys.readouterr().err
     assert lm.main(["train", "--optimizer", "adamw_sgg", *good, *TINY, "--result", str(tmp_path / "r.json")]) == 2
     assert "needs --recluster-interval" in capsys.readouterr().err
+    assert lm.main([*base, *good, "--sgg", "mda"]) == 2  # --optimizer and --sgg: one of them
+    assert "give --optimizer (with --rule) or --sgg, one of them" in capsys.readouterr().err
+    assert lm.main(["train", "--sgg", "mean_ratio", *good, *TINY, "--result", str(tmp_path / "r.json")]) == 2
+    assert "--optimizer adamw_sgg needs --recluster-interval" in capsys.readouterr().err  # --sgg picked adamw_sgg
     with pytest.raises(SystemExit):
         lm.main([*base, *good, "--optimizer", "lamb"])
     assert not (tmp_path / "r.json").exists()
@@ -204,7 +208,3 @@ def test_a_model_folder_goes_whole_to_one_side_of_the_split():
     for path in files:
         sides.setdefault(path.split("/")[1], set()).add(lm.is_validation(path, 5))
     assert all(len(side) == 1 for side in sides.values()) and {True, False} == set().union(*sides.values())
-    assert lm.main([*base, *good, "--sgg", "mda"]) == 2  # --optimizer and --sgg: one of them
-    assert "give --optimizer (with --rule) or --sgg, one of them" in capsys.readouterr().err
-    assert lm.main(["train", "--sgg", "mean_ratio", *good, *TINY, "--result", str(tmp_path / "r.json")]) == 2
-    assert "--optimizer adamw_sgg needs --recluster-interval" in capsys.readouterr().err  # --sgg picked adamw_sgg

@@ -24,6 +24,7 @@ from ..optim import check_optimizer_options
 
 MODES = ("pretrain", "full", "lora", "qlora")
 DISTRIBUTED = ("ddp", "fsdp2")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 DEFAULT_LR = 2e-5  # the optimizer's lr when its section has none (run.training_arguments' learning_rate)
 
 
@@ -50,6 +51,10 @@ class DataConfig:
     # (header, end marker), answers truncated away; samples are tokenized when drawn, as officially.
     # full: also every sample tokenized and every image decoded (cached for later runs and other ranks).
     check: str = "fast"
+    # true: the samples of each micro-batch (the same samples, in the same order) are concatenated into one
+    # row without padding, positions restarting per sample and attention kept inside each sample
+    # (train.attn_implementation); same loss and gradients as padded rows. Off until measured on a GPU.
+    packing: bool = False
 
 
 @dataclass
@@ -76,6 +81,10 @@ class TrainConfig:
     # weights and optimizer states are always fp32 masters, as in official LLaVA's DeepSpeed bf16 mode.
     bf16: bool = False
     gradient_checkpointing: bool = True
+    # The decoder's attention (transformers' attn_implementation): sdpa | eager | flex_attention |
+    # flash_attention_2 | flash_attention_3 (the last two need the flash-attn package). Each keeps a packed
+    # row's samples apart (data.packing); the vision tower keeps transformers' default.
+    attn_implementation: str = "sdpa"
     unfreeze_mm_vision_tower: bool = False  # train the vision tower too (LLaVA-v1.5 keeps it frozen)
     lora_r: int = 128
     lora_alpha: int = 256
@@ -264,6 +273,8 @@ def _validate(cfg: RunConfig, origin: str, optimizer_origin: str | None = None) 
     if not isinstance(d.group_by_modality_length, bool):
         raise ConfigError(f"{origin}: data.group_by_modality_length must be true or false, "
                           f"got {d.group_by_modality_length!r}")
+    if not isinstance(d.packing, bool):
+        raise ConfigError(f"{origin}: data.packing must be true or false, got {d.packing!r}")
     _validate_train(t, origin)
     _validate_optimizer(cfg.optimizer, optimizer_origin or origin)
 
@@ -319,6 +330,22 @@ def _validate_train(t: TrainConfig, origin: str) -> None:
     if t.lr_step_decay is not None and t.lr_scheduler_type == "reduce_lr_on_plateau":
         raise ConfigError(f"{origin}: train.lr_step_decay multiplies a step-indexed schedule; "
                           "train.lr_scheduler_type reduce_lr_on_plateau is not one")
+    _validate_attn_implementation(t.attn_implementation, origin)
+
+
+def _validate_attn_implementation(name, origin: str) -> None:
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"{origin}: train.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}; "
+                          f"got {name!r}")
+    if name.startswith("flash_attention"):
+        # transformers would otherwise look for the kernel on the Hugging Face hub once the weights are loaded.
+        from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+        available = is_flash_attn_2_available if name == "flash_attention_2" else is_flash_attn_3_available
+        if not available():
+            package = "flash-attn" if name == "flash_attention_2" else "flash-attn 3 (flash_attn_interface)"
+            raise ConfigError(f"{origin}: train.attn_implementation={name} needs {package} installed on a CUDA "
+                              "GPU; use sdpa or flex_attention")
 
 
 def _validate_step_decay(decay, origin: str) -> None:

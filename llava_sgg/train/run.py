@@ -60,6 +60,8 @@ def prepare_model(cfg: RunConfig, processor=None):
 def _trainable_model(cfg: RunConfig, processor=None):
     model, processor = build_llava(cfg.model, processor)
     t = cfg.train
+    # The decoder's attention; each implementation keeps a packed row's samples apart (data.packing).
+    model.model.language_model.set_attn_implementation(t.attn_implementation)
     if t.mode == "pretrain":
         # LLaVA stage 1 (official --tune_mm_mlp_adapter): the connector learns to map the frozen tower's
         # features into the frozen decoder's embedding space.
@@ -163,12 +165,17 @@ def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
                               template=d.template, check=d.check, bad_samples=d.bad_samples,
                               max_bad_fraction=d.max_bad_fraction,
                               skipped_samples_file=_skipped_samples_file(cfg))
+    if d.packing and cfg.train.attn_implementation in ("sdpa", "eager") and cfg.train.per_device_train_batch_size > 1:
+        # Exact either way; but these read a packed row's boundaries from a dense mask over the whole row.
+        logger.warning("data.packing with train.attn_implementation=%s: attention is computed over the whole "
+                       "packed row (a row x row mask) and masked between samples; flex_attention or "
+                       "flash_attention_2 compute only each sample's own block", cfg.train.attn_implementation)
     set_seed(cfg.train.seed)
     model, processor = prepare_model(cfg, processor)
     limit_no_split_modules(model)
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=dataset,
-        data_collator=DataCollatorForLlava(processor.tokenizer.pad_token_id),
+        data_collator=DataCollatorForLlava(processor.tokenizer.pad_token_id, packing=d.packing),
         optimizer_config=cfg.optimizer, mm_projector_lr=cfg.train.mm_projector_lr,
         max_bad_steps=cfg.train.max_bad_steps, lr_step_decay=cfg.train.lr_step_decay,
         modality_lengths=dataset.modality_lengths if d.group_by_modality_length else None,

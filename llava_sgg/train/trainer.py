@@ -281,7 +281,8 @@ class LlavaTrainer(Trainer):
         the (row, column) pairs that train: outputs.logits is then (trained tokens,
         vocabulary). Same value as the model's own loss: summed token cross-entropy over
         the trained tokens, divided by their count (across accumulation steps when
-        Trainer gives it).
+        Trainer gives it). The same for a packed batch (data.packing: one row, each
+        sample's first label -100), which trains the same tokens.
         """
         labels = inputs["labels"]
         targets = labels[:, 1:]
@@ -295,7 +296,11 @@ class LlavaTrainer(Trainer):
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         hook = head.register_forward_pre_hook(trained_rows)
         try:
-            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
+            # No KV cache in training: with one (the decoder's config.use_cache is true), transformers
+            # would not read a packed batch's restarting position_ids as sample boundaries, and its
+            # samples would attend to each other.
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep,
+                            use_cache=False)
         finally:
             hook.remove()
         logits = outputs.logits
