@@ -193,8 +193,8 @@ def test_the_study_plan_runs_this_command():
     runs = plan.runs(Path("study"))
     assert len(runs) == 9 and runs[0].key == "seed=0,sgg=none"
     args = lm.build_parser().parse_args(list(runs[4].command[3:]))
-    assert (args.sgg, args.seed, args.recluster_interval, args.corpus) == ("mda", 1, 60, "study/corpus")
-    assert (args.steps, args.batch_size, args.seq_len, args.lr, args.size) == (600, 64, 256, 1e-3, "60m")
+    assert (args.sgg, args.seed, args.recluster_interval, args.corpus) == ("mda", 1, 40, "study/corpus")
+    assert (args.steps, args.batch_size, args.seq_len, args.lr, args.size) == (400, 64, 256, 1e-3, "60m")
     assert args.result.endswith("result.json") and plan.compare["baseline"] == {"sgg": "none"}
 
 
