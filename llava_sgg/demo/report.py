@@ -56,11 +56,12 @@ def plot_report(runs: dict[str, dict], output: Path) -> list[Path]:
 
     scales = {name: run["scales"] for name, run in runs.items() if run["scales"]}
     for name, history in scales.items():
-        k = len(next(iter(history.values()))[0])
+        k = len(next(iter(history.values()))[0][1])
         fig, axes = plt.subplots(1, k, figsize=(4.2 * k, 3.6), squeeze=False, sharey=True)
         for c, ax in enumerate(axes[0]):
             for layer, series in history.items():
-                ax.plot([step[c] for step in series], linewidth=0.7, alpha=0.6)
+                ax.plot([step for step, _ in series], [scales[c] for _, scales in series], marker=".",
+                        linewidth=0.7, alpha=0.6)
             ax.set(xlabel="step", title=f"cluster {c} (id order = |momentum| order)", yscale="log")
         axes[0][0].set_ylabel(f"scale, one line per layer ({len(history)} layers)")
         fig.suptitle(f"{name}: SGG cluster scales over training")

@@ -19,29 +19,33 @@ from .recipes import MAX_LENGTH, DemoSettings, bf16
 
 
 class ScaleRecorder(TrainerCallback):
-    """SGG's cluster scales of every grouped layer after each step (for the report's figure)."""
+    """SGG's cluster scales of every grouped layer after each re-clustering (for the report's figure).
+
+    Scales change only when SGG re-clusters; reading them after every step would copy every layer's
+    scales to the host each step, a wait for the GPU the optimizer itself avoids.
+    """
 
     def __init__(self, model):
         self.names = {p: n for n, p in model.named_parameters()}
-        self.history: dict[str, list[list[float]]] = {}
-        # [step, min, median, max] over every grouped layer's cluster scales, at each step that changed them.
+        self.history: dict[str, list[tuple[int, list[float]]]] = {}  # layer -> [(step, its K scales)]
+        # [step, min, median, max] over every grouped layer's cluster scales, after each re-clustering.
         self.spread: list[list[float]] = []
+        self._seen = 0
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         sgg = getattr(optimizer, "optimizer", optimizer)
-        if not hasattr(sgg, "cluster_scales"):
+        if not hasattr(sgg, "cluster_scales") or sgg.reclusterings == self._seen:
             return
+        self._seen = sgg.reclusterings
         every = []
         for group in sgg.param_groups:
             for p in group["params"]:
                 scales = sgg.cluster_scales(p)
                 if scales is not None:
-                    self.history.setdefault(self.names.get(p, "?"), []).append(scales.tolist())
+                    self.history.setdefault(self.names.get(p, "?"), []).append((state.global_step, scales.tolist()))
                     every += scales.tolist()
         if every:
-            row = [state.global_step, min(every), float(statistics.median(every)), max(every)]
-            if not self.spread or self.spread[-1][1:] != row[1:]:
-                self.spread.append(row)
+            self.spread.append([state.global_step, min(every), float(statistics.median(every)), max(every)])
 
 
 def pretrain_connector(settings: DemoSettings, vision: Path, language_model: Path, data, cache: Path,
