@@ -59,6 +59,12 @@ def _lamb(model) -> SGG:
     return build_optimizer(list(model.parameters()), "lamb_sgg", lr=1e-2, **SGG_OPTIONS)
 
 
+def _mean_ratio(model) -> SGG:
+    """The authors' rule; mean_decay 0.5 so that the cluster means move within the run."""
+    return SGG(torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.1), rule="mean_ratio", mean_decay=0.5,
+               **SGG_OPTIONS)
+
+
 def _loss(model, x, y):
     return (model(x) - y).pow(2).mean()
 
@@ -124,6 +130,17 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
             _loss(model, x[half], y[half]).backward()
             opt.step()
         results["fsdp2-lamb"] = _record(model, opt)
+
+        model = _sharded_model()
+        opt = _mean_ratio(model)
+        for step, (x, y) in enumerate(_batches(), start=1):
+            opt.zero_grad()
+            _loss(model, x[half], y[half]).backward()
+            opt.step()
+            if step == SAVE_AT:
+                dcp.save({"model": model.state_dict(), "optim": opt.state_dict()},
+                         checkpoint_id=f"{out}/ckpt-mean-ratio")
+        results["fsdp2-mean_ratio"] = _record(model, opt)
         if rank == 0:
             torch.save(results, f"{out}/results.pt")
     finally:
@@ -191,6 +208,28 @@ def test_sharded_checkpoint_resumes_on_one_process(distributed_runs):
     resumed = reference_run(model=model, opt=opt, start=SAVE_AT)
     _assert_same(resumed, reference_run(), exact_params=True)
     _assert_same(results["fsdp2"], resumed, exact_params=True)
+
+
+@pytest.mark.slow  # distributed_runs: 2 processes
+def test_the_authors_rule_under_fsdp2_gives_one_process_ids_scales_and_resumes_on_one(distributed_runs):
+    """rule=mean_ratio on sharded layers: the full |m| per layer, ids per shard; its sharded checkpoint
+    (the EMA of cluster means included) resumes on one plain process to the same run."""
+    import torch.distributed.checkpoint as dcp
+
+    out, results = distributed_runs
+    reference = reference_run(make=_mean_ratio)
+    assert any(ids is not None and ids.unique().numel() == 3 for ids in reference["ids"].values())
+    _assert_same(results["fsdp2-mean_ratio"], reference, exact_params=True)
+    model = _model()
+    opt = _mean_ratio(model)
+    prepare_state_for_load(opt)
+    state = {"model": model.state_dict(), "optim": opt.state_dict()}
+    dcp.load(state, checkpoint_id=str(Path(out) / "ckpt-mean-ratio"))
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optim"])
+    means = [layer["cluster_means"] for layer in opt.state_dict()["sgg"]["layers"].values()]
+    assert means and not all(torch.equal(m, torch.ones_like(m)) for m in means)  # restored, not restarted
+    _assert_same(reference_run(model=model, opt=opt, start=SAVE_AT, make=_mean_ratio), reference, exact_params=True)
 
 
 def test_load_template_without_a_checkpoint_leaves_layers_unclustered():

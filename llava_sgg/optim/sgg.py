@@ -157,9 +157,11 @@ class SGG(Optimizer):
         self.scale_bounds = _validate(n_clusters, recluster_interval, beta3, scale_bounds, eps, cluster_on,
                                       assignment, backend, exact_limit, sample_size, fused, seed, rule, mean_decay)
         self.rule, self.mean_decay = rule, float(mean_decay)
-        if rule == "mean_ratio" and any(D.is_dtensor(p) for g in optimizer.param_groups for p in g["params"]):
-            raise ValueError("rule='mean_ratio' does not support sharded (FSDP2) parameters yet; "
-                             "train with DDP (train.distributed: ddp) or rule='mda'")
+        if (rule == "mean_ratio" and backend == "sklearn"
+                and any(D.is_dtensor(p) for g in optimizer.param_groups for p in g["params"])):
+            # scikit-learn's estimator labels the whole layer on the host; a rank holds a shard of it.
+            raise ValueError("rule='mean_ratio' with backend='sklearn' does not support sharded (FSDP2) "
+                             "parameters; use backend='torch' (the default) or DDP (train.distributed: ddp)")
         self.n_clusters, self.recluster_interval, self.beta3, self.eps = n_clusters, recluster_interval, beta3, eps
         self.cluster_on, self.assignment, self.backend = cluster_on, assignment, backend
         self.exact_limit, self.sample_size, self.seed = exact_limit, sample_size, seed
@@ -422,6 +424,8 @@ class SGG(Optimizer):
             if self._eligible(p) and p not in self._layers:
                 device = D.local(p).device
                 layer = {"cluster_scales": torch.ones(self.n_clusters, device=device)}
+                if self.rule == "mean_ratio":  # the EMA of cluster means, as it starts
+                    layer["cluster_means"] = torch.ones(self.n_clusters, device=device)
                 if self.assignment == "frozen":
                     layer["cluster_ids"] = torch.zeros(D.local(p).shape, dtype=torch.uint8, device=device)
                 else:
@@ -661,13 +665,20 @@ class SGG(Optimizer):
         self.global_mda = float(global_mda)
 
     def _recluster_mean_ratio(self, statistics: dict[Tensor, Callable[[], Tensor]]) -> None:
-        """The authors' re-clustering, a layer at a time: ids from |m|, then :func:`.scaling.mean_ratio_scales`."""
+        """The authors' re-clustering, a layer at a time: ids from |m|, then :func:`.scaling.mean_ratio_scales`.
+
+        Under FSDP2 a layer's statistic is a DTensor: its full |m| is all-gathered, so thresholds, cluster
+        sums, sizes and the layer mean are a single process's on every rank, and each rank gives its own
+        shard its ids (an element's id depends on its value and the thresholds alone).
+        """
         for index, (p, statistic) in enumerate(statistics.items()):
-            magnitude = statistic().detach().float().reshape(-1).abs()
+            stat = statistic().detach()
+            local = D.local(stat).float().reshape(-1).abs()
+            magnitude = self._whole(stat).abs() if D.is_dtensor(stat) else local
             layer = self._layers.setdefault(p, {})
             self._placeholders.discard(p)
-            if self.backend == "sklearn":
-                ids = carried_kmeans_ids(layer, magnitude, self.n_clusters)
+            if self.backend == "sklearn":  # never sharded (refused at construction)
+                ids = local_ids = carried_kmeans_ids(layer, magnitude, self.n_clusters)
             else:
                 # As for the paper's rule, a layer above exact_limit is fitted on a uniform sample;
                 # every element then gets its id, and the means below are the whole layer's.
@@ -676,6 +687,7 @@ class SGG(Optimizer):
                 thresholds = F.kmeans_1d_rows(row, self.n_clusters, signed=True,
                                               kernels=kernels_for(magnitude.device))[0]
                 ids = assign_clusters(magnitude, thresholds).to(torch.uint8)
+                local_ids = ids if local is magnitude else assign_clusters(local, thresholds).to(torch.uint8)
             k = self.n_clusters
             counts = torch.zeros(k, device=magnitude.device).index_add_(0, ids.long(), torch.ones_like(magnitude))
             sums = torch.zeros(k, device=magnitude.device).index_add_(0, ids.long(), magnitude)
@@ -683,7 +695,7 @@ class SGG(Optimizer):
             layer["cluster_scales"], layer["cluster_means"] = mean_ratio_scales(
                 layer.get("cluster_scales", ones), layer.get("cluster_means", ones), magnitude.mean(), sums, counts,
                 mean_decay=self.mean_decay, beta3=self.beta3, scale_bounds=self.scale_bounds, eps=self.eps)
-            layer["cluster_ids"] = ids.to(torch.uint8).view(p.shape)
+            layer["cluster_ids"] = local_ids.to(torch.uint8).view(D.local(p).shape)
 
     @staticmethod
     def _by_device(indices, tensors: list[Tensor]) -> dict[torch.device, list[int]]:
