@@ -54,7 +54,24 @@ def prepare_model(cfg: RunConfig, processor=None):
     """
     model, processor = _trainable_model(cfg, processor)
     hold_trainable_in_float32(model)
+    if cfg.train.compile:
+        compile_decoder_layers(model)
     return model, processor
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile every decoder layer in place (after LoRA is injected, so its graph holds the adapters).
+
+    Layers rather than the whole model: the layers share one compiled graph (same code, same shapes),
+    the vision tower and the image-token merge stay eager, and gradient checkpointing still wraps each
+    layer's call. Shapes vary from batch to batch, so the graph is compiled for dynamic sequence lengths.
+    Returns how many layers were compiled.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = base.model.language_model.layers
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def _trainable_model(cfg: RunConfig, processor=None):
