@@ -96,51 +96,34 @@ def reference_run(steps: int = STEPS, model=None, opt=None, start: int = 0, make
     return _record(model, opt)
 
 
+def _train_on_half(model, wrapped, opt, half, checkpoint: str | None = None) -> dict:
+    """Every batch's ``half`` on this rank; with ``checkpoint``, a sharded checkpoint at step SAVE_AT."""
+    import torch.distributed.checkpoint as dcp
+
+    for step, (x, y) in enumerate(_batches(), start=1):
+        opt.zero_grad()
+        _loss(wrapped, x[half], y[half]).backward()
+        opt.step()
+        if checkpoint is not None and step == SAVE_AT:
+            dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=checkpoint)
+    return _record(model, opt)
+
+
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         from torch.nn.parallel import DistributedDataParallel
 
-        import torch.distributed.checkpoint as dcp
-
         half = slice(4 * rank, 4 * rank + 4)
         ddp = DistributedDataParallel(_model())
-        opt = _optimizer(ddp.module)
-        for x, y in _batches():
-            opt.zero_grad()
-            _loss(ddp, x[half], y[half]).backward()
-            opt.step()
-        results = {"ddp": _record(ddp.module, opt)}
-
+        results = {"ddp": _train_on_half(ddp.module, ddp, _optimizer(ddp.module), half)}
         model = _sharded_model()
-        opt = _optimizer(model)
-        for step, (x, y) in enumerate(_batches(), start=1):
-            opt.zero_grad()
-            _loss(model, x[half], y[half]).backward()
-            opt.step()
-            if step == SAVE_AT:
-                dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=f"{out}/ckpt")
-        results["fsdp2"] = _record(model, opt)
-
+        results["fsdp2"] = _train_on_half(model, model, _optimizer(model), half, f"{out}/ckpt")
         # LAMB's trust ratio takes whole-tensor norms: on DTensors they are reduced across ranks.
         model = _sharded_model()
-        opt = _lamb(model)
-        for x, y in _batches():
-            opt.zero_grad()
-            _loss(model, x[half], y[half]).backward()
-            opt.step()
-        results["fsdp2-lamb"] = _record(model, opt)
-
+        results["fsdp2-lamb"] = _train_on_half(model, model, _lamb(model), half)
         model = _sharded_model()
-        opt = _mean_ratio(model)
-        for step, (x, y) in enumerate(_batches(), start=1):
-            opt.zero_grad()
-            _loss(model, x[half], y[half]).backward()
-            opt.step()
-            if step == SAVE_AT:
-                dcp.save({"model": model.state_dict(), "optim": opt.state_dict()},
-                         checkpoint_id=f"{out}/ckpt-mean-ratio")
-        results["fsdp2-mean_ratio"] = _record(model, opt)
+        results["fsdp2-mean_ratio"] = _train_on_half(model, model, _mean_ratio(model), half, f"{out}/ckpt-mean-ratio")
         if rank == 0:
             torch.save(results, f"{out}/results.pt")
     finally:
