@@ -174,19 +174,25 @@ def test_lamb_sgg_under_fsdp2_matches_one_process_up_to_the_norms_reduction_orde
             torch.testing.assert_close(run["scales"][name], reference["scales"][name], rtol=1e-5, atol=1e-6)
 
 
+def _load_on_one_process(checkpoint: Path, make) -> tuple[nn.Module, SGG]:
+    """A plain model and optimizer filled from a sharded checkpoint (torch.distributed.checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+
+    model = _model()
+    opt = make(model)
+    prepare_state_for_load(opt)
+    state = {"model": model.state_dict(), "optim": opt.state_dict()}
+    dcp.load(state, checkpoint_id=str(checkpoint))
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optim"])
+    return model, opt
+
+
 @pytest.mark.slow  # distributed_runs: 2 processes
 def test_sharded_checkpoint_resumes_on_one_process(distributed_runs):
     """Saved by 2 FSDP2 ranks at step 3 with torch.distributed.checkpoint, resumed by one plain process."""
-    import torch.distributed.checkpoint as dcp
-
     out, results = distributed_runs
-    model = _model()
-    opt = _optimizer(model)
-    prepare_state_for_load(opt)
-    state = {"model": model.state_dict(), "optim": opt.state_dict()}
-    dcp.load(state, checkpoint_id=str(Path(out) / "ckpt"))
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optim"])
+    model, opt = _load_on_one_process(Path(out) / "ckpt", _optimizer)
     assert opt.state_dict()["sgg"]["step"] == SAVE_AT
     resumed = reference_run(model=model, opt=opt, start=SAVE_AT)
     _assert_same(resumed, reference_run(), exact_params=True)
@@ -197,19 +203,11 @@ def test_sharded_checkpoint_resumes_on_one_process(distributed_runs):
 def test_the_authors_rule_under_fsdp2_gives_one_process_ids_scales_and_resumes_on_one(distributed_runs):
     """rule=mean_ratio on sharded layers: the full |m| per layer, ids per shard; its sharded checkpoint
     (the EMA of cluster means included) resumes on one plain process to the same run."""
-    import torch.distributed.checkpoint as dcp
-
     out, results = distributed_runs
     reference = reference_run(make=_mean_ratio)
     assert any(ids is not None and ids.unique().numel() == 3 for ids in reference["ids"].values())
     _assert_same(results["fsdp2-mean_ratio"], reference, exact_params=True)
-    model = _model()
-    opt = _mean_ratio(model)
-    prepare_state_for_load(opt)
-    state = {"model": model.state_dict(), "optim": opt.state_dict()}
-    dcp.load(state, checkpoint_id=str(Path(out) / "ckpt-mean-ratio"))
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optim"])
+    model, opt = _load_on_one_process(Path(out) / "ckpt-mean-ratio", _mean_ratio)
     means = [layer["cluster_means"] for layer in opt.state_dict()["sgg"]["layers"].values()]
     assert means and not all(torch.equal(m, torch.ones_like(m)) for m in means)  # restored, not restarted
     _assert_same(reference_run(model=model, opt=opt, start=SAVE_AT, make=_mean_ratio), reference, exact_params=True)
