@@ -216,3 +216,14 @@ def test_every_rank_stops_at_the_step_only_one_rank_saw_diverge(assets, tmp_path
         assert record["fsdp"] == (distributed == "fsdp2")
         assert record["error"].startswith("training diverged at step 2: the loss is nan. "), record["error"]
         assert record["logged"] == [1]
+
+
+def test_a_healthy_save_looks_for_no_checkpoint_to_resume_from(assets, tmp_path, caplog):
+    """The guard checks the weights at every save; the resume hint of its error is built only for an error."""
+    parts, data = assets
+    cfg = tiny_run(parts, data, tmp_path / "out", "full", {"name": "adamw", "lr": 1e-3}, max_steps=2, save_steps=1)
+    trainer, _ = build_trainer(cfg)
+    with caplog.at_level("INFO"):
+        trainer.train()
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()  # saved at steps 1 and 2 (the newest kept)
+    assert "no checkpoint in" not in caplog.text

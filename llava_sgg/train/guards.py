@@ -133,12 +133,15 @@ class DivergenceGuard(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if control.should_save:  # DefaultFlowCallback, which runs before this callback, has decided
             self._check_weights(args, _trained(model), "the trained weights",
-                                f"after step {state.global_step}, although its loss and gradients were finite; "
-                                f"checkpoint-{state.global_step} and the final model were not written. "
-                                + _resume_hint(args))
+                                lambda: f"after step {state.global_step}, although its loss and gradients were "
+                                        f"finite; checkpoint-{state.global_step} and the final model were not "
+                                        f"written. " + _resume_hint(args))
 
-    def _check_weights(self, args, weights: list[tuple[str, Tensor]], which: str, when: str) -> None:
-        """DivergenceError if the norm of any of ``weights`` is not finite on any rank."""
+    def _check_weights(self, args, weights: list[tuple[str, Tensor]], which: str, when) -> None:
+        """DivergenceError if the norm of any of ``weights`` is not finite on any rank.
+
+        ``when``: the message's end, or a callable making it (built only for an error: the resume hint
+        looks for checkpoints, and logs when there is none)."""
         bad = nonfinite_norms([p for _, p in weights], args.device)
         if not _summed_over_ranks(bad.any().float().reshape(1)).item():
             return
@@ -146,7 +149,8 @@ class DivergenceGuard(TrainerCallback):
         more = f" and {len(names) - 3} more" if len(names) > 3 else ""
         rank = " on this rank" if args.world_size > 1 else ""
         at_fault = f" ({', '.join(names[:3])}{more}{rank})" if names else ""
-        raise DivergenceError(f"{which} hold NaN, infinite or overflowing values{at_fault} {when}")
+        raise DivergenceError(f"{which} hold NaN, infinite or overflowing values{at_fault} "
+                              f"{when() if callable(when) else when}")
 
 
 def _resume_hint(args) -> str:
