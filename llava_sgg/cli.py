@@ -151,6 +151,16 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_pipeline(args: argparse.Namespace) -> int:
+    from .bench_pipeline import run_pipeline
+
+    run_pipeline(size=args.size, mode=args.mode, lengths=args.lengths, batch=args.batch, steps=args.steps,
+                 warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing, workers=args.workers,
+                 attn=args.attn, optimizers=args.optimizers.split(","), peak_tflops=args.peak_tflops,
+                 lora_r=args.lora_r, lora_alpha=args.lora_alpha, seed=args.seed, output=Path(args.output))
+    return 0
+
+
 def _add_bench(commands) -> None:
     from .bench import OPTIMIZERS, PARAM_SETS
 
@@ -174,6 +184,31 @@ def _add_bench(commands) -> None:
     for parser in (optim, cluster, train):
         parser.add_argument("--output", default="runs/bench", help="folder for the JSON report")
         parser.set_defaults(func=_bench)
+    pipeline = kinds.add_parser("pipeline", help="the stock transformers + peft loop against `llava-sgg train` "
+                                "(padded and packed) on the same synthetic LLaVA data on disk")
+    pipeline.add_argument("--size", choices=["tiny", "1b", "3b", "7b"], default="7b",
+                          help="7b: LLaVA-v1.5-7B shapes; 1b, 3b: smaller decoders behind the same tower (full "
+                               "fine-tuning that fits one GPU); tiny: CPU (random weights from config at every size)")
+    pipeline.add_argument("--mode", choices=["lora", "full"], default="lora")
+    pipeline.add_argument("--lengths", choices=["uniform", "mix"], default="mix",
+                          help="uniform: 300 text tokens + the image per sample; mix: LLaVA-mix-665k-like")
+    pipeline.add_argument("--batch", type=int, default=16, help="samples per step")
+    pipeline.add_argument("--steps", type=int, default=10, help="timed steps per row (median reported)")
+    pipeline.add_argument("--warmup", type=int, default=3, help="untimed steps before them (at least 1)")
+    pipeline.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    pipeline.add_argument("--workers", type=int, default=4, help="dataloader workers decoding the JPEGs (llava-sgg rows)")
+    pipeline.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flex_attention", "flash_attention_2",
+                                                             "flash_attention_3"],
+                          help="the llava-sgg rows' train.attn_implementation (stock: transformers' default, sdpa)")
+    pipeline.add_argument("--optimizers", default="adamw", help="llava-sgg rows, a padded and a packed one per name "
+                                                                "(e.g. adamw,adamw_sgg)")
+    pipeline.add_argument("--peak-tflops", type=float, default=None,
+                          help="the device's dense bf16 peak for MFU (default: 989 on an H100 SXM or H200, none on a CPU)")
+    pipeline.add_argument("--lora-r", type=int, default=None, help="default 128 (tiny: 8)")
+    pipeline.add_argument("--lora-alpha", type=int, default=None, help="default 2 x r")
+    pipeline.add_argument("--seed", type=int, default=0)
+    pipeline.add_argument("--output", default="runs/bench", help="folder for the JSON report")
+    pipeline.set_defaults(func=_bench_pipeline)
 
 
 def build_parser() -> argparse.ArgumentParser:
