@@ -123,19 +123,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(args.output, quick=args.quick, cache=args.cache, steps=args.steps, optimizers=args.optimizers,
              seed=args.seed, lr_scale=args.lr_scale, rule=args.rule, result=args.result, mode=args.mode,
-             lr_step_decay=_step_decay(args.lr_step_decay), prepare_only=args.prepare_only, sgg=args.sgg)
+             prepare_only=args.prepare_only, sgg=args.sgg)
     return 0
-
-
-def _step_decay(text: str | None) -> dict | None:
-    """``--lr-step-decay EVERY,FACTOR,FLOOR`` (or none) as train.lr_step_decay."""
-    if text is None or text == "none":
-        return None
-    try:
-        every, factor, floor = text.split(",")
-        return {"every": int(every), "factor": float(factor), "floor": float(floor)}
-    except ValueError:
-        raise SystemExit(f"--lr-step-decay: give EVERY,FACTOR,FLOOR (e.g. 50,0.9,0.1) or none, got {text!r}") from None
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -284,9 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--result", default=None, help="also write metrics and loss curves here, for `llava-sgg study`")
     demo.add_argument("--mode", choices=["full", "lora"], default="full",
                       help="fine-tune the decoder fully (the recipe) or with LoRA (rank 64, lr 5x)")
-    demo.add_argument("--lr-step-decay", default=None, metavar="EVERY,FACTOR,FLOOR",
-                      help="multiply the fine-tuning runs' lr schedule by max(FACTOR ** (step // EVERY), FLOOR): "
-                           "the decay SGG's mean_ratio rule implies, without SGG (default none)")
     demo.add_argument("--sgg", choices=["none", "mda", "mean_ratio", "decay_only"], default=None,
                       help="with base --optimizers (adamw adafactor lamb): none plain, mda / mean_ratio their SGG "
                            "versions with that rule, decay_only plain with the stepwise lr decay the mean_ratio "

@@ -65,12 +65,12 @@ def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | Non
              settings: DemoSettings | None = None, steps: int | None = None,
              optimizers: Sequence[str] = OPTIMIZERS, seed: int | None = None, lr_scale: float = 1.0,
              rule: str | None = None, result: str | Path | None = None, mode: str = "full",
-             lr_step_decay: dict | None = None, prepare_only: bool = False, sgg: str | None = None) -> dict:
+             prepare_only: bool = False, sgg: str | None = None) -> dict:
     """Build data, fine-tune with each optimizer, evaluate, compare with baselines, write the report.
 
     ``settings`` replaces the recipe that ``quick``, the device and ``steps`` pick (see :func:`recipe`);
-    ``seed``, ``lr_scale`` (both learning rates multiplied), ``rule`` (SGG's scaling rule), ``mode`` ("full" or
-    "lora", see recipes.LORA) and ``lr_step_decay`` (train.lr_step_decay of the fine-tuning runs) change it, for a study
+    ``seed``, ``lr_scale`` (both learning rates multiplied), ``rule`` (SGG's scaling rule) and ``mode`` ("full"
+    or "lora", see recipes.LORA) change it, for a study
     (``llava-sgg study``), whose run reads ``result``: ``{"metrics": {label: value}, "curves":
     {"train_loss": [[step, loss], ...]}}``, names prefixed with the optimizer's when there are several.
     ``sgg`` turns ``optimizers`` (base names) into: "none" the plain optimizers, "mda" / "mean_ratio"
@@ -85,8 +85,7 @@ def run_demo(output: str | Path, *, quick: bool = False, cache: str | Path | Non
     gpu = torch.cuda.is_available()
     if settings is None:
         settings = recipe(quick, gpu, steps)
-    settings = dataclasses.replace(with_mode(settings, mode),
-                                   lr_step_decay=settings.lr_step_decay if lr_step_decay is None else lr_step_decay, seed=settings.seed if seed is None else seed,
+    settings = dataclasses.replace(with_mode(settings, mode), seed=settings.seed if seed is None else seed,
                                    lr=settings.lr * lr_scale, mm_projector_lr=settings.mm_projector_lr * lr_scale,
                                    sgg=settings.sgg if rule is None else {**settings.sgg, "rule": rule})
     if sgg is not None:

@@ -28,8 +28,6 @@ class ScaleRecorder(TrainerCallback):
     def __init__(self, model):
         self.names = {p: n for n, p in model.named_parameters()}
         self.history: dict[str, list[tuple[int, list[float]]]] = {}  # layer -> [(step, its K scales)]
-        # [step, min, median, max] over every grouped layer's cluster scales, after each re-clustering.
-        self.spread: list[list[float]] = []
         self._seen = 0
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
@@ -37,15 +35,20 @@ class ScaleRecorder(TrainerCallback):
         if not hasattr(sgg, "cluster_scales") or sgg.reclusterings == self._seen:
             return
         self._seen = sgg.reclusterings
-        every = []
         for group in sgg.param_groups:
             for p in group["params"]:
                 scales = sgg.cluster_scales(p)
                 if scales is not None:
                     self.history.setdefault(self.names.get(p, "?"), []).append((state.global_step, scales.tolist()))
-                    every += scales.tolist()
-        if every:
-            self.spread.append([state.global_step, min(every), float(statistics.median(every)), max(every)])
+
+    @property
+    def spread(self) -> list[list[float]]:
+        """[step, min, median, max] over every grouped layer's cluster scales, at each re-clustering."""
+        at: dict[int, list[float]] = {}
+        for series in self.history.values():
+            for step, scales in series:
+                at.setdefault(step, []).extend(scales)
+        return [[step, min(v), float(statistics.median(v)), max(v)] for step, v in sorted(at.items())]
 
 
 def pretrain_connector(settings: DemoSettings, vision: Path, language_model: Path, data, cache: Path,

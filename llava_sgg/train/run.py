@@ -59,19 +59,16 @@ def prepare_model(cfg: RunConfig, processor=None):
     return model, processor
 
 
-def compile_decoder_layers(model) -> int:
+def compile_decoder_layers(model) -> None:
     """torch.compile every decoder layer in place (after LoRA is injected, so its graph holds the adapters).
 
     Layers rather than the whole model: the layers share one compiled graph (same code, same shapes),
     the vision tower and the image-token merge stay eager, and gradient checkpointing still wraps each
     layer's call. Shapes vary from batch to batch, so the graph is compiled for dynamic sequence lengths.
-    Returns how many layers were compiled.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = base.model.language_model.layers
-    for layer in layers:
+    for layer in base.model.language_model.layers:
         layer.compile(dynamic=True)
-    return len(layers)
 
 
 def _trainable_model(cfg: RunConfig, processor=None):
