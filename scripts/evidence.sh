@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The studies of docs/evidence.md on one GPU, then their reports.
 #   usage: scripts/evidence.sh [DIR] [PART ...]     (DIR default runs/evidence)
-#   parts: demo-1 .. demo-4, the grids of configs/study/demo_evidence.yaml; lm, configs/study/lm_pretrain.yaml;
+#   parts: demo-1 .. demo-4, the grids of configs/study/demo_evidence.yaml; demo, all four in one pool (in plan
+#          order, so no GPU slot idles between grids); lm, configs/study/lm_pretrain.yaml;
 #          default: all of them. JOBS runs share the GPU at a time (default 12).
 # A study resumes where it stopped (finished runs are skipped), so parts can be run on different days
 # and machines into one DIR. The reports: DIR/demo/report.md and DIR/lm/report.md.
@@ -9,28 +10,29 @@ set -euo pipefail
 dir=${1:-runs/evidence}
 shift || true
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(demo-1 demo-2 demo-3 demo-4 lm)
+[ ${#parts[@]} -gt 0 ] || parts=(demo lm)
 jobs=${JOBS:-12}
 # Many small runs share the GPU; their CPU work is one thread each.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 mkdir -p "$dir/demo" "$dir/lm"
 for part in "${parts[@]}"; do
   case $part in
-    demo-[1-4])
+    demo|demo-[1-4])
       # Each seed's start (data, tower, decoder, connector), built once and shared read-only by its runs.
       for seed in 0 1 2; do
         llava-sgg demo --prepare-only --seed "$seed" --cache "$dir/demo/cache/seed$seed" \
           --output "$dir/demo/prepare-$seed" > "$dir/demo/prepare-$seed.log" 2>&1 &
       done
       for job in $(jobs -p); do wait "$job" || { echo "preparing a seed failed: see $dir/demo/prepare-*.log"; exit 1; }; done
-      llava-sgg study configs/study/demo_evidence.yaml --output "$dir/demo" --jobs "$jobs" --part "${part#demo-}"
+      grid=(); [ "$part" = demo ] || grid=(--part "${part#demo-}")
+      llava-sgg study configs/study/demo_evidence.yaml --output "$dir/demo" --jobs "$jobs" "${grid[@]}"
       ;;
     lm)
       [ -f "$dir/lm/corpus/corpus.json" ] ||
         python -m llava_sgg.study.lm corpus --package transformers --output "$dir/lm/corpus"
       llava-sgg study configs/study/lm_pretrain.yaml --output "$dir/lm" --jobs "$jobs"
       ;;
-    *) echo "unknown part $part (demo-1 .. demo-4, lm)"; exit 2 ;;
+    *) echo "unknown part $part (demo, demo-1 .. demo-4, lm)"; exit 2 ;;
   esac
 done
 for study in demo lm; do

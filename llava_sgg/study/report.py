@@ -183,6 +183,7 @@ def _lr_plots(records: list[dict], metrics: list[str], lr_key: str, plots: Path)
     written = []
     for metric in metrics:
         fig, ax = plt.subplots(figsize=(6.4, 4))
+        drawn = 0
         for variant, rs in others.items():
             lrs = sorted({r["values"][lr_key] for r in rs})
             if len(lrs) < 2:  # a variant the plan runs at one learning rate only
@@ -194,11 +195,15 @@ def _lr_plots(records: list[dict], metrics: list[str], lr_key: str, plots: Path)
                 means.append(np.mean(values) if values else np.nan)
                 stds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
                 failed.append(any(r["status"] == "failed" for r in at))
+            drawn += 1
             line = ax.errorbar(lrs, means, yerr=stds, marker="o", capsize=3, label=_label(variant))
             top = np.nanmax(means) if np.isfinite(means).any() else 0.0
             for lr, bad in zip(lrs, failed):
                 if bad:
                     ax.plot([lr], [top], marker="x", markersize=10, color=line[0].get_color())
+        if not drawn:  # no variant has finished runs at two learning rates yet
+            plt.close(fig)
+            continue
         ax.set(xscale="log", xlabel=lr_key, ylabel=metric,
                title=f"{metric} against {lr_key} (mean ± std; x: a run failed or diverged)")
         ax.legend(fontsize=7)
