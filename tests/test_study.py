@@ -236,3 +236,45 @@ def test_the_summary_table_marks_only_differences_beyond_the_seed_spread(tmp_pat
     assert "| **rule=none** | 3 | 50 ± 1 | 1 ± 0.1 |" in report
     assert "| rule=mda | 3 | 60 ± 1 ▲ | 1 ± 0.2 |" in report  # same loss: no mark
     assert "| rule=mean_ratio | 3 | 40 ± 1 ▼ | 2 ± 0.1 ▼ |" in report
+
+
+def test_contrasts_compare_each_matching_variant_with_its_against_variant(tmp_path):
+    """mean_ratio against the decay-only control at the lr where the control ran; lr x3 against x1."""
+    import yaml
+
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump({
+        "name": "contrasts", "command": ["x"],
+        "grid": [{"sgg": ["none", "mean_ratio"], "lr_scale": [1, 3], "seed": [0, 1, 2]},
+                 {"sgg": ["decay_only"], "lr_scale": [1], "seed": [0, 1, 2]}],
+        "compare": {"baseline": {"sgg": "none"}, "metrics": {"acc": "higher"}, "contrasts": [
+            {"name": "rule against control", "variant": {"sgg": "mean_ratio"}, "against": {"sgg": "decay_only"}},
+            {"name": "x3 against x1", "variant": {"sgg": "none", "lr_scale": 3}, "against": {"lr_scale": 1}}]}},
+        sort_keys=False))
+    means = {("none", 1): 50.0, ("none", 3): 60.0, ("mean_ratio", 1): 41.0, ("mean_ratio", 3): 45.0,
+             ("decay_only", 1): 40.0}
+    for (sgg, lr), acc in means.items():
+        for seed in range(3):
+            folder = tmp_path / "runs" / f"sgg={sgg},lr_scale={lr},seed={seed}"
+            folder.mkdir(parents=True)
+            (folder / "record.json").write_text(json.dumps({
+                "key": folder.name, "values": {"sgg": sgg, "lr_scale": lr, "seed": seed}, "status": "finished",
+                "returncode": 0, "result": {"metrics": {"acc": acc + seed - 1.0}}}))
+    report = write_report(tmp_path).read_text()
+    section = report.split("## Contrasts")[1].split("## Per metric")[0]
+    # mean_ratio at lr 1 has a control; at lr 3 none ran, so that pair is absent.
+    assert "`sgg=mean_ratio, lr_scale=1` against `sgg=decay_only, lr_scale=1`:" in section
+    assert "`sgg=mean_ratio, lr_scale=3` against" not in section
+    assert "`sgg=none, lr_scale=3` against `sgg=none, lr_scale=1`:" in section
+    rows = [line for line in section.splitlines() if line.startswith("| acc |")]
+    # Welch with equal spreads of 1 over 3 seeds: t = 1 / sqrt(2/3), df = 4.
+    p = 2 * stats.t.sf(1 / math.sqrt(2 / 3), df=4)
+    assert rows[0] == f"| acc | 41 ± 1 | 40 ± 1 | +1 | {p:.3f} | no difference beyond seed spread |"
+    assert rows[1] == "| acc | 60 ± 1 | 50 ± 1 | +10 | < 0.001 | better |"
+    assert len(rows) == 2
+
+
+def test_a_contrast_naming_a_value_outside_the_grid_is_refused(tmp_path):
+    path = write_plan(tmp_path, compare={"contrasts": [{"name": "c", "variant": {"optimizer": "sgd"},
+                                                         "against": {"optimizer": "plain"}}]})
+    with pytest.raises(PlanError, match=r"compare.contrasts\[0\].variant.optimizer='sgd' is not a grid value"):
+        load_plan(path)

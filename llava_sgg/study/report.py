@@ -12,7 +12,9 @@ seed spread" otherwise, and "too few seeds" below two a side: with three seeds o
 differences pass, which is the honest reading of a small study.
 
 The report opens with one summary table (every metric, each variant marked where its verdict is
-better or worse), then a table per metric.
+better or worse), then the plan's contrasts (``compare.contrasts``: each variant that has a contrast's
+``variant`` values against the variant with its ``against`` values and the same other values, by the
+same test), then a table per metric.
 
 Plots (PNG, beside the markdown): each curve of the results (``"curves": {name: [[step, value], ...]}``)
 as the mean over seeds with a ±1 std band per variant, SGG's scale trajectories among them when the
@@ -112,16 +114,47 @@ def _table(metric: str, groups: dict, baseline: dict | None, better: str | None)
         if not values:
             lines.append(f"| {_label(variant)} | {seeds} | — | — | — | no result |")
             continue
-        spread = f"{_fmt(np.mean(values))} ± {_fmt(np.std(values, ddof=1)) if len(values) > 1 else '—'}"
+        spread = _spread(values)
         if variant == reference:
             lines.append(f"| **{_label(variant)}** (baseline) | {seeds} | {spread} | — | — | — |")
         elif base:
             p, verdict = compare(values, base, better)
             lines.append(f"| {_label(variant)} | {seeds} | {spread} | {np.mean(values) - np.mean(base):+.4g} | "
-                         f"{'—' if p is None else '< 0.001' if p < 0.001 else f'{p:.3f}'} | {verdict} |")
+                         f"{_p(p)} | {verdict} |")
         else:
             lines.append(f"| {_label(variant)} | {seeds} | {spread} | — | — | — |")
     return lines + [""]
+
+
+def _contrasts(metrics: list[str], groups: dict, contrasts: list[dict], directions: dict) -> list[str]:
+    lines = []
+    for contrast in contrasts:
+        lines += [f"### {contrast['name']}", ""]
+        pairs = [(variant, baseline_of(variant, contrast["against"])) for variant in groups
+                 if all(dict(variant).get(k) == v for k, v in contrast["variant"].items())]
+        pairs = [(variant, reference) for variant, reference in pairs if reference in groups and reference != variant]
+        for variant, reference in pairs:
+            lines += [f"`{_label(variant)}` against `{_label(reference)}`:", "",
+                      "| metric | variant: mean ± std | against: mean ± std | Δ | p (Welch) | verdict |",
+                      "|---|---|---|---|---|---|"]
+            for metric in metrics:
+                values, base = _metric_values(groups[variant], metric), _metric_values(groups[reference], metric)
+                if values and base:
+                    p, verdict = compare(values, base, directions.get(metric))
+                    lines.append(f"| {metric} | {_spread(values)} | {_spread(base)} | "
+                                 f"{np.mean(values) - np.mean(base):+.4g} | {_p(p)} | {verdict} |")
+            lines.append("")
+        if not pairs:
+            lines += ["No finished pair yet.", ""]
+    return lines
+
+
+def _spread(values: list[float]) -> str:
+    return f"{_fmt(np.mean(values))} ± {_fmt(np.std(values, ddof=1)) if len(values) > 1 else '—'}"
+
+
+def _p(p: float | None) -> str:
+    return "—" if p is None else "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _summary(metrics: list[str], groups: dict, baseline: dict | None, directions: dict) -> list[str]:
@@ -240,7 +273,10 @@ def write_report(study_dir: str | os.PathLike, out: str | os.PathLike | None = N
                 else "") + ".", "",
              f"Each row is a variant's runs over its seeds: mean ± sample std. Against the baseline, Welch's "
              f"two-sided t-test on the seeds; a difference is called better or worse only at p < {ALPHA}.", ""]
-    lines += ["## Summary", ""] + _summary(metrics, groups, baseline, directions) + ["## Per metric", ""]
+    lines += ["## Summary", ""] + _summary(metrics, groups, baseline, directions)
+    if compare_spec.get("contrasts"):
+        lines += ["## Contrasts", ""] + _contrasts(metrics, groups, compare_spec["contrasts"], directions)
+    lines += ["## Per metric", ""]
     for metric in metrics:
         lines += _table(metric, groups, baseline, directions.get(metric))
     failed = [r for r in records if r["status"] == "failed"]

@@ -16,6 +16,9 @@ A plan is YAML:
     compare:                   # optional, for `llava-sgg report`
       baseline: {optimizer: adamw}
       metrics: {eval_loss: lower, mmbench: higher}
+      contrasts:               # optional, more comparisons: each variant with `variant`'s values against
+                               # the variant with `against`'s values and its own other values
+        - {name: "x3 against x1", variant: {optimizer: adamw, lr_scale: 3}, against: {lr_scale: 1}}
 
 Each run gets a folder ``<study>/runs/<key>/``, ``key`` naming its grid values in the plan's order
 (``optimizer=adamw,lr_scale=1,seed=0``). Its command's ``{name}`` placeholders are filled from the
@@ -162,11 +165,27 @@ def load_plan(path: str | os.PathLike) -> Plan:
 
 
 def _check_compare(path: Path, compare: dict, grids: list[dict]) -> None:
-    if not isinstance(compare, dict) or set(compare) - {"baseline", "metrics"}:
-        raise PlanError(f"{path}: compare takes baseline (grid values) and metrics (name: lower|higher)")
-    for key, value in (compare.get("baseline") or {}).items():
-        if key not in grids[0] or value not in [_joined(v) for grid in grids for v in grid[key]]:
-            raise PlanError(f"{path}: compare.baseline.{key}={value!r} is not a grid value")
+    if not isinstance(compare, dict) or set(compare) - {"baseline", "metrics", "contrasts"}:
+        raise PlanError(f"{path}: compare takes baseline (grid values), metrics (name: lower|higher) and "
+                        "contrasts (a list of {name, variant, against})")
+
+    def check_values(where: str, values) -> None:
+        if not isinstance(values, dict) or not values:
+            raise PlanError(f"{path}: {where} must map grid keys to grid values")
+        for key, value in values.items():
+            if key not in grids[0] or value not in [_joined(v) for grid in grids for v in grid[key]]:
+                raise PlanError(f"{path}: {where}.{key}={value!r} is not a grid value")
+
+    if compare.get("baseline"):
+        check_values("compare.baseline", compare["baseline"])
+    contrasts = compare.get("contrasts") or []
+    if not isinstance(contrasts, list):
+        raise PlanError(f"{path}: compare.contrasts must be a list of {{name, variant, against}}")
+    for i, contrast in enumerate(contrasts):
+        if not isinstance(contrast, dict) or set(contrast) != {"name", "variant", "against"}:
+            raise PlanError(f"{path}: compare.contrasts[{i}] takes exactly name, variant and against")
+        check_values(f"compare.contrasts[{i}].variant", contrast["variant"])
+        check_values(f"compare.contrasts[{i}].against", contrast["against"])
     for metric, better in (compare.get("metrics") or {}).items():
         if better not in ("lower", "higher"):
             raise PlanError(f"{path}: compare.metrics.{metric} must be lower or higher (which is better)")
