@@ -17,8 +17,9 @@ better or worse), then the plan's contrasts (``compare.contrasts``: each variant
 same test), then a table per metric.
 
 Plots (PNG, beside the markdown): each curve of the results (``"curves": {name: [[step, value], ...]}``)
-as the mean over seeds with a ±1 std band per variant, SGG's scale trajectories among them when the
-runs record them; and when the grid varies a learning rate (a grid key starting with ``lr``), each
+as the mean over seeds with a ±1 std band per variant (on a log axis, when the values span more than
+two decades, the seeds' min-to-max band; curves of more than 200 points as running means over 1% of
+them), SGG's scale trajectories among them when the runs record them; and when the grid varies a learning rate (a grid key starting with ``lr``), each
 metric against it on a log axis, failed (diverged) runs marked with a cross.
 """
 
@@ -187,23 +188,43 @@ def _curve_plots(groups: dict, plots: Path) -> list[Path]:
     plt = pyplot()
     names = sorted({n for rs in groups.values() for r in rs if r["status"] == "finished"
                     for n in r.get("result", {}).get("curves", {})})
+    # More variants than the default cycle's 10 colours would repeat colours; tab20 keeps them apart.
+    colours = plt.get_cmap("tab20").colors if len(groups) > 10 else [None] * len(groups)
     written = []
     for name in names:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
+        drawn = []  # (variant, steps, seeds x steps)
         for variant, records in groups.items():
             curves = [np.asarray(r["result"]["curves"][name], float) for r in records
                       if r["status"] == "finished" and r.get("result", {}).get("curves", {}).get(name)]
-            if not curves:
-                continue
-            steps = curves[0][:, 0]  # the other seeds are read at the first seed's steps
-            ys = np.stack([np.interp(steps, c[:, 0], c[:, 1]) for c in curves])
+            if curves:
+                steps = curves[0][:, 0]  # the other seeds are read at the first seed's steps
+                drawn.append((variant, steps, np.stack([np.interp(steps, c[:, 0], c[:, 1]) for c in curves])))
+        if not drawn:
+            continue
+        low = min(float(np.nanmin(ys)) for _, _, ys in drawn)
+        high = max(float(np.nanmax(ys)) for _, _, ys in drawn)
+        log = low > 0 and high / low > 100  # a loss falling by decades: a linear axis shows only its first steps
+        window = max(1, max(len(steps) for _, steps, _ in drawn) // 100)  # per-step curves: a running mean
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        for colour, (variant, steps, ys) in zip(colours, drawn):
+            if window > 1 and len(steps) > window:
+                kernel = np.ones(window) / window
+                ys = np.stack([np.convolve(y, kernel, mode="valid") for y in ys])
+                steps = steps[window - 1:]
             mean = ys.mean(0)
-            (line,) = ax.plot(steps, mean, label=f"{_label(variant)} (n={len(curves)})")
-            if len(curves) > 1:
+            (line,) = ax.plot(steps, mean, label=f"{_label(variant)} (n={len(ys)})", color=colour, lw=1)
+            if len(ys) > 1:
+                # On a log axis mean - std can fall below zero; the seeds' own range stays positive.
                 std = ys.std(0, ddof=1)
-                ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        ax.set(xlabel="step", ylabel=name, title=f"{name}: mean over seeds, band ±1 std")
-        ax.legend(fontsize=7)
+                lo, hi = (ys.min(0), ys.max(0)) if log else (mean - std, mean + std)
+                ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+        if log:
+            ax.set_yscale("log")
+        band = "seeds' min to max" if log else "±1 std"
+        ax.set(xlabel="step", ylabel=name,
+               title=f"{name}: mean over seeds, band {band}" + (f", running mean of {window} points" if window > 1
+                                                                else ""))
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         written.append(save(fig, plots / f"curve-{_slug(name)}.png"))
     return written
 
