@@ -188,8 +188,6 @@ def _curve_plots(groups: dict, plots: Path) -> list[Path]:
     plt = pyplot()
     names = sorted({n for rs in groups.values() for r in rs if r["status"] == "finished"
                     for n in r.get("result", {}).get("curves", {})})
-    # More variants than the default cycle's 10 colours would repeat colours; tab20 keeps them apart.
-    colours = plt.get_cmap("tab20").colors if len(groups) > 10 else [None] * len(groups)
     written = []
     for name in names:
         drawn = []  # (variant, steps, seeds x steps)
@@ -205,6 +203,8 @@ def _curve_plots(groups: dict, plots: Path) -> list[Path]:
         high = max(float(np.nanmax(ys)) for _, _, ys in drawn)
         log = low > 0 and high / low > 100  # a loss falling by decades: a linear axis shows only its first steps
         window = max(1, max(len(steps) for _, steps, _ in drawn) // 100)  # per-step curves: a running mean
+        # More lines than tab10's colours would repeat them; tab20 (paired shades) keeps them apart.
+        colours = plt.get_cmap("tab20" if len(drawn) > 10 else "tab10").colors
         fig, ax = plt.subplots(figsize=(10, 4.5))
         for colour, (variant, steps, ys) in zip(colours, drawn):
             if window > 1 and len(steps) > window:
