@@ -97,7 +97,9 @@ def write_report(output: Path, settings: DemoSettings, rows, runs, seconds: floa
          f"{settings.connector.lr}." if settings.connector else "No captions stage."), "",
         f"Stage 2: {settings.steps} steps, batch {settings.batch_size}, lr {settings.lr} "
         f"(connector {settings.mm_projector_lr}), cosine, warmup 3%, {'bf16' if bf16(settings) else 'float32'}; "
-        f"SGG {settings.sgg}."
+        f"SGG {settings.sgg}"
+        + (" (the paper's rule; docs/evidence.md compares it with the authors' mean_ratio, which acts as a "
+           "stepwise learning-rate decay on this task)." if settings.sgg.get("rule", "mda") == "mda" else ".")
         + (f" Steps planned from a measured {seconds_per_step:.2f} s per step"
            + (f" and an estimated {eval_seconds:.0f} s per evaluation" if eval_seconds else "")
            + f" to end within {settings.time_budget:.0f} s." if seconds_per_step else ""), "",
