@@ -531,7 +531,7 @@ def run_stock(cfg, processor, batches: list[dict], device: torch.device, warmup:
 
 def run_config(model: dict, data: dict, output: Path, *, mode: str, packing: bool, optimizer: str, batch: int,
                max_steps: int, gradient_checkpointing: bool, workers: int, attn: str, lora_r: int,
-               lora_alpha: int, seed: int, cuda: bool):
+               lora_alpha: int, seed: int, cuda: bool, compile: bool = False, checkpoint_layers: int | None = None):
     from .train.config import build_run_config
 
     return build_run_config({
@@ -540,6 +540,7 @@ def run_config(model: dict, data: dict, output: Path, *, mode: str, packing: boo
         "train": {"output_dir": str(output), "mode": mode, "max_steps": max_steps,
                   "per_device_train_batch_size": batch, "bf16": cuda,
                   "gradient_checkpointing": gradient_checkpointing, "attn_implementation": attn,
+                  "compile": compile, "checkpoint_layers": checkpoint_layers,
                   "dataloader_num_workers": workers, "lora_r": lora_r, "lora_alpha": lora_alpha,
                   "lora_dropout": LORA_DROPOUT,
                   # constant lr, no warm-up: as the stock loop (the schedule costs nothing either way)
@@ -559,7 +560,7 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
                  warmup: int = 3, gradient_checkpointing: bool = True, workers: int = 4, attn: str = "sdpa",
                  optimizers: list[str] = ("adamw",), peak_tflops: float | None = None, lora_r: int | None = None,
                  lora_alpha: int | None = None, seed: int = 0, output: Path = Path("runs/bench"),
-                 device: str | None = None) -> dict:
+                 device: str | None = None, compile: bool = False, checkpoint_layers: int | None = None) -> dict:
     """The stock loop and llava-sgg's padded and packed rows on the same samples; prints a table, writes JSON."""
     from .optim.factory import OPTIMIZER_NAMES
 
@@ -582,7 +583,8 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
     lora_alpha = lora_alpha or 2 * lora_r
     peak_tflops = peak_tflops if peak_tflops is not None else default_peak_tflops(device)
     args = {"size": size, "mode": mode, "lengths": lengths, "batch": batch, "steps": steps, "warmup": warmup,
-            "gradient_checkpointing": gradient_checkpointing, "workers": workers, "attn": attn,
+            "gradient_checkpointing": gradient_checkpointing, "checkpoint_layers": checkpoint_layers,
+            "compile": compile, "workers": workers, "attn": attn,
             "optimizers": list(optimizers), "lora_r": lora_r if mode == "lora" else None,
             "lora_alpha": lora_alpha if mode == "lora" else None, "lora_dropout": LORA_DROPOUT if mode == "lora" else None,
             "lr": LR, "seed": seed, "peak_tflops": peak_tflops}
@@ -607,7 +609,8 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
             return run_config(model_section, data_section, root / f"run-{optimizer}-{packing}", mode=mode,
                               packing=packing, optimizer=optimizer, batch=batch, max_steps=warmup + steps,
                               gradient_checkpointing=gradient_checkpointing, workers=workers, attn=attn,
-                              lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, cuda=cuda)
+                              lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, cuda=cuda, compile=compile,
+                              checkpoint_layers=checkpoint_layers)
 
         taken = {}
 
@@ -676,9 +679,14 @@ def _print(report: dict, counts: FlopCounts, device: torch.device) -> None:
     a, d, env = report["args"], report["lengths"], report["environment"]
     trained = (f"LoRA r={a['lora_r']} ({counts.lora / 1e6:.3g}M adapters)" if a["mode"] == "lora"
                else f"full ({counts.decoder / 1e6:.3g}M decoder matrices)")
+    checkpointing = "gradient checkpointing" if a["gradient_checkpointing"] else "no gradient checkpointing"
+    if a["gradient_checkpointing"] and a.get("checkpoint_layers") is not None:
+        checkpointing += f" (llava-sgg rows: the first {a['checkpoint_layers']} decoder layers)"
+    if a.get("compile"):
+        checkpointing += ", llava-sgg rows compiled"
     print(f"llava-sgg bench pipeline: {a['size']} shapes, {trained}, {a['lengths']} lengths "
           f"({d['samples']} samples, {d['tokens']['min']}-{d['tokens']['max']} tokens, mean {d['tokens']['mean']:.0f}), "
-          f"batch {a['batch']}, {'' if a['gradient_checkpointing'] else 'no '}gradient checkpointing, "
+          f"batch {a['batch']}, {checkpointing}, "
           f"attn {a['attn']}, {a['workers']} workers, on {env['device']}; median of {a['steps']} steps after "
           f"{a['warmup']}")
     # tokens/s is the timed steps' tokens over their summed time: with lengths that vary, the mean step governs it

@@ -7,10 +7,10 @@ from llava_sgg.cli import main
 ROWS = ("stock", "llava-sgg padded", "llava-sgg packed")
 
 
-def run_tiny(tmp_path, mode: str, lengths: str = "mix") -> dict:
+def run_tiny(tmp_path, mode: str, lengths: str = "mix", *extra: str) -> dict:
     # Batches of 4 from a mix of 12 samples: short and long ones in one batch, so the padded rows pad.
     assert main(["bench", "pipeline", "--size", "tiny", "--mode", mode, "--lengths", lengths, "--batch", "4",
-                 "--steps", "2", "--warmup", "1", "--workers", "0", "--output", str(tmp_path)]) == 0
+                 "--steps", "2", "--warmup", "1", "--workers", "0", "--output", str(tmp_path), *extra]) == 0
     return json.loads((tmp_path / f"pipeline-tiny-{mode}-{lengths}-cpu.json").read_text())
 
 
@@ -46,9 +46,12 @@ def test_bench_pipeline_lora_on_cpu_times_three_rows_on_the_same_batches(tmp_pat
     assert "llava-sgg packed" in out and "relative difference" in out and ": equal" in out
 
 
-def test_bench_pipeline_full_fine_tuning_on_cpu(tmp_path):
-    report = run_tiny(tmp_path, "full", lengths="uniform")
+def test_bench_pipeline_full_fine_tuning_on_cpu(tmp_path, capsys):
+    # The llava-sgg rows recompute only the first decoder layer; the stock loop, every layer.
+    report = run_tiny(tmp_path, "full", "uniform", "--checkpoint-layers", "1")
     check_report(report, "full")
+    assert report["args"]["checkpoint_layers"] == 1 and report["args"]["compile"] is False
+    assert "(llava-sgg rows: the first 1 decoder layers)" in capsys.readouterr().out
     assert report["parameters"]["lora"] == 0
     assert report["lengths"]["tokens"]["min"] == report["lengths"]["tokens"]["max"] == 316
     assert all(r["padding_share"] == 0 for r in report["rows"])  # uniform lengths: nothing to pad

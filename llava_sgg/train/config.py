@@ -81,6 +81,10 @@ class TrainConfig:
     # weights and optimizer states are always fp32 masters, as in official LLaVA's DeepSpeed bf16 mode.
     bf16: bool = False
     gradient_checkpointing: bool = True
+    # With gradient_checkpointing: recompute only the first N decoder layers (null: every layer). The other
+    # layers keep their activations, trading memory the GPU has spare for the recomputation (about a third
+    # of a checkpointed layer's compute) it would otherwise pay.
+    checkpoint_layers: int | None = None
     # The decoder's attention (transformers' attn_implementation): sdpa | eager | flex_attention |
     # flash_attention_2 | flash_attention_3 (the last two need the flash-attn package). Each keeps a packed
     # row's samples apart (data.packing); the vision tower keeps transformers' default.
@@ -335,6 +339,13 @@ def _validate_train(t: TrainConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: train.lr_step_decay multiplies a step-indexed schedule; "
                           "train.lr_scheduler_type reduce_lr_on_plateau is not one")
     _validate_attn_implementation(t.attn_implementation, origin)
+    if t.checkpoint_layers is not None:
+        if not (_is_int(t.checkpoint_layers) and t.checkpoint_layers >= 0):
+            raise ConfigError(f"{origin}: train.checkpoint_layers must be an integer >= 0 (the decoder layers "
+                              f"recomputed, from the first) or null (all), got {t.checkpoint_layers!r}")
+        if not t.gradient_checkpointing:
+            raise ConfigError(f"{origin}: train.checkpoint_layers={t.checkpoint_layers} chooses the layers that "
+                              "gradient checkpointing recomputes; set train.gradient_checkpointing true")
 
 
 def _validate_attn_implementation(name, origin: str) -> None:

@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
-from transformers import TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from ..model.builder import DTYPES, ModelError, build_llava, load_preprocessing, save_mm_projector, save_spec
 from ..plotting import plot_curves, plot_sgg_scales
 from .checkpoints import begin_outputs, finished_run, outputs_complete, seal_outputs
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .memory import check_fits, memory_plan
 from .trainer import PROJECTOR, LlavaTrainer
 
@@ -66,9 +66,29 @@ def compile_decoder_layers(model) -> None:
     the vision tower and the image-token merge stay eager, and gradient checkpointing still wraps each
     layer's call. Shapes vary from batch to batch, so the graph is compiled for dynamic sequence lengths.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for layer in base.model.language_model.layers:
+    for layer in decoder_layers(model):
         layer.compile(dynamic=True)
+
+
+def decoder_layers(model) -> list:
+    """The decoder's layers, under a PEFT wrapper or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return list(base.model.language_model.layers)
+
+
+class CheckpointFirstLayers(TrainerCallback):
+    """Gradient checkpointing for the first ``count`` decoder layers only (train.checkpoint_layers).
+
+    Trainer turns checkpointing on for every layer as training starts, just before this runs; transformers
+    reads each layer's own ``gradient_checkpointing`` flag at every call, so clearing it on the rest is enough.
+    """
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for index, layer in enumerate(decoder_layers(model)):
+            layer.gradient_checkpointing = index < self.count
 
 
 def _trainable_model(cfg: RunConfig, processor=None):
@@ -187,6 +207,10 @@ def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
     set_seed(cfg.train.seed)
     model, processor = prepare_model(cfg, processor)
     limit_no_split_modules(model)
+    layers = len(decoder_layers(model))
+    if cfg.train.checkpoint_layers is not None and cfg.train.checkpoint_layers > layers:
+        raise ConfigError(f"train.checkpoint_layers={cfg.train.checkpoint_layers}, but the decoder "
+                          f"{cfg.model.language_model} has {layers} layers")
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=dataset,
         data_collator=DataCollatorForLlava(processor.tokenizer.pad_token_id, packing=d.packing),
@@ -194,6 +218,8 @@ def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
         max_bad_steps=cfg.train.max_bad_steps, lr_step_decay=cfg.train.lr_step_decay,
         modality_lengths=dataset.modality_lengths if d.group_by_modality_length else None,
     )
+    if cfg.train.checkpoint_layers is not None:
+        trainer.add_callback(CheckpointFirstLayers(cfg.train.checkpoint_layers))
     return trainer, processor
 
 
