@@ -11,7 +11,8 @@ def run_tiny(tmp_path, mode: str, lengths: str = "mix", *extra: str) -> dict:
     # Batches of 4 from a mix of 12 samples: short and long ones in one batch, so the padded rows pad.
     assert main(["bench", "pipeline", "--size", "tiny", "--mode", mode, "--lengths", lengths, "--batch", "4",
                  "--steps", "2", "--warmup", "1", "--workers", "0", "--output", str(tmp_path), *extra]) == 0
-    return json.loads((tmp_path / f"pipeline-tiny-{mode}-{lengths}-cpu.json").read_text())
+    (report,) = tmp_path.glob(f"pipeline-tiny-{mode}-{lengths}*-cpu.json")
+    return json.loads(report.read_text())
 
 
 def check_report(report: dict, mode: str) -> None:
@@ -51,6 +52,7 @@ def test_bench_pipeline_full_fine_tuning_on_cpu(tmp_path, capsys):
     report = run_tiny(tmp_path, "full", "uniform", "--checkpoint-layers", "1")
     check_report(report, "full")
     assert report["args"]["checkpoint_layers"] == 1 and report["args"]["compile"] is False
+    assert (tmp_path / "pipeline-tiny-full-uniform-ck1-cpu.json").is_file()
     assert "(llava-sgg rows: the first 1 decoder layers)" in capsys.readouterr().out
     assert report["parameters"]["lora"] == 0
     assert report["lengths"]["tokens"]["min"] == report["lengths"]["tokens"]["max"] == 316

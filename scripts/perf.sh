@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The measurements behind docs/performance.md's training-throughput targets, on one GPU, each a JSON in DIR.
+#   usage: scripts/perf.sh [DIR] [PART ...]     (DIR default runs/perf)
+#   parts (default: all, in this order):
+#     lora-mix      LLaVA-7B shapes, LoRA r=128, LLaVA-mix-like lengths: the stock loop against llava-sgg padded
+#                   and packed, with sdpa and with flex_attention, AdamW and AdamW+SGG (target: >= 1.5x stock)
+#     lora-uniform  the same on uniform 876-token samples (target: >= 1.3x stock)
+#     full          full fine-tuning, fp32 masters, OpenLLaMA-3B shapes behind the same tower (target: >= 1.3x)
+#     levers        train.compile and train.checkpoint_layers on lora-mix's packed flex_attention rows
+#     demo          SGG's cost over a whole run: the GPU demo, AdamW and AdamW+SGG in one process
+# Each part is one or more `llava-sgg bench pipeline` runs (docs/performance.md says what they time); a
+# part's files are named by its settings, so parts can run on different days into one DIR.
+set -euo pipefail
+dir=${1:-runs/perf}
+shift || true
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(lora-mix lora-uniform full levers demo)
+mkdir -p "$dir"
+bench() { llava-sgg bench pipeline --output "$dir" "$@"; }
+for part in "${parts[@]}"; do
+  case $part in
+    lora-mix)
+      bench --size 7b --mode lora --lengths mix --attn sdpa
+      bench --size 7b --mode lora --lengths mix --attn flex_attention --optimizers adamw,adamw_sgg
+      ;;
+    lora-uniform) bench --size 7b --mode lora --lengths uniform --attn flex_attention ;;
+    full) bench --size 3b --mode full --lengths mix --attn flex_attention ;;
+    levers)
+      bench --size 7b --mode lora --lengths mix --attn flex_attention --compile
+      bench --size 7b --mode lora --lengths mix --attn flex_attention --checkpoint-layers 16
+      ;;
+    demo) llava-sgg demo --output "$dir/demo" --result "$dir/demo-result.json" ;;
+    *) echo "unknown part $part (lora-mix, lora-uniform, full, levers, demo)"; exit 2 ;;
+  esac
+done
