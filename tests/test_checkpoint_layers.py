@@ -37,7 +37,7 @@ def test_only_the_first_layers_are_recomputed_and_the_step_is_unchanged(assets, 
     every, weights = train_counting_calls(assets, tmp_path / "all", mode, gradient_checkpointing=True)
     none, _ = train_counting_calls(assets, tmp_path / "off", mode, gradient_checkpointing=False)
     first, first_weights = train_counting_calls(assets, tmp_path / "first", mode, gradient_checkpointing=True,
-                                                    checkpoint_layers=1)
+                                                checkpoint_layers=1)
     assert len(every) == 2 and none == [1, 1] and every == [2, 2]
     assert first == [2, 1]
     assert first_weights.keys() == weights.keys()

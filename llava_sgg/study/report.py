@@ -19,8 +19,9 @@ same test), then a table per metric.
 Plots (PNG, beside the markdown): each curve of the results (``"curves": {name: [[step, value], ...]}``)
 as the mean over seeds with a ±1 std band per variant (on a log axis, when the values span more than
 two decades, the seeds' min-to-max band; curves of more than 200 points as running means over 1% of
-them), SGG's scale trajectories among them when the runs record them; and when the grid varies a learning rate (a grid key starting with ``lr``), each
-metric against it on a log axis, failed (diverged) runs marked with a cross.
+them), SGG's scale trajectories among them when the runs record them; and when the grid varies a
+learning rate (a grid key starting with ``lr``), each metric against it on a log axis, failed
+(diverged) runs marked with a cross.
 """
 
 from __future__ import annotations
