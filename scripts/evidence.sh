@@ -3,7 +3,8 @@
 #   usage: scripts/evidence.sh [DIR] [PART ...]     (DIR default runs/evidence)
 #   parts: demo-1 .. demo-4, the grids of configs/study/demo_evidence.yaml; demo, all four in one pool (in plan
 #          order, so no GPU slot idles between grids); lm, configs/study/lm_pretrain.yaml;
-#          default: all of them. JOBS runs share the GPU at a time (default 12).
+#          default: all of them. JOBS runs share the GPU at a time (default 12). MPS=1 runs them under a CUDA
+#          MPS daemon of its own (started here, stopped at exit), so they share the GPU instead of taking turns.
 # A study resumes where it stopped (finished runs are skipped), so parts can be run on different days
 # and machines into one DIR. The reports: DIR/demo/report.md and DIR/lm/report.md.
 set -euo pipefail
@@ -15,6 +16,15 @@ jobs=${JOBS:-12}
 # Many small runs share the GPU; their CPU work is one thread each.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 mkdir -p "$dir/demo" "$dir/lm"
+if [ -n "${MPS:-}" ]; then
+  command -v nvidia-cuda-mps-control >/dev/null || { echo "MPS=1, but nvidia-cuda-mps-control is not installed"; exit 2; }
+  export CUDA_MPS_PIPE_DIRECTORY=$(mktemp -d) CUDA_MPS_LOG_DIRECTORY=$(mktemp -d)
+  nvidia-cuda-mps-control -d
+  trap 'echo quit | nvidia-cuda-mps-control' EXIT
+  # A daemon that starts but serves no client would fail every run; find out with one small one first.
+  python -c "import torch; torch.ones(1, device='cuda').sum().item()" ||
+    { echo "MPS=1: a CUDA process cannot run under the MPS daemon (see $CUDA_MPS_LOG_DIRECTORY)"; exit 2; }
+fi
 for part in "${parts[@]}"; do
   case $part in
     demo|demo-[1-4])
