@@ -181,6 +181,7 @@ def test_config_files_compose_and_unknown_keys_are_errors(tmp_path):
     assert cfg.train.mode == "lora" and cfg.train.lora_r == 128 and cfg.train.mm_projector_lr == 2e-5
     assert cfg.optimizer["name"] == "lamb_sgg" and cfg.optimizer["lr"] == 2e-4 and cfg.optimizer["n_clusters"] == 2
     assert cfg.model.vision_tower == "openai/clip-vit-large-patch14-336" and cfg.train.max_steps == 3
+    assert cfg.train.dataloader_num_workers == 4  # official finetune(_lora).sh: --dataloader_num_workers 4
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  learning_rate: 1e-3\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: unknown key train.learning_rate; valid keys: output_dir"):
