@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from .bench import _fmt, _write, environment, llava_7b_config
+from .bench import _fmt, _sync, _write, environment, llava_7b_config
 
 SIZES = ("tiny", "1b", "3b", "7b")
 MODES = ("lora", "full")
@@ -304,11 +304,6 @@ def length_stats(plans: list[Planned], totals: list[int], image_tokens: int) -> 
 
 
 # ------------------------------------------------------------------ measuring
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _reset_memory(device: torch.device) -> None:
     """Free the previous row's model (cycles through Trainer, accelerate and peft hold it) and restart the peak."""
     if device.type == "cuda":

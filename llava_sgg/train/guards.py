@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -99,7 +100,7 @@ class DivergenceGuard(TrainerCallback):
                      "earlier checkpoint (train.resume_from_checkpoint=FOLDER) or start again")
         # Every weight, frozen ones included: a full checkpoint restores the frozen vision tower too.
         weights = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
-        self._check_weights(args, weights, "the weights", f"{where}.")
+        self._check_weights(args, weights, "the weights", lambda: f"{where}.")
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         step = state.global_step + 1
@@ -137,11 +138,11 @@ class DivergenceGuard(TrainerCallback):
                                         f"finite; checkpoint-{state.global_step} and the final model were not "
                                         f"written. " + _resume_hint(args))
 
-    def _check_weights(self, args, weights: list[tuple[str, Tensor]], which: str, when) -> None:
+    def _check_weights(self, args, weights: list[tuple[str, Tensor]], which: str, when: Callable[[], str]) -> None:
         """DivergenceError if the norm of any of ``weights`` is not finite on any rank.
 
-        ``when``: the message's end, or a callable making it (built only for an error: the resume hint
-        looks for checkpoints, and logs when there is none)."""
+        ``when`` makes the message's end, only for an error: the resume hint looks for checkpoints, and
+        logs when there is none."""
         bad = nonfinite_norms([p for _, p in weights], args.device)
         if not _summed_over_ranks(bad.any().float().reshape(1)).item():
             return
@@ -150,7 +151,7 @@ class DivergenceGuard(TrainerCallback):
         rank = " on this rank" if args.world_size > 1 else ""
         at_fault = f" ({', '.join(names[:3])}{more}{rank})" if names else ""
         raise DivergenceError(f"{which} hold NaN, infinite or overflowing values{at_fault} "
-                              f"{when() if callable(when) else when}")
+                              f"{when()}")
 
 
 def _resume_hint(args) -> str:

@@ -207,10 +207,9 @@ def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
     set_seed(cfg.train.seed)
     model, processor = prepare_model(cfg, processor)
     limit_no_split_modules(model)
-    layers = len(decoder_layers(model))
-    if cfg.train.checkpoint_layers is not None and cfg.train.checkpoint_layers > layers:
+    if cfg.train.checkpoint_layers is not None and cfg.train.checkpoint_layers > len(decoder_layers(model)):
         raise ConfigError(f"train.checkpoint_layers={cfg.train.checkpoint_layers}, but the decoder "
-                          f"{cfg.model.language_model} has {layers} layers")
+                          f"{cfg.model.language_model} has {len(decoder_layers(model))} layers")
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=dataset,
         data_collator=DataCollatorForLlava(processor.tokenizer.pad_token_id, packing=d.packing),
