@@ -8,6 +8,7 @@
 #     full          full fine-tuning, fp32 masters, OpenLLaMA-3B shapes behind the same tower (target: >= 1.3x)
 #     levers        train.compile and train.checkpoint_layers on lora-mix's packed flex_attention rows
 #     demo          SGG's cost over a whole run: the GPU demo, AdamW and AdamW+SGG in one process
+# BENCH_ARGS (e.g. "--steps 6 --warmup 2") goes to every bench pipeline run.
 # Each part is one or more `llava-sgg bench pipeline` runs (docs/performance.md says what they time); a
 # part's files are named by its settings, so parts can run on different days into one DIR.
 set -euo pipefail
@@ -16,7 +17,8 @@ shift || true
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(lora-mix lora-uniform full levers demo)
 mkdir -p "$dir"
-bench() { llava-sgg bench pipeline --output "$dir" "$@"; }
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+bench() { llava-sgg bench pipeline --output "$dir" ${BENCH_ARGS:-} "$@"; }
 for part in "${parts[@]}"; do
   case $part in
     lora-mix)
