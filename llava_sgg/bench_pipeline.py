@@ -526,7 +526,8 @@ def run_stock(cfg, processor, batches: list[dict], device: torch.device, warmup:
 
 def run_config(model: dict, data: dict, output: Path, *, mode: str, packing: bool, optimizer: str, batch: int,
                max_steps: int, gradient_checkpointing: bool, workers: int, attn: str, lora_r: int,
-               lora_alpha: int, seed: int, cuda: bool, compile: bool = False, checkpoint_layers: int | None = None):
+               lora_alpha: int, seed: int, cuda: bool, compile: bool = False, checkpoint_layers: int | None = None,
+               liger: bool = False):
     from .train.config import build_run_config
 
     return build_run_config({
@@ -535,7 +536,7 @@ def run_config(model: dict, data: dict, output: Path, *, mode: str, packing: boo
         "train": {"output_dir": str(output), "mode": mode, "max_steps": max_steps,
                   "per_device_train_batch_size": batch, "bf16": cuda,
                   "gradient_checkpointing": gradient_checkpointing, "attn_implementation": attn,
-                  "compile": compile, "checkpoint_layers": checkpoint_layers,
+                  "compile": compile, "checkpoint_layers": checkpoint_layers, "liger": liger,
                   "dataloader_num_workers": workers, "lora_r": lora_r, "lora_alpha": lora_alpha,
                   "lora_dropout": LORA_DROPOUT,
                   # constant lr, no warm-up: as the stock loop (the schedule costs nothing either way)
@@ -555,7 +556,8 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
                  warmup: int = 3, gradient_checkpointing: bool = True, workers: int = 4, attn: str = "sdpa",
                  optimizers: list[str] = ("adamw",), peak_tflops: float | None = None, lora_r: int | None = None,
                  lora_alpha: int | None = None, seed: int = 0, output: Path = Path("runs/bench"),
-                 device: str | None = None, compile: bool = False, checkpoint_layers: int | None = None) -> dict:
+                 device: str | None = None, compile: bool = False, checkpoint_layers: int | None = None,
+                 liger: bool = False) -> dict:
     """The stock loop and llava-sgg's padded and packed rows on the same samples; prints a table, writes JSON."""
     from .optim.factory import OPTIMIZER_NAMES
 
@@ -579,7 +581,7 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
     peak_tflops = peak_tflops if peak_tflops is not None else default_peak_tflops(device)
     args = {"size": size, "mode": mode, "lengths": lengths, "batch": batch, "steps": steps, "warmup": warmup,
             "gradient_checkpointing": gradient_checkpointing, "checkpoint_layers": checkpoint_layers,
-            "compile": compile, "workers": workers, "attn": attn,
+            "compile": compile, "liger": liger, "workers": workers, "attn": attn,
             "optimizers": list(optimizers), "lora_r": lora_r if mode == "lora" else None,
             "lora_alpha": lora_alpha if mode == "lora" else None, "lora_dropout": LORA_DROPOUT if mode == "lora" else None,
             "lr": LR, "seed": seed, "peak_tflops": peak_tflops}
@@ -605,7 +607,7 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
                               packing=packing, optimizer=optimizer, batch=batch, max_steps=warmup + steps,
                               gradient_checkpointing=gradient_checkpointing, workers=workers, attn=attn,
                               lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, cuda=cuda, compile=compile,
-                              checkpoint_layers=checkpoint_layers)
+                              checkpoint_layers=checkpoint_layers, liger=liger)
 
         taken = {}
 
@@ -649,7 +651,7 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
               "same_batches": same_batches, "loss_check": loss_check(rows, cuda), "rows": rows}
     _print(report, counts, device)
     # The llava-sgg rows' levers name the file, so runs that vary them side by side keep every report.
-    levers = ("" if attn == "sdpa" else f"-{attn}") + ("-compile" if compile else "") \
+    levers = ("" if attn == "sdpa" else f"-{attn}") + ("-compile" if compile else "") + ("-liger" if liger else "") \
         + ("" if checkpoint_layers is None else f"-ck{checkpoint_layers}")
     _write(output / f"pipeline-{size}-{mode}-{lengths}{levers}-{device.type}.json", report)
     return report
@@ -682,6 +684,8 @@ def _print(report: dict, counts: FlopCounts, device: torch.device) -> None:
         checkpointing += f" (llava-sgg rows: the first {a['checkpoint_layers']} decoder layers)"
     if a.get("compile"):
         checkpointing += ", llava-sgg rows compiled"
+    if a.get("liger"):
+        checkpointing += ", llava-sgg rows with Liger's kernels"
     print(f"llava-sgg bench pipeline: {a['size']} shapes, {trained}, {a['lengths']} lengths "
           f"({d['samples']} samples, {d['tokens']['min']}-{d['tokens']['max']} tokens, mean {d['tokens']['mean']:.0f}), "
           f"batch {a['batch']}, {checkpointing}, "

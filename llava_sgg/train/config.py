@@ -93,6 +93,9 @@ class TrainConfig:
     # same shape, so compiling costs about one layer's time, not the model's). Same results within float
     # rounding; a first-step compile cost. Off by default until measured on a GPU.
     compile: bool = False
+    # Liger's fused Triton kernels (the liger-kernel package) for the decoder's RMSNorms and SwiGLU MLPs,
+    # patched into this model's modules only. Needs a CUDA device. Off by default until measured on a GPU.
+    liger: bool = False
     unfreeze_mm_vision_tower: bool = False  # train the vision tower too (LLaVA-v1.5 keeps it frozen)
     lora_r: int = 128
     lora_alpha: int = 256
@@ -322,7 +325,7 @@ def _validate_train(t: TrainConfig, origin: str) -> None:
         value = getattr(t, key)
         if not (_is_int(value) and value >= 0):
             raise ConfigError(f"{origin}: train.{key} must be an integer >= 0, got {value!r}")
-    for key in ("bf16", "gradient_checkpointing", "unfreeze_mm_vision_tower", "compile"):
+    for key in ("bf16", "gradient_checkpointing", "unfreeze_mm_vision_tower", "compile", "liger"):
         if not isinstance(getattr(t, key), bool):
             raise ConfigError(f"{origin}: train.{key} must be true or false, got {getattr(t, key)!r}")
     if not (isinstance(t.output_dir, str) and t.output_dir.strip()):

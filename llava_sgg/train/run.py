@@ -54,6 +54,8 @@ def prepare_model(cfg: RunConfig, processor=None):
     """
     model, processor = _trainable_model(cfg, processor)
     hold_trainable_in_float32(model)
+    if cfg.train.liger:
+        use_liger_kernels(model)
     if cfg.train.compile:
         compile_decoder_layers(model)
     return model, processor
@@ -68,6 +70,51 @@ def compile_decoder_layers(model) -> None:
     """
     for layer in decoder_layers(model):
         layer.compile(dynamic=True)
+
+
+def check_liger(cfg: RunConfig) -> None:
+    """train.liger's requirements, before any data or weights load: the package and a CUDA device."""
+    if not cfg.train.liger:
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError("train.liger: Liger's kernels are Triton kernels and need a CUDA device; this machine "
+                          "has none (set train.liger: false)")
+    try:
+        import liger_kernel.transformers.functional  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"train.liger needs the liger-kernel package (pip install liger-kernel): {e}") from e
+
+
+def use_liger_kernels(model) -> int:
+    """Liger's RMSNorm and SwiGLU kernels in this model's decoder; returns the modules patched.
+
+    Liger's own ``apply_liger_kernel_to_llama`` also rebinds transformers' module-level classes and RoPE, so
+    every Llama built later in the process would use them (the stock row of `bench pipeline` included).
+    Here each module's forward is rebound on the instance, to Liger's public functional kernels, with the
+    arithmetic of the module it replaces (Llama's RMSNorm: fp32 statistics, cast back, then the weight).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.model.language_model
+    if decoder.config.hidden_act not in ("silu", "swish"):
+        raise ModelError(f"train.liger: Liger's SwiGLU computes silu(gate) * up; this decoder's activation is "
+                         f"{decoder.config.hidden_act!r}")
+    from types import MethodType
+
+    from liger_kernel.transformers.functional import liger_rms_norm, liger_swiglu
+
+    def rms_norm(self, hidden_states):
+        return liger_rms_norm(hidden_states, self.weight, self.variance_epsilon, casting_mode="llama")
+
+    def swiglu(self, x):
+        return self.down_proj(liger_swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    norms = [decoder.norm] + [n for layer in decoder.layers for n in (layer.input_layernorm,
+                                                                      layer.post_attention_layernorm)]
+    for norm in norms:
+        norm.forward = MethodType(rms_norm, norm)
+    for layer in decoder.layers:
+        layer.mlp.forward = MethodType(swiglu, layer.mlp)
+    return len(norms) + len(decoder.layers)
 
 
 def decoder_layers(model) -> list:
@@ -189,6 +236,7 @@ def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
     # stage-1 projector's presence are checked here, then the whole data file is checked and tokenized with
     # the processor read from the parts' config files; only then do the weights load, around that processor.
     args = training_arguments(cfg)
+    check_liger(cfg)
     if cfg.model.mm_projector and not Path(cfg.model.mm_projector).is_file():
         raise ModelError(f"mm_projector file {cfg.model.mm_projector!r} does not exist")
     processor, num_image_tokens = load_preprocessing(cfg.model)
