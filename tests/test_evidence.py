@@ -46,6 +46,11 @@ def test_the_tables_of_evidence_md_are_the_records_means():
         for metric, cell in zip(METRICS, row[2:]):
             assert cell.startswith(mean_std(seed_values(demo, values, metric), 1)), (row[:2], metric, cell)
             checked += 1
+    for row in table_rows(text, "## LoRA on the demo"):
+        values = {"mode": "lora", "optimizer": OPTIMIZERS[row[0]], "sgg": RULES[row[1]], "lr_scale": 1}
+        for metric, cell in zip(METRICS, row[2:]):
+            assert cell.startswith(mean_std(seed_values(demo, values, metric), 1)), (row[:2], metric, cell)
+            checked += 1
     for row in table_rows(text, "## Figure 5 on the demo"):
         values = {"mode": "full", "optimizer": "adamw", "sgg": row[0], "lr_scale": int(row[1].lstrip("×"))}
         for metric, cell in zip(METRICS, row[2:]):
@@ -57,4 +62,4 @@ def test_the_tables_of_evidence_md_are_the_records_means():
         for metric, digits, cell in zip(["val_ppl", "val_loss", "final_train_loss"], [2, 3, 3], row[1:]):
             assert cell.startswith(mean_std(seed_values(lm, {"sgg": names[row[0]]}, metric), digits)), (row, cell)
             checked += 1
-    assert checked == 10 * 5 + 7 * 5 + 3 * 3
+    assert checked == 10 * 5 + 3 * 5 + 7 * 5 + 3 * 3
