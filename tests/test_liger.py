@@ -17,6 +17,12 @@ def test_liger_must_be_a_boolean():
                           "train": {"liger": 1}})
 
 
+def test_liger_and_compile_are_refused_together():
+    with pytest.raises(ConfigError, match="train.liger and train.compile do not work together"):
+        build_run_config({"model": {"vision_tower": "v", "language_model": "l"}, "data": {"data_path": "d"},
+                          "train": {"liger": True, "compile": True}})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_without_cuda_liger_is_refused_before_the_data_is_read(tmp_path):
     cfg = build_run_config({"model": {"vision_tower": "v", "language_model": "l"},

@@ -53,7 +53,8 @@ class DataConfig:
     check: str = "fast"
     # true: the samples of each micro-batch (the same samples, in the same order) are concatenated into one
     # row without padding, positions restarting per sample and attention kept inside each sample
-    # (train.attn_implementation); same loss and gradients as padded rows. Off until measured on a GPU.
+    # (train.attn_implementation); same loss and gradients as padded rows. Off by default: it pays only with
+    # flex_attention or flash attention, which need a GPU (docs/performance.md).
     packing: bool = False
 
 
@@ -91,10 +92,10 @@ class TrainConfig:
     attn_implementation: str = "sdpa"
     # torch.compile each decoder layer (regional compilation: one compiled graph serves every layer of the
     # same shape, so compiling costs about one layer's time, not the model's). Same results within float
-    # rounding; a first-step compile cost. Off by default until measured on a GPU.
+    # rounding; a first-step compile cost. Off by default: not yet measured at 7B.
     compile: bool = False
     # Liger's fused Triton kernels (the liger-kernel package) for the decoder's RMSNorms and SwiGLU MLPs,
-    # patched into this model's modules only. Needs a CUDA device. Off by default until measured on a GPU.
+    # patched into this model's modules only. Needs a CUDA device and an optional package, hence off by default.
     liger: bool = False
     unfreeze_mm_vision_tower: bool = False  # train the vision tower too (LLaVA-v1.5 keeps it frozen)
     lora_r: int = 128
@@ -342,6 +343,10 @@ def _validate_train(t: TrainConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: train.lr_step_decay multiplies a step-indexed schedule; "
                           "train.lr_scheduler_type reduce_lr_on_plateau is not one")
     _validate_attn_implementation(t.attn_implementation, origin)
+    if t.liger and t.compile:
+        # torch 2.11's dynamo fails an assertion tracing Liger's RMSNorm autograd.Function inside a layer
+        raise ConfigError(f"{origin}: train.liger and train.compile do not work together (torch.compile "
+                          "cannot trace Liger's kernels); choose one")
     if t.checkpoint_layers is not None:
         if not (_is_int(t.checkpoint_layers) and t.checkpoint_layers >= 0):
             raise ConfigError(f"{origin}: train.checkpoint_layers must be an integer >= 0 (the decoder layers "

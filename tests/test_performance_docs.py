@@ -1,0 +1,26 @@
+"""docs/performance.md's training-throughput table is what the committed bench pipeline JSON files hold."""
+
+import json
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def test_the_pipeline_table_is_the_committed_json():
+    text = (DOCS / "performance.md").read_text()
+    section = text.split("### Measured: one H100", 1)[1].split("\n### ", 1)[0]
+    lines = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")][1:]  # without the header
+    checked = 0
+    for cells in (list(map(str.strip, line)) for line in lines):
+        if cells[0]:  # a run's first row names its JSON
+            name = cells[0].split("(`", 1)[1].split("`)", 1)[0]
+            report = json.loads((DOCS / "benchmarks" / name).read_text())
+            rows = {r["row"]: r for r in report["rows"]}
+            assert report["environment"]["device"] == "NVIDIA H100 80GB HBM3" and report["same_batches"], name
+            assert report["loss_check"]["passed"], name
+        r = rows[cells[1]]
+        expected = [f"{r['step_s']:.3f}", f"{r['real_tokens_per_s']:.0f}", f"{r['x_stock']:.3f}",
+                    f"{r['padding_share'] * 100:.1f}%", f"{r['mfu'] * 100:.1f}%", f"{r['peak_memory_gib']:.2f}"]
+        assert cells[2:] == expected, (name, cells[1])
+        checked += 1
+    assert checked == 15
