@@ -96,3 +96,30 @@ def test_paper_recipe_configs_build(name):
     assert group["weight_decay"] == 0.0
     if name.startswith("lamb"):
         assert (group["eps"], group["clamp_value"]) == (1e-6, 10.0)
+
+
+def test_plain_adamw_keeps_torchs_default_step_off_cuda():
+    model = torch.nn.Linear(4, 4)
+    optimizer = build_optimizer(model, "adamw", lr=1e-3)
+    assert optimizer.defaults["fused"] is None and optimizer.defaults["foreach"] is None
+    groups = [{"params": iter([model.weight]), "lr": 1e-2}, {"params": model.bias}]
+    assert [len(g["params"]) for g in build_optimizer(groups, "adamw", lr=1e-3).param_groups] == [1, 1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_plain_adamw_takes_the_fused_step_unless_told_otherwise():
+    model = torch.nn.Linear(4, 4).cuda()
+    assert build_optimizer(model, "adamw", lr=1e-3).defaults["fused"] is True
+    told = build_optimizer(model, "adamw", lr=1e-3, foreach=True).defaults
+    assert told["foreach"] is True and told["fused"] is None
+    # the same update as torch's own fused AdamW with the same settings
+    reference = torch.nn.Linear(4, 4).cuda()
+    reference.load_state_dict(model.state_dict())
+    ours = build_optimizer(model, "adamw", lr=1e-3)
+    theirs = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+    for _ in range(3):
+        for m in (model, reference):
+            m.weight.grad, m.bias.grad = torch.ones_like(m.weight), torch.ones_like(m.bias)
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(model.weight, reference.weight, rtol=0, atol=0)

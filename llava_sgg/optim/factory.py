@@ -140,6 +140,13 @@ def _check_adafactor(kwargs: dict) -> None:
             raise ValueError(f"{key} must be a number {want}, got {kwargs[key]!r}")
 
 
+def _all_plain_cuda(params: list) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    return all(p.is_cuda and p.is_floating_point() and not isinstance(p, DTensor) for p in tensors)
+
+
 def build_optimizer(model_or_params: nn.Module | Iterable, name: str, *, lr: float | None = None,
                     **kwargs) -> torch.optim.Optimizer:
     """Build ``name`` (one of :data:`OPTIMIZER_NAMES`) over a model or parameters.
@@ -155,9 +162,16 @@ def build_optimizer(model_or_params: nn.Module | Iterable, name: str, *, lr: flo
     if isinstance(model_or_params, nn.Module):
         params = param_groups_weight_decay(model_or_params, base_kwargs.get("weight_decay", 0.0))
     else:
-        params = list(model_or_params)
+        # param-group dicts may hold iterators (made lists here, as they are read twice) or one tensor
+        params = [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])}
+                  if isinstance(g, dict) else g for g in model_or_params]
     if not params:
         raise ValueError("build_optimizer got no trainable parameters")
+    if base_name == "adamw" and not wrap and not {"fused", "foreach"} & set(kwargs) and _all_plain_cuda(params):
+        # torch's default on CUDA is the foreach step, which holds a temporary as large as all the trained
+        # weights (sqrt of exp_avg_sq) at its peak; the fused step holds none, and is transformers' own
+        # default (optim="adamw_torch_fused"). FSDP2's DTensors and CPU tensors keep torch's default.
+        base_kwargs["fused"] = True
     optimizer = cls(params, **base_kwargs)
     if not wrap:
         return optimizer
