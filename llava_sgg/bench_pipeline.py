@@ -650,9 +650,10 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
                               "synchronized on CUDA"),
               "same_batches": same_batches, "loss_check": loss_check(rows, cuda), "rows": rows}
     _print(report, counts, device)
-    # The llava-sgg rows' levers name the file, so runs that vary them side by side keep every report.
+    # The llava-sgg rows' levers (and a batch other than the default 16) name the file, so runs that vary
+    # them side by side keep every report.
     levers = ("" if attn == "sdpa" else f"-{attn}") + ("-compile" if compile else "") + ("-liger" if liger else "") \
-        + ("" if checkpoint_layers is None else f"-ck{checkpoint_layers}")
+        + ("" if checkpoint_layers is None else f"-ck{checkpoint_layers}") + ("" if batch == 16 else f"-b{batch}")
     _write(output / f"pipeline-{size}-{mode}-{lengths}{levers}-{device.type}.json", report)
     return report
 

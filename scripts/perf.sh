@@ -5,8 +5,9 @@
 #     lora-mix      LLaVA-7B shapes, LoRA r=128, LLaVA-mix-like lengths: the stock loop against llava-sgg padded
 #                   and packed, with sdpa and with flex_attention, AdamW and AdamW+SGG (target: >= 1.5x stock)
 #     lora-uniform  the same on uniform 876-token samples (target: >= 1.3x stock)
-#     full          full fine-tuning, fp32 masters, OpenLLaMA-3B shapes behind the same tower (target: >= 1.3x)
-#     levers        train.compile and train.checkpoint_layers on lora-mix's packed flex_attention rows
+#     full          full fine-tuning, fp32 masters, OpenLLaMA-3B shapes behind the same tower, batch 8 (at 16 the
+#                   stock loop runs out of memory on an 80 GB H100), and GaLore's LLaMA-1B at 16 (target: >= 1.3x)
+#     levers        train.liger, train.compile and train.checkpoint_layers on lora-mix's flex_attention rows
 #     demo          SGG's cost over a whole run: the GPU demo, AdamW and AdamW+SGG in one process
 # BENCH_ARGS (e.g. "--steps 6 --warmup 2") goes to every bench pipeline run.
 # Each part is one or more `llava-sgg bench pipeline` runs (docs/performance.md says what they time); a
@@ -26,8 +27,12 @@ for part in "${parts[@]}"; do
       bench --size 7b --mode lora --lengths mix --attn flex_attention --optimizers adamw,adamw_sgg
       ;;
     lora-uniform) bench --size 7b --mode lora --lengths uniform --attn flex_attention ;;
-    full) bench --size 3b --mode full --lengths mix --attn flex_attention ;;
+    full)
+      bench --size 3b --mode full --lengths mix --attn flex_attention --batch 8
+      bench --size 1b --mode full --lengths mix --attn flex_attention
+      ;;
     levers)
+      bench --size 7b --mode lora --lengths mix --attn flex_attention --liger
       bench --size 7b --mode lora --lengths mix --attn flex_attention --compile
       bench --size 7b --mode lora --lengths mix --attn flex_attention --checkpoint-layers 16
       ;;

@@ -52,7 +52,7 @@ def test_bench_pipeline_full_fine_tuning_on_cpu(tmp_path, capsys):
     report = run_tiny(tmp_path, "full", "uniform", "--checkpoint-layers", "1")
     check_report(report, "full")
     assert report["args"]["checkpoint_layers"] == 1 and report["args"]["compile"] is False
-    assert (tmp_path / "pipeline-tiny-full-uniform-ck1-cpu.json").is_file()
+    assert (tmp_path / "pipeline-tiny-full-uniform-ck1-b4-cpu.json").is_file()
     assert "(llava-sgg rows: the first 1 decoder layers)" in capsys.readouterr().out
     assert report["parameters"]["lora"] == 0
     assert report["lengths"]["tokens"]["min"] == report["lengths"]["tokens"]["max"] == 316
