@@ -85,16 +85,15 @@ def check_liger(cfg: RunConfig) -> None:
         raise ConfigError(f"train.liger needs the liger-kernel package (pip install liger-kernel): {e}") from e
 
 
-def use_liger_kernels(model) -> int:
-    """Liger's RMSNorm and SwiGLU kernels in this model's decoder; returns the modules patched.
+def use_liger_kernels(model) -> None:
+    """Liger's RMSNorm and SwiGLU kernels in this model's decoder.
 
     Liger's own ``apply_liger_kernel_to_llama`` also rebinds transformers' module-level classes and RoPE, so
     every Llama built later in the process would use them (the stock row of `bench pipeline` included).
     Here each module's forward is rebound on the instance, to Liger's public functional kernels, with the
     arithmetic of the module it replaces (Llama's RMSNorm: fp32 statistics, cast back, then the weight).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.model.language_model
+    decoder = _unwrapped(model).model.language_model
     if decoder.config.hidden_act not in ("silu", "swish"):
         raise ModelError(f"train.liger: Liger's SwiGLU computes silu(gate) * up; this decoder's activation is "
                          f"{decoder.config.hidden_act!r}")
@@ -114,13 +113,16 @@ def use_liger_kernels(model) -> int:
         norm.forward = MethodType(rms_norm, norm)
     for layer in decoder.layers:
         layer.mlp.forward = MethodType(swiglu, layer.mlp)
-    return len(norms) + len(decoder.layers)
+
+
+def _unwrapped(model):
+    """The LLaVA model itself, under a PEFT wrapper or not."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def decoder_layers(model) -> list:
     """The decoder's layers, under a PEFT wrapper or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return list(base.model.language_model.layers)
+    return list(_unwrapped(model).model.language_model.layers)
 
 
 class CheckpointFirstLayers(TrainerCallback):
@@ -212,7 +214,7 @@ def limit_no_split_modules(model: nn.Module) -> None:
     FSDP2's transformer auto-wrap (accelerate) shards one unit per class listed there and fails
     on a listed class the model lacks: LLaVA inherits CLIP's list, text-tower classes included.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     present = {type(m).__name__ for m in base.modules()}
     listed = getattr(base, "_no_split_modules", None) or []
     base._no_split_modules = [name for name in listed if name in present]
@@ -255,9 +257,11 @@ def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
     set_seed(cfg.train.seed)
     model, processor = prepare_model(cfg, processor)
     limit_no_split_modules(model)
-    if cfg.train.checkpoint_layers is not None and cfg.train.checkpoint_layers > len(decoder_layers(model)):
-        raise ConfigError(f"train.checkpoint_layers={cfg.train.checkpoint_layers}, but the decoder "
-                          f"{cfg.model.language_model} has {len(decoder_layers(model))} layers")
+    if cfg.train.checkpoint_layers is not None:
+        layers = len(decoder_layers(model))
+        if cfg.train.checkpoint_layers > layers:
+            raise ConfigError(f"train.checkpoint_layers={cfg.train.checkpoint_layers}, but the decoder "
+                              f"{cfg.model.language_model} has {layers} layers")
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=dataset,
         data_collator=DataCollatorForLlava(processor.tokenizer.pad_token_id, packing=d.packing),
