@@ -19,10 +19,11 @@ def _sgg_example(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from .train.config import load_run_config
-    from .train.run import train
+    from .train.run import leave_process_group, train
 
     cfg = load_run_config(args.config, optim=args.optim, overrides=args.set)
     output = train(cfg)
+    leave_process_group()
     print(f"wrote {output}")
     return 0
 
@@ -151,6 +152,16 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_run(args: argparse.Namespace) -> int:
+    from .bench_run import run_whole
+
+    run_whole(setup=args.setup, optimizers=args.optimizers.split(","), steps=args.steps, repeats=args.repeats,
+              recluster_interval=args.recluster_interval, mode=args.mode, batch=args.batch, attn=args.attn,
+              workers=args.workers, cache=args.cache, quick=args.quick, profile=args.profile, seed=args.seed,
+              output=Path(args.output))
+    return 0
+
+
 def _add_bench(commands) -> None:
     from .bench import OPTIMIZERS, PARAM_SETS
 
@@ -203,6 +214,28 @@ def _add_bench(commands) -> None:
     pipeline.add_argument("--seed", type=int, default=0)
     pipeline.add_argument("--output", default="runs/bench", help="folder for the JSON report")
     pipeline.set_defaults(func=_bench_pipeline)
+    whole = kinds.add_parser("run", help="SGG's cost over a whole training run against its base optimizer "
+                             "(re-clusterings, compilation and per-step work included), in one process")
+    whole.add_argument("--setup", choices=["demo", "tiny", "1b", "7b"], default="demo",
+                       help="demo: the demo's fine-tuning stage (its cache, recipe and data); tiny, 1b, 7b: "
+                            "`bench pipeline`'s parts with random weights on LLaVA-mix-like packed samples")
+    whole.add_argument("--optimizers", default="adamw,adamw_sgg", help="the first is the base the others compare to")
+    whole.add_argument("--steps", type=int, default=None, help="steps per run (demo: its recipe's; else 200)")
+    whole.add_argument("--repeats", type=int, default=2, help="runs per optimizer, in the order A B B A ...")
+    whole.add_argument("--recluster-interval", type=int, default=None,
+                       help="SGG's (demo: its recipe's; else 50)")
+    whole.add_argument("--mode", choices=["lora", "full"], default="lora", help="tiny, 1b, 7b: LoRA r=128 or full")
+    whole.add_argument("--batch", type=int, default=16, help="tiny, 1b, 7b: samples per step")
+    whole.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flex_attention", "flash_attention_2"],
+                       help="tiny, 1b, 7b: train.attn_implementation")
+    whole.add_argument("--workers", type=int, default=4, help="tiny, 1b, 7b: dataloader workers")
+    whole.add_argument("--cache", default=None, help="demo: its cache folder (default ~/.cache/llava-sgg)")
+    whole.add_argument("--quick", action="store_true", help="demo: the tiny QUICK recipe (CPU tests)")
+    whole.add_argument("--profile", action="store_true",
+                       help="after the timed runs, one cProfile'd run per optimizer: the functions with most host time")
+    whole.add_argument("--seed", type=int, default=0)
+    whole.add_argument("--output", default="runs/bench", help="folder for the JSON report")
+    whole.set_defaults(func=_bench_run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ import yaml
 from dist_llava import _fsdp_on_cpu
 from llava_sgg.train.config import build_run_config
 from llava_sgg.train.guards import DivergenceError
-from llava_sgg.train.run import build_trainer
+from llava_sgg.train.run import build_trainer, leave_process_group
 from llava_sgg.train.trainer import LlavaTrainer
 
 
@@ -44,6 +44,7 @@ def main(config_path: str, prefix: str, bad_rank: str, bad_step: str) -> None:
               "logged": [row["step"] for row in trainer.state.log_history if "loss" in row]}
     with open(f"{prefix}.rank{dist.get_rank()}.json", "w") as f:
         json.dump(record, f)
+    leave_process_group()
 
 
 if __name__ == "__main__":

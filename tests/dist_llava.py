@@ -17,7 +17,7 @@ import yaml
 
 from llava_sgg.optim import SGG
 from llava_sgg.train.config import build_run_config
-from llava_sgg.train.run import build_trainer
+from llava_sgg.train.run import build_trainer, leave_process_group
 
 
 def _full(t):
@@ -73,6 +73,7 @@ def main(config_path: str, out: str) -> None:
             record["scales"][name] = sgg.cluster_scales(p).cpu().clone()
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save(record, out)
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -355,6 +355,20 @@ def check_memory(trainer: LlavaTrainer, cfg: RunConfig) -> None:
     check_fits(plan, capacity, shards=shards, mode=cfg.train.mode)
 
 
+def leave_process_group() -> None:
+    """Tear down the process group the Trainer started, with every rank at a barrier first.
+
+    A rank that exits with its gloo/NCCL group still alive, or tears it down while a peer still
+    talks to it, can die in the group's destructor (SIGABRT, "terminate called without an active
+    exception"), and torchrun then fails a run that trained and saved everything.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def train(cfg: RunConfig) -> Path:
     """Train and write the outputs; resumed after the end of its schedule, a run trains nothing.
 
