@@ -8,7 +8,10 @@
 #     full          full fine-tuning, fp32 masters, OpenLLaMA-3B shapes behind the same tower, batch 8 (at 16 the
 #                   stock loop runs out of memory on an 80 GB H100), and GaLore's LLaMA-1B at 16 (target: >= 1.3x)
 #     levers        train.liger, train.compile and train.checkpoint_layers on lora-mix's flex_attention rows
-#     demo          SGG's cost over a whole run: the GPU demo, AdamW and AdamW+SGG in one process
+#     sgg-cost      SGG's cost over a whole run, AdamW against AdamW+SGG in one process (`llava-sgg bench run`):
+#                   the GPU demo's fine-tuning (2500 steps, a re-clustering every 50; DEMO_CACHE, default
+#                   ~/.cache/llava-sgg, is built first if missing) and 7B LoRA on packed mixed lengths (target:
+#                   <= 1.05x on both)
 # BENCH_ARGS (e.g. "--steps 6 --warmup 2") goes to every bench pipeline run.
 # Each part is one or more `llava-sgg bench pipeline` runs (docs/performance.md says what they time); a
 # part's files are named by its settings, so parts can run on different days into one DIR.
@@ -16,7 +19,7 @@ set -euo pipefail
 dir=${1:-runs/perf}
 shift || true
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(lora-mix lora-uniform full levers demo)
+[ ${#parts[@]} -gt 0 ] || parts=(lora-mix lora-uniform full levers sgg-cost)
 mkdir -p "$dir"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
 bench() { llava-sgg bench pipeline --output "$dir" ${BENCH_ARGS:-} "$@"; }
@@ -36,7 +39,11 @@ for part in "${parts[@]}"; do
       bench --size 7b --mode lora --lengths mix --attn flex_attention --compile
       bench --size 7b --mode lora --lengths mix --attn flex_attention --checkpoint-layers 16
       ;;
-    demo) llava-sgg demo --output "$dir/demo" --result "$dir/demo-result.json" ;;
-    *) echo "unknown part $part (lora-mix, lora-uniform, full, levers, demo)"; exit 2 ;;
+    sgg-cost)
+      llava-sgg bench run --setup demo --output "$dir" ${DEMO_CACHE:+--cache "$DEMO_CACHE"}
+      llava-sgg bench run --setup 7b --mode lora --attn flex_attention --steps 60 --recluster-interval 20 \
+        --repeats 1 --output "$dir"
+      ;;
+    *) echo "unknown part $part (lora-mix, lora-uniform, full, levers, sgg-cost)"; exit 2 ;;
   esac
 done

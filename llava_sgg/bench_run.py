@@ -1,0 +1,254 @@
+"""`llava-sgg bench run`: what SGG costs over a whole training run, against its base optimizer, in one process.
+
+An isolated optimizer step (`bench optim`) misses what a run pays around it: the re-clusterings,
+their first-time kernel compilation, host synchronisation and the Trainer's per-step work. This
+benchmark trains the same model on the same samples with each optimizer through ``build_trainer``
+(the code `llava-sgg train` runs), ``--repeats`` times in the order A B B A ..., and reports:
+
+- **train_s**: ``trainer.train()``'s wall time (synchronized), and its ratio to the base optimizer's;
+- per step (between consecutive ``on_step_end`` callbacks, synchronized, as `bench pipeline` times):
+  the median of the ordinary steps, and the mean and maximum of the re-clustering steps (those whose
+  step count is a multiple of ``recluster_interval``, for every optimizer, so the rows compare);
+- **excess_s**: where an SGG run's extra time went. Every run trains the same batches in the same
+  order, so its steps pair with the base's: the first step, the ordinary steps and the re-clustering
+  steps (each summed, against the base's same steps), and the rest of ``trainer.train()``.
+
+The first SGG run of a process also compiles its Triton kernels (on a GPU, unless Triton's disk cache
+already holds them): its ``first_recluster_s`` against the later runs' shows that one-time cost.
+
+Setups (``--setup``):
+
+- ``demo``: the demo's fine-tuning stage (recipes.FULL on a GPU, QUICK with ``--quick``): its decoder,
+  tower, connector and data from the demo cache (``--cache``; built there first if missing), its
+  batch, learning rates, SGG settings and callbacks. The issue's reference: 2500 steps, a re-clustering
+  every 50.
+- ``tiny``, ``1b``, ``7b``: `bench pipeline`'s parts with random weights and its LLaVA-mix-like samples
+  on disk, LoRA (``--mode``) or full fine-tuning, packed batches.
+
+``--profile`` adds, after the timed runs, one cProfile'd run per optimizer and writes the functions
+with the most host time (not used for any timing).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import dataclasses
+import io
+import pstats
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .bench import _fmt, _sync, _write, environment
+from .bench_pipeline import StepTimer
+
+SETUPS = ("demo", "tiny", "1b", "7b")
+
+
+def _order(optimizers: list[str], repeats: int) -> list[str]:
+    """A B, B A, A B, ...: each optimizer runs first as often as it runs last."""
+    order = []
+    for r in range(repeats):
+        order += optimizers if r % 2 == 0 else optimizers[::-1]
+    return order
+
+
+def _is_recluster_step(step: int, interval: int) -> bool:
+    return step % interval == 0
+
+
+def time_run(build, device: torch.device, interval: int, profile: bool = False) -> dict:
+    """Train the trainer ``build()`` returns, timing every step; with ``profile``, the host profile instead."""
+    from transformers.trainer_callback import DefaultFlowCallback, ProgressCallback
+
+    trainer, extra = build()
+    trainer.remove_callback(ProgressCallback)
+    timer = StepTimer(device)
+    callbacks = trainer.callback_handler.callbacks
+    callbacks.insert(next(i for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)) + 1, timer)
+    for callback in extra:
+        trainer.add_callback(callback)
+    _sync(device)
+    if profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        trainer.train()
+        _sync(device)
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        return {"profile": text.getvalue()}
+    start = time.perf_counter()
+    trainer.train()
+    _sync(device)
+    train_s = time.perf_counter() - start
+    ends = timer.ends
+    # Step n ends at ends[n - 1]; the first step has no previous end and is left out of the per-step times.
+    steps = {n: ends[n - 1] - ends[n - 2] for n in range(2, len(ends) + 1)}
+    ordinary = [t for n, t in steps.items() if not _is_recluster_step(n, interval)]
+    recluster = [t for n, t in steps.items() if _is_recluster_step(n, interval)]
+    sgg = trainer._sgg()
+    del trainer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"train_s": train_s, "steps": len(ends), "first_step_s": ends[0] - start if ends else None,
+            "ordinary_step_s": statistics.median(ordinary) if ordinary else None,
+            "ordinary_steps": len(ordinary), "ordinary_s": sum(ordinary),
+            "recluster_step_s_mean": statistics.mean(recluster) if recluster else None,
+            "recluster_step_s_max": max(recluster) if recluster else None,
+            "first_recluster_s": recluster[0] if recluster else None, "recluster_steps": len(recluster),
+            "recluster_s": sum(recluster), "recluster_step_times_s": recluster,
+            "reclusterings": None if sgg is None else sgg.reclusterings}
+
+
+def _demo_builder(cache: Path | None, quick: bool, steps: int, interval: int | None, output: Path):
+    """(settings, build(name) -> (trainer, callbacks)) of the demo's fine-tuning stage."""
+    from .demo.recipes import recipe
+    from .demo.run import run_demo
+    from .demo.stages import ScaleRecorder, run_config
+    from .train.run import build_trainer
+
+    parts = run_demo(output / "prepare", quick=quick, cache=cache, prepare_only=True)
+    settings = recipe(quick, torch.cuda.is_available(), steps)
+    if interval is not None:
+        settings = dataclasses.replace(settings, sgg={**settings.sgg, "recluster_interval": interval})
+    data_root = Path(parts["cache"]) / "demo-data"
+    from .demo.data import build_demo_data
+
+    data = build_demo_data(data_root, settings.data)
+    projector = Path(parts["projector"]) if parts["projector"] else None
+
+    def build(name: str, run: str):
+        cfg = run_config(settings, Path(parts["vision"]), Path(parts["language_model"]), data, output / run, name,
+                         projector)
+        trainer, _ = build_trainer(cfg)
+        return trainer, [ScaleRecorder(trainer.model)]
+
+    return settings.sgg, settings.batch_size, build
+
+
+def _pipeline_builder(size: str, mode: str, steps: int, batch: int, interval: int, attn: str, workers: int,
+                      device: torch.device, root: Path, seed: int):
+    from .bench_pipeline import plan_samples, random_weights, run_config, write_dataset, write_parts
+    from .model.builder import ModelConfig, load_preprocessing
+    from .train.run import build_trainer
+
+    model_section = write_parts(root / "parts", size)
+    processor, image_tokens = load_preprocessing(ModelConfig(**model_section))
+    plans = plan_samples("mix", steps * batch, seed)
+    data_section, _ = write_dataset(root / "data", plans, processor.tokenizer, image_tokens, seed,
+                                    image_scale=0.2 if size == "tiny" else 1.0)
+    cuda = device.type == "cuda"
+    lora_r = 8 if size == "tiny" else 128
+    sgg = {"n_clusters": 3, "recluster_interval": interval}
+
+    def build(name: str, run: str):
+        cfg = run_config(model_section, data_section, root / run, mode=mode, packing=True, optimizer=name,
+                         batch=batch, max_steps=steps, gradient_checkpointing=size != "tiny", workers=workers,
+                         attn=attn, lora_r=lora_r, lora_alpha=2 * lora_r, seed=seed, cuda=cuda)
+        if name.endswith("_sgg"):
+            cfg = dataclasses.replace(cfg, optimizer={**cfg.optimizer, **sgg})
+        with random_weights(device):
+            trainer, _ = build_trainer(cfg)
+        return trainer, []
+
+    return sgg, build
+
+
+def run_whole(*, setup: str = "demo", optimizers: list[str] = ("adamw", "adamw_sgg"), steps: int | None = None,
+              repeats: int = 2, recluster_interval: int | None = None, mode: str = "lora", batch: int = 16,
+              attn: str = "sdpa", workers: int = 4, cache: str | Path | None = None, quick: bool = False,
+              profile: bool = False, seed: int = 0, output: Path = Path("runs/bench")) -> dict:
+    """Each optimizer's whole run, ``repeats`` times, alternating; prints a table, writes JSON."""
+    if setup not in SETUPS:
+        raise ValueError(f"unknown setup {setup!r}; choose one of {', '.join(SETUPS)}")
+    if repeats < 1 or (steps is not None and steps < 2):
+        raise ValueError("--repeats must be >= 1 and --steps >= 2")
+    optimizers = list(optimizers)
+    base = optimizers[0]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setup != "demo" and device.type == "cpu" and attn not in ("sdpa", "eager"):
+        raise ValueError(f"--attn {attn} on a CPU: use sdpa or eager")
+    with tempfile.TemporaryDirectory(prefix="llava-sgg-bench-run-") as tmp:
+        root = Path(tmp)
+        if setup == "demo":
+            from .demo.recipes import recipe
+
+            steps = steps or recipe(quick, device.type == "cuda").steps
+            sgg, batch, build = _demo_builder(Path(cache) if cache else None, quick, steps, recluster_interval, root)
+        else:
+            steps = steps or 200
+            sgg, build = _pipeline_builder(setup, mode, steps, batch, recluster_interval or 50, attn, workers,
+                                           device, root, seed)
+        interval = sgg["recluster_interval"]
+        runs = []
+        for i, name in enumerate(_order(optimizers, repeats)):
+            print(f"run {i + 1}: {name}, {steps} steps", flush=True)
+            measured = time_run(lambda name=name, i=i: build(name, f"run-{i}"), device, interval)
+            runs.append({"optimizer": name, "position": i, **measured})
+        profiles = {}
+        if profile:
+            for name in optimizers:
+                profiles[name] = time_run(lambda name=name: build(name, f"profile-{name}"), device, interval,
+                                          profile=True)["profile"]
+    rows = summarize(runs, optimizers, base)
+    args = {"setup": setup, "optimizers": optimizers, "steps": steps, "repeats": repeats, "sgg": sgg,
+            "batch": batch, "quick": quick, "mode": None if setup == "demo" else mode,
+            "attn": None if setup == "demo" else attn, "seed": seed}
+    report = {"environment": environment(device), "args": args, "rows": rows, "runs": runs,
+              "step_timing": "between consecutive on_step_end callbacks, synchronized; train_s: trainer.train()",
+              "profiles": profiles}
+    _print(report)
+    name = f"run-{setup}{'-quick' if quick else ''}{'' if setup == 'demo' else '-' + mode}-{device.type}.json"
+    _write(output / name, report)
+    return report
+
+
+def summarize(runs: list[dict], optimizers: list[str], base: str) -> list[dict]:
+    """Per optimizer: means over its runs, the ratio of its train_s to the base's, and where the difference went.
+
+    Every run trains the same batches in the same order, so step n of one run is step n of another:
+    ``excess_s`` splits the difference of the mean train_s into the first step (data loader start,
+    first launches), the ordinary steps and the re-clustering steps (their summed times against the
+    base's same steps), and the rest of ``trainer.train()`` (set-up before the first step, the end).
+    """
+    def mean(name, key):
+        values = [r[key] for r in runs if r["optimizer"] == name and r[key] is not None]
+        return statistics.mean(values) if values else None
+
+    keys = ("train_s", "first_step_s", "ordinary_s", "recluster_s", "ordinary_step_s", "recluster_step_s_mean",
+            "recluster_step_s_max", "first_recluster_s")
+    rows = []
+    for name in optimizers:
+        mine = [r for r in runs if r["optimizer"] == name]
+        rows.append({"optimizer": name, "runs": len(mine), **{k: mean(name, k) for k in keys},
+                     "train_s_each": [r["train_s"] for r in mine],
+                     "ordinary_steps": mine[0]["ordinary_steps"], "recluster_steps": mine[0]["recluster_steps"]})
+    reference = next(r for r in rows if r["optimizer"] == base)
+    for row in rows:
+        row["x_base"] = row["train_s"] / reference["train_s"]
+        parts = {key: row[key] - reference[key] for key in ("first_step_s", "ordinary_s", "recluster_s")}
+        total = row["train_s"] - reference["train_s"]
+        row["excess_s"] = {"total": total, "first_step": parts["first_step_s"], "ordinary_steps": parts["ordinary_s"],
+                           "recluster_steps": parts["recluster_s"], "rest": total - sum(parts.values())}
+    return rows
+
+
+def _print(report: dict) -> None:
+    a, env = report["args"], report["environment"]
+    print(f"llava-sgg bench run: {a['setup']}{' (quick)' if a['quick'] else ''}, {a['steps']} steps, "
+          f"re-clustering every {a['sgg']['recluster_interval']}, {a['repeats']} run(s) each, on {env['device']}")
+    print(f"{'':<36}{'median ms of a step':>22}   {'seconds over the base':>32}")
+    print(f"{'optimizer':<14}{'train s':>9}{'x base':>8}{'':>5}{'ordinary':>10}{'re-clust.':>10}{'1st re-cl.':>11}"
+          f"{'1st step':>10}{'ordinary':>10}{'re-clust.':>10}{'rest':>8}")
+    for r in report["rows"]:
+        ms = lambda v: v and v * 1e3  # noqa: E731
+        e = r["excess_s"]
+        print(f"{r['optimizer']:<14}{r['train_s']:>9.1f}{r['x_base']:>8.3f}{'':>5}{_fmt(ms(r['ordinary_step_s']), 10, 1)}"
+              f"{_fmt(ms(r['recluster_step_s_mean']), 10, 1)}{_fmt(ms(r['first_recluster_s']), 11, 1)}"
+              f"{e['first_step']:>10.2f}{e['ordinary_steps']:>10.2f}{e['recluster_steps']:>10.2f}{e['rest']:>8.2f}")
+    for name, text in report["profiles"].items():
+        print(f"\nhost profile, {name}:\n" + "\n".join(text.splitlines()[:45]))
