@@ -7,13 +7,14 @@
 #     lora-uniform  the same on uniform 876-token samples (target: >= 1.3x stock)
 #     full          full fine-tuning, fp32 masters, OpenLLaMA-3B shapes behind the same tower, batch 8 (at 16 the
 #                   stock loop runs out of memory on an 80 GB H100), and GaLore's LLaMA-1B at 16 (target: >= 1.3x)
-#     levers        train.liger, train.compile and train.checkpoint_layers on lora-mix's flex_attention rows
+#     levers        train.liger, train.compile and train.checkpoint_layers on 7B LoRA's flex_attention rows, on
+#                   the lengths in LEVER_LENGTHS (default "mix"; "mix uniform" for both)
 #     sgg-cost      SGG's cost over a whole run, AdamW against AdamW+SGG in one process (`llava-sgg bench run`):
-#                   the GPU demo's fine-tuning (2500 steps, a re-clustering every 50; DEMO_CACHE, default
-#                   ~/.cache/llava-sgg, is built first if missing) and 7B LoRA on packed mixed lengths (target:
+#                   the GPU demo's fine-tuning (DEMO_STEPS, default 2500, a re-clustering every 50; DEMO_CACHE,
+#                   default ~/.cache/llava-sgg, is built first if missing) and 7B LoRA on packed mixed lengths (target:
 #                   <= 1.05x on both)
 # BENCH_ARGS (e.g. "--steps 6 --warmup 2") goes to every bench pipeline run.
-# Each part is one or more `llava-sgg bench pipeline` runs (docs/performance.md says what they time); a
+# Each part is one or more `llava-sgg bench pipeline` or `bench run` runs (docs/performance.md says what they time); a
 # part's files are named by its settings, so parts can run on different days into one DIR.
 set -euo pipefail
 dir=${1:-runs/perf}
@@ -35,12 +36,14 @@ for part in "${parts[@]}"; do
       bench --size 1b --mode full --lengths mix --attn flex_attention
       ;;
     levers)
-      bench --size 7b --mode lora --lengths mix --attn flex_attention --liger
-      bench --size 7b --mode lora --lengths mix --attn flex_attention --compile
-      bench --size 7b --mode lora --lengths mix --attn flex_attention --checkpoint-layers 16
+      for lengths in ${LEVER_LENGTHS:-mix}; do
+        bench --size 7b --mode lora --lengths "$lengths" --attn flex_attention --liger
+        bench --size 7b --mode lora --lengths "$lengths" --attn flex_attention --compile
+        bench --size 7b --mode lora --lengths "$lengths" --attn flex_attention --checkpoint-layers 16
+      done
       ;;
     sgg-cost)
-      llava-sgg bench run --setup demo --output "$dir" ${DEMO_CACHE:+--cache "$DEMO_CACHE"}
+      llava-sgg bench run --setup demo --steps "${DEMO_STEPS:-2500}" --output "$dir" ${DEMO_CACHE:+--cache "$DEMO_CACHE"}
       llava-sgg bench run --setup 7b --mode lora --attn flex_attention --steps 60 --recluster-interval 20 \
         --repeats 1 --output "$dir"
       ;;
