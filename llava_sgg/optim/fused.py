@@ -94,6 +94,12 @@ def _address(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _grad_layout(p: Tensor) -> tuple | None:
+    """What a plan's launches assume of ``p``'s gradient, its address aside."""
+    g = p.grad
+    return None if g is None else (g.dtype, g.is_contiguous())
+
+
 @dataclass
 class _AdamEntry:
     """One tensor of an AdamW plan: what a launch needs besides the gradient, which may move."""
@@ -125,6 +131,7 @@ class _AdamLaunch:
     on_device: bool
     aligned: bool
     table: TensorTable | None
+    rows: list[tuple[int, ...]] | None = None  # the table's rows: addresses of p, grad, m, v, ids, scales, ...
 
 
 class AdamPlan:
@@ -134,10 +141,13 @@ class AdamPlan:
     device tables of the multi-tensor launches). On a model of a few hundred tensors that walk
     is host time the GPU idles through, since it comes before the first launch.
     Between re-clusterings nothing it depends on changes except, at most, the addresses of the
-    gradients (``zero_grad(set_to_none=True)``) and the hyper-parameters (an LR schedule), so
-    a step from the plan compares the parameters' and gradients' addresses with those it was
-    built on (no launch when one differs: the caller builds a new plan), reads each launch's
-    hyper-parameters from its param group, and launches. The owner drops the plan whenever
+    gradients and the hyper-parameters (an LR schedule). Gradients move at most steps of a real
+    run: Trainer frees them (``zero_grad(set_to_none=True)``) and the backward pass allocates them
+    again, among activations of another batch's size. So a step from the plan compares the
+    parameters' addresses, and which gradients exist with their dtypes and layout, with those it
+    was built on (no launch when one differs: the caller builds a new plan); moved gradients only
+    re-point its tables' gradient column, an upload of a few numbers per launch. It then reads each
+    launch's hyper-parameters from its param group, and launches. The owner drops the plan whenever
     the state or the scales are replaced (re-clustering, ``load_state_dict``,
     ``add_param_group``); a base optimizer's state dict replaced as a whole is caught too, a
     single state tensor swapped by hand is not.
@@ -192,28 +202,49 @@ class AdamPlan:
         self.launches = list(groups.values())
         # Addresses only: a table, a device tensor, holds no reference to the gradients, which
         # zero_grad(set_to_none=True) must be able to free.
-        self.addresses = [p.data_ptr() for p in params] + [_address(p.grad) for p in params]
+        self.param_addresses = [p.data_ptr() for p in params]
+        self.grad_layouts = [_grad_layout(p) for p in params]
+        self.grad_addresses = [_address(p.grad) for p in params]
         for launch in self.launches:
             members = [self.entries[i] for i in launch.members]
             if members[0].numel >= LARGE:
                 continue
-            rows = [(e.p.data_ptr(), e.p.grad.data_ptr(), e.m.data_ptr(), e.v.data_ptr(), _address(e.ids),
-                     _address(e.scales), _address(e.thresholds), e.step.data_ptr() if launch.on_device else 0)
-                    for e in members]
-            launch.table = tensor_table(rows, [e.numel for e in members], BLOCK, members[0].p.device)
+            launch.rows = [(e.p.data_ptr(), e.p.grad.data_ptr(), e.m.data_ptr(), e.v.data_ptr(), _address(e.ids),
+                            _address(e.scales), _address(e.thresholds), e.step.data_ptr() if launch.on_device else 0)
+                           for e in members]
+            launch.table = tensor_table(launch.rows, [e.numel for e in members], BLOCK, members[0].p.device)
         self.launches = [launch for launch in self.launches if launch.table is None or launch.table.programs]
 
     def matches(self, params: list[Tensor], state) -> bool:
-        """Whether the plan still describes ``params``: the same tensors at the same addresses."""
+        """Whether the plan still describes ``params``: the same tensors at the same addresses, with gradients
+        where it had them, of the same dtypes and layout (their addresses may have moved: :meth:`step`)."""
         if state is not self.state or [id(p) for p in params] != self.ids:
             return False
-        return [p.data_ptr() for p in params] + [_address(p.grad) for p in params] == self.addresses
+        return [p.data_ptr() for p in params] == self.param_addresses \
+            and [_grad_layout(p) for p in params] == self.grad_layouts
+
+    def _repoint(self, params: list[Tensor], grads: list[int]) -> bool:
+        """Point the tables' gradient column at the gradients' new addresses; False where a launch built for
+        16-byte loads would get a gradient that does not allow them (the caller then builds a new plan)."""
+        for launch in self.launches:
+            if launch.table is None:  # a launch of its own reads the gradient from params at each step
+                continue
+            members = [self.entries[i] for i in launch.members]
+            if launch.aligned and not aligned(grads[e.index] for e in members):
+                return False
+            launch.rows = [(row[0], grads[e.index], *row[2:]) for row, e in zip(launch.rows, members)]
+            launch.table = tensor_table(launch.rows, [e.numel for e in members], BLOCK, members[0].p.device)
+        self.grad_addresses = grads
+        return True
 
     def step(self, params: list[Tensor]) -> bool:
         """One AdamW step of every tensor of the plan; False, with nothing done, when it no longer matches.
 
         ``params`` is the parameter list the plan was built over, in the same order.
         """
+        grads = [_address(p.grad) for p in params]
+        if grads != self.grad_addresses and not self._repoint(params, grads):
+            return False
         counts = None
         if self.host_steps:  # the counts after this step's increment, as float32 computes them
             counts = (torch.stack(self.host_steps) + 1).tolist()
