@@ -18,6 +18,7 @@ from ..plotting import plot_curves, plot_sgg_scales
 from .checkpoints import begin_outputs, finished_run, outputs_complete, seal_outputs
 from .config import ConfigError, RunConfig
 from .memory import check_fits, memory_plan
+from .text_only import run_image_path_always
 from .trainer import PROJECTOR, LlavaTrainer
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def prepare_model(cfg: RunConfig, processor=None):
     """
     model, processor = _trainable_model(cfg, processor)
     hold_trainable_in_float32(model)
+    run_image_path_always(model)  # text-only batches: the tower and connector still step, as officially
     if cfg.train.liger:
         use_liger_kernels(model)
     if cfg.train.compile:
