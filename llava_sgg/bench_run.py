@@ -105,7 +105,8 @@ def time_run(build, device: torch.device, interval: int, profile: bool = False) 
 
 
 def _demo_builder(cache: Path | None, quick: bool, steps: int, interval: int | None, output: Path):
-    """(settings, build(name) -> (trainer, callbacks)) of the demo's fine-tuning stage."""
+    """(SGG settings, batch, build(name, run) -> (trainer, callbacks)) of the demo's fine-tuning stage."""
+    from .demo.data import build_demo_data
     from .demo.recipes import recipe
     from .demo.run import run_demo
     from .demo.stages import ScaleRecorder, run_config
@@ -115,10 +116,7 @@ def _demo_builder(cache: Path | None, quick: bool, steps: int, interval: int | N
     settings = recipe(quick, torch.cuda.is_available(), steps)
     if interval is not None:
         settings = dataclasses.replace(settings, sgg={**settings.sgg, "recluster_interval": interval})
-    data_root = Path(parts["cache"]) / "demo-data"
-    from .demo.data import build_demo_data
-
-    data = build_demo_data(data_root, settings.data)
+    data = build_demo_data(Path(parts["cache"]) / "demo-data", settings.data)  # as prepared: read back
     projector = Path(parts["projector"]) if parts["projector"] else None
 
     def build(name: str, run: str):
@@ -132,6 +130,7 @@ def _demo_builder(cache: Path | None, quick: bool, steps: int, interval: int | N
 
 def _pipeline_builder(size: str, mode: str, steps: int, batch: int, interval: int, attn: str, workers: int,
                       device: torch.device, root: Path, seed: int):
+    """(SGG settings, batch, build(name, run) -> (trainer, callbacks)) over `bench pipeline`'s parts and samples."""
     from .bench_pipeline import plan_samples, random_weights, run_config, write_dataset, write_parts
     from .model.builder import ModelConfig, load_preprocessing
     from .train.run import build_trainer
@@ -155,7 +154,7 @@ def _pipeline_builder(size: str, mode: str, steps: int, batch: int, interval: in
             trainer, _ = build_trainer(cfg)
         return trainer, []
 
-    return sgg, build
+    return sgg, batch, build
 
 
 def run_whole(*, setup: str = "demo", optimizers: list[str] = ("adamw", "adamw_sgg"), steps: int | None = None,
@@ -165,9 +164,15 @@ def run_whole(*, setup: str = "demo", optimizers: list[str] = ("adamw", "adamw_s
     """Each optimizer's whole run, ``repeats`` times, alternating; prints a table, writes JSON."""
     if setup not in SETUPS:
         raise ValueError(f"unknown setup {setup!r}; choose one of {', '.join(SETUPS)}")
-    if repeats < 1 or (steps is not None and steps < 2):
-        raise ValueError("--repeats must be >= 1 and --steps >= 2")
+    from .optim.factory import OPTIMIZER_NAMES
+
+    if repeats < 1 or (steps is not None and steps < 2) or (recluster_interval is not None and recluster_interval < 1):
+        raise ValueError("--repeats and --recluster-interval must be >= 1, --steps >= 2")
     optimizers = list(optimizers)
+    unknown = [name for name in optimizers if name not in OPTIMIZER_NAMES]
+    if unknown or not optimizers:
+        raise ValueError(f"unknown optimizer(s) {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(OPTIMIZER_NAMES)}")
     base = optimizers[0]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if setup != "demo" and device.type == "cpu" and attn not in ("sdpa", "eager"):
@@ -181,8 +186,8 @@ def run_whole(*, setup: str = "demo", optimizers: list[str] = ("adamw", "adamw_s
             sgg, batch, build = _demo_builder(Path(cache) if cache else None, quick, steps, recluster_interval, root)
         else:
             steps = steps or 200
-            sgg, build = _pipeline_builder(setup, mode, steps, batch, recluster_interval or 50, attn, workers,
-                                           device, root, seed)
+            sgg, batch, build = _pipeline_builder(setup, mode, steps, batch, recluster_interval or 50, attn, workers,
+                                                  device, root, seed)
         interval = sgg["recluster_interval"]
         runs = []
         for i, name in enumerate(_order(optimizers, repeats)):

@@ -63,3 +63,11 @@ def test_bench_run_on_pipeline_parts_profiles_the_host(tmp_path, capsys):
     assert set(report["profiles"]) == {"adamw", "adamw_sgg"}
     assert "_recluster" in report["profiles"]["adamw_sgg"] or "kmeans" in report["profiles"]["adamw_sgg"]
     assert "host profile, adamw_sgg" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--optimizers", "adamw,adamw_sggg"], ["--repeats", "0"], ["--steps", "1"],
+                                  ["--recluster-interval", "0"]])
+def test_bench_run_refuses_bad_arguments_before_building_anything(tmp_path, capsys, args):
+    assert main(["bench", "run", "--setup", "tiny", "--output", str(tmp_path / "out"), *args]) == 2
+    assert any(s in capsys.readouterr().err for s in ("adamw_sggg", ">= 1", ">= 2"))
+    assert not (tmp_path / "out").exists()
