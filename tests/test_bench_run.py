@@ -69,5 +69,6 @@ def test_bench_run_on_pipeline_parts_profiles_the_host(tmp_path, capsys):
                                   ["--recluster-interval", "0"]])
 def test_bench_run_refuses_bad_arguments_before_building_anything(tmp_path, capsys, args):
     assert main(["bench", "run", "--setup", "tiny", "--output", str(tmp_path / "out"), *args]) == 2
-    assert any(s in capsys.readouterr().err for s in ("adamw_sggg", ">= 1", ">= 2"))
+    error = capsys.readouterr().err
+    assert any(s in error for s in ("adamw_sggg", ">= 1", ">= 2"))
     assert not (tmp_path / "out").exists()
