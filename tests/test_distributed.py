@@ -403,3 +403,19 @@ def test_packed_batches_train_as_padded_ones_under_ddp_and_fsdp2(llava_assets):
         # elements with gradients near 0 (a token seen once) move by up to a few 1e-6 apart.
         for param, value in padded["params"].items():
             torch.testing.assert_close(packed["params"][param], value, rtol=1e-4, atol=2e-5, msg=f"{name}: {param}")
+
+
+@pytest.mark.slow  # torchrun, 2 processes
+def test_ddp_with_checkpointing_trains_an_unfrozen_tower(llava_assets):
+    """The tower's unread last layer and post_layernorm stay frozen: DDP, which Trainer runs without
+    find_unused_parameters under gradient checkpointing, finds no trainable parameter without a gradient."""
+    from train_fixtures import run_dist_llava, tiny_run
+
+    root, parts, data = llava_assets
+    cfg = tiny_run(parts, data, root / "ddp-unfrozen-tower", "full", {"name": "adamw", "lr": 1e-3}, max_steps=2,
+                   per_device_train_batch_size=2, distributed="ddp", gradient_checkpointing=True,
+                   unfreeze_mm_vision_tower=True)
+    record = run_dist_llava(cfg, root, "ddp-unfrozen-tower", ["torchrun", "--nproc_per_node", "2"])
+    tower = [name for name in record["params"] if "vision_tower" in name]
+    assert record["world_size"] == 2 and tower
+    assert not any("post_layernorm" in name for name in tower)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -142,6 +143,34 @@ class CheckpointFirstLayers(TrainerCallback):
             layer.gradient_checkpointing = index < self.count
 
 
+def freeze_unread_tower_parts(model) -> list[str]:
+    """Freeze the tower's parameters that cannot reach the loss: the encoder layers after the one LLaVA
+    reads (``vision_feature_layer``, -2: the last layer) and ``post_layernorm`` (it norms the pooled
+    output, which LLaVA does not use). Returns their names.
+
+    They get no gradient either way, so nothing trains differently; but under DDP with gradient
+    checkpointing (Trainer then leaves ``find_unused_parameters`` off) a trainable parameter without a
+    gradient stops the run ("Expected to have finished reduction"), and AdamW would hold states for them.
+    """
+    llava = _unwrapped(model).model
+    # CLIPVisionModel holds its encoder in vision_model (older transformers) or directly.
+    layers = len(next(m for n, m in llava.vision_tower.named_modules() if n.endswith("encoder.layers")))
+    read = llava.config.vision_feature_layer
+    # hidden_states[i] is the output of the first i layers (0: the embeddings), of layers + 1 in all.
+    last = max(i % (layers + 1) for i in ([read] if isinstance(read, int) else read))
+    frozen = []
+    for name, p in llava.vision_tower.named_parameters():  # under PEFT's modules_to_save: its copy's names too
+        part = _TOWER_PART.search(name)
+        unread = part is not None and (part["layer"] is None or int(part["layer"]) >= last)
+        if unread and p.requires_grad:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+_TOWER_PART = re.compile(r"(?:^|\.)(?:post_layernorm|encoder\.layers\.(?P<layer>\d+))\.")
+
+
 def _trainable_model(cfg: RunConfig, processor=None):
     model, processor = build_llava(cfg.model, processor)
     t = cfg.train
@@ -155,6 +184,7 @@ def _trainable_model(cfg: RunConfig, processor=None):
         return model, processor
     if t.mode == "full":
         model.model.vision_tower.requires_grad_(t.unfreeze_mm_vision_tower)
+        freeze_unread_tower_parts(model)
         return model, processor
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -167,6 +197,7 @@ def _trainable_model(cfg: RunConfig, processor=None):
                       target_modules=decoder_linear_names(model), modules_to_save=trained_fully,
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    freeze_unread_tower_parts(model)
     if t.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings still need grads to flow to LoRA layers
     return model, processor

@@ -1,4 +1,6 @@
-"""Text-only batches run the image path on a blank image (train/text_only.py), as official LLaVA's zero images do."""
+"""Every trained part of the vision path gets a gradient at every step, as on every rank of a multi-GPU run:
+text-only batches run the image path on a blank image (train/text_only.py), as official LLaVA's zero images
+do, and an unfrozen tower trains only the layers LLaVA reads (train/run.py, freeze_unread_tower_parts)."""
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from train_fixtures import make_dataset, make_parts, tiny_run
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text-only")
+    root = tmp_path_factory.mktemp("vision-path")
     return root, make_parts(root), make_dataset(root)
 
 
@@ -79,3 +81,26 @@ def test_nothing_is_installed_when_neither_tower_nor_connector_trains(assets):
     assert not run_image_path_always(model)
     model.model.multi_modal_projector.requires_grad_(True)
     assert run_image_path_always(model)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_an_unfrozen_tower_trains_the_layers_llava_reads_and_nothing_after(assets, tmp_path, mode):
+    """vision_feature_layer -2: the last encoder layer and post_layernorm cannot reach the loss; they stay
+    frozen (under DDP with checkpointing a trainable parameter without a gradient stops the run)."""
+    root, parts, data = assets
+    trainer, _ = build_trainer(tiny_run(parts, data, tmp_path, mode, unfreeze_mm_vision_tower=True))
+    model = trainer.model
+    tower = dict(model.named_parameters())
+    names = [n for n in tower if "vision_tower" in n and (mode == "full" or "modules_to_save" in n)]
+    layers = max(int(n.split("encoder.layers.")[1].split(".")[0]) for n in names if "encoder.layers." in n) + 1
+    unread = [n for n in names if "post_layernorm" in n or f"encoder.layers.{layers - 1}." in n]
+    assert unread and not any(tower[n].requires_grad for n in unread)
+    assert all(tower[n].requires_grad for n in names if n not in unread)
+
+    # An independent check of "cannot reach the loss": a training step leaves them without a gradient,
+    # and every other tower parameter gets one.
+    model.train()
+    batch = _batch(trainer, [0, 1])
+    trainer.compute_loss(model, batch).backward()
+    read = [n for n in names if n not in unread]
+    assert all(tower[n].grad is not None for n in read)
