@@ -15,9 +15,9 @@ embeddings, so the vision tower and the connector are in every step's graph. Wit
 :func:`run_image_path_always` reproduces LLaVA's arrangement without changing the samples: in
 training, a forward without ``pixel_values`` runs the tower and the connector on one blank image
 where an image batch runs them (after embedding the tokens, before the decoder layers) and adds
-``0 *`` the mean of the features to the decoder's input embeddings. The loss and the logits are unchanged; the connector (and a trained
-tower) gets a zero gradient, and every rank runs the same layers in the same order, forward and
-backward.
+``0 *`` the mean of the features to the decoder's input embeddings. The loss and the logits are
+unchanged; the connector (and a trained tower) gets a zero gradient, and every rank runs the same
+layers in the same order, forward and backward.
 """
 
 from __future__ import annotations
