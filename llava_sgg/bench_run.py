@@ -26,7 +26,8 @@ Setups (``--setup``):
   on disk, LoRA (``--mode``) or full fine-tuning, packed batches.
 
 ``--profile`` adds, after the timed runs, one cProfile'd run per optimizer and writes the functions
-with the most host time (not used for any timing).
+with the most host time (not used for any timing). The JSON holds every step's time; a plot of them,
+one line per run, sits beside it.
 """
 
 from __future__ import annotations
@@ -62,10 +63,9 @@ def _is_recluster_step(step: int, interval: int) -> bool:
 
 def time_run(build, device: torch.device, interval: int, profile: bool = False) -> dict:
     """Train the trainer ``build()`` returns, timing every step; with ``profile``, the host profile instead."""
-    from transformers.trainer_callback import DefaultFlowCallback, ProgressCallback
+    from transformers.trainer_callback import DefaultFlowCallback
 
     trainer, extra = build()
-    trainer.remove_callback(ProgressCallback)
     timer = StepTimer(device)
     callbacks = trainer.callback_handler.callbacks
     callbacks.insert(next(i for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)) + 1, timer)
@@ -101,6 +101,7 @@ def time_run(build, device: torch.device, interval: int, profile: bool = False) 
             "recluster_step_s_max": max(recluster) if recluster else None,
             "first_recluster_s": recluster[0] if recluster else None, "recluster_steps": len(recluster),
             "recluster_s": sum(recluster), "recluster_step_times_s": recluster,
+            "step_times_s": [steps[n] for n in sorted(steps)],  # steps 2, 3, ...
             "reclusterings": None if sgg is None else sgg.reclusterings}
 
 
@@ -207,9 +208,21 @@ def run_whole(*, setup: str = "demo", optimizers: list[str] = ("adamw", "adamw_s
               "step_timing": "between consecutive on_step_end callbacks, synchronized; train_s: trainer.train()",
               "profiles": profiles}
     _print(report)
-    name = f"run-{setup}{'-quick' if quick else ''}{'' if setup == 'demo' else '-' + mode}-{device.type}.json"
-    _write(output / name, report)
+    name = f"run-{setup}{'-quick' if quick else ''}{'' if setup == 'demo' else '-' + mode}-{device.type}"
+    _write(output / f"{name}.json", report)
+    plot_step_times(runs, output / f"{name}.png", title=f"bench run: {setup}, re-clustering every {interval}")
     return report
+
+
+def plot_step_times(runs: list[dict], path: Path, *, title: str) -> Path:
+    """Every run's step times (from step 2), one line each: the re-clustering steps stand out."""
+    from .plotting import plot_curves
+
+    curves = {f"{r['optimizer']} (run {r['position'] + 1})": (list(range(2, len(r["step_times_s"]) + 2)),
+                                                              [t * 1e3 for t in r["step_times_s"]]) for r in runs}
+    path = plot_curves(curves, path, ylabel="step time, ms", title=title, linewidth=0.8, alpha=0.8)
+    print(f"wrote {path}")
+    return path
 
 
 def summarize(runs: list[dict], optimizers: list[str], base: str) -> list[dict]:

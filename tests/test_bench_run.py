@@ -51,6 +51,8 @@ def test_bench_run_times_the_demos_fine_tuning_with_each_optimizer(tmp_path, cap
     assert sgg["x_base"] == pytest.approx(sgg["train_s"] / base["train_s"])
     assert sum(sgg["excess_s"][k] for k in ("first_step", "ordinary_steps", "recluster_steps", "rest")) \
         == pytest.approx(sgg["excess_s"]["total"])
+    assert all(len(run["step_times_s"]) == 6 for run in report["runs"])
+    assert (tmp_path / "run-demo-quick-cpu.png").stat().st_size > 0
     assert "seconds over the base" in capsys.readouterr().out
 
 
