@@ -104,3 +104,17 @@ def test_an_unfrozen_tower_trains_the_layers_llava_reads_and_nothing_after(asset
     trainer.compute_loss(model, batch).backward()
     read = [n for n in names if n not in unread]
     assert all(tower[n].grad is not None for n in read)
+
+
+def test_bf16_weights_with_an_unfrozen_tower_train_with_the_tower_in_one_dtype(assets, tmp_path):
+    """The unread layers, frozen, are still computed: in fp32 like the trained ones around them (a CPU's
+    autocast refuses a layer norm whose weights are bf16 on fp32 activations)."""
+    root, parts, data = assets
+    cfg = tiny_run({**parts, "torch_dtype": "bfloat16"}, data, tmp_path, "full", bf16=True, max_steps=2,
+                   per_device_train_batch_size=2, unfreeze_mm_vision_tower=True)
+    trainer, _ = build_trainer(cfg)
+    tower = trainer.model.model.vision_tower
+    assert {p.dtype for p in tower.parameters()} == {torch.float32}
+    assert trainer.model.model.language_model.layers[0].mlp.down_proj.weight.dtype == torch.float32  # trained
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(row["loss"])) for row in trainer.state.log_history if "loss" in row)

@@ -146,7 +146,7 @@ class CheckpointFirstLayers(TrainerCallback):
 def freeze_unread_tower_parts(model) -> list[str]:
     """Freeze the tower's parameters that cannot reach the loss: the encoder layers after the one LLaVA
     reads (``vision_feature_layer``, -2: the last layer) and ``post_layernorm`` (it norms the pooled
-    output, which LLaVA does not use). Returns their names.
+    output, which LLaVA does not use), held in fp32 as the trained layers are. Returns their names.
 
     They get no gradient either way, so nothing trains differently; but under DDP with gradient
     checkpointing (Trainer then leaves ``find_unused_parameters`` off) a trainable parameter without a
@@ -164,6 +164,9 @@ def freeze_unread_tower_parts(model) -> list[str]:
         unread = part is not None and (part["layer"] is None or int(part["layer"]) >= last)
         if unread and p.requires_grad:
             p.requires_grad_(False)
+            # The tower still computes them: in the dtype of the trained layers around them (fp32 masters,
+            # hold_trainable_in_float32), or a CPU's autocast fails on the mixed dtypes.
+            p.data = p.data.float()
             frozen.append(name)
     return frozen
 
