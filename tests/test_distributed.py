@@ -240,12 +240,13 @@ def llava_assets(tmp_path_factory):
 
 
 def _launch(llava_assets, launcher: list[str], distributed: str, name: str, optimizer: dict = SGG_RUN,
-            **train) -> dict:
+            packing: bool = False, **train) -> dict:
     from train_fixtures import run_dist_llava, tiny_run
 
     root, parts, data = llava_assets
     train = {"max_steps": 2, "per_device_train_batch_size": 1, "distributed": distributed, **train}
-    return run_dist_llava(tiny_run(parts, data, root / name, "full", optimizer, **train), root, name, launcher)
+    cfg = tiny_run(parts, {**data, "packing": packing}, root / name, "full", optimizer, **train)
+    return run_dist_llava(cfg, root, name, launcher)
 
 
 def _one_process_sgg(record: dict) -> SGG:
@@ -380,15 +381,11 @@ def test_packed_batches_train_as_padded_ones_under_ddp_and_fsdp2(llava_assets):
     Each rank packs its own two samples into one row (positions restarting per sample, attention kept
     inside each); the answer-only loss is normalised by the answer tokens of all ranks either way.
     """
-    from train_fixtures import run_dist_llava, tiny_run
-
-    root, parts, data = llava_assets
     torchrun = ["torchrun", "--nproc_per_node", "2"]
 
     def launch(name: str, distributed: str, packing: bool, **train) -> dict:
-        cfg = tiny_run(parts, {**data, "packing": packing}, root / name, "full", {"name": "adamw", "lr": 1e-3},
-                       max_steps=2, per_device_train_batch_size=2, distributed=distributed, **train)
-        return run_dist_llava(cfg, root, name, torchrun)
+        return _launch(llava_assets, torchrun, distributed, name, {"name": "adamw", "lr": 1e-3}, packing,
+                       per_device_train_batch_size=2, **train)
 
     # Modality grouping gives one rank the text-only samples and the other images at step 1: every rank
     # still runs the connector (train/text_only.py). With gradient checkpointing, Trainer leaves DDP's
@@ -409,13 +406,9 @@ def test_packed_batches_train_as_padded_ones_under_ddp_and_fsdp2(llava_assets):
 def test_ddp_with_checkpointing_trains_an_unfrozen_tower(llava_assets):
     """The tower's unread last layer and post_layernorm stay frozen: DDP, which Trainer runs without
     find_unused_parameters under gradient checkpointing, finds no trainable parameter without a gradient."""
-    from train_fixtures import run_dist_llava, tiny_run
-
-    root, parts, data = llava_assets
-    cfg = tiny_run(parts, data, root / "ddp-unfrozen-tower", "full", {"name": "adamw", "lr": 1e-3}, max_steps=2,
-                   per_device_train_batch_size=2, distributed="ddp", gradient_checkpointing=True,
-                   unfreeze_mm_vision_tower=True)
-    record = run_dist_llava(cfg, root, "ddp-unfrozen-tower", ["torchrun", "--nproc_per_node", "2"])
+    record = _launch(llava_assets, ["torchrun", "--nproc_per_node", "2"], "ddp", "ddp-unfrozen-tower",
+                     {"name": "adamw", "lr": 1e-3}, per_device_train_batch_size=2, gradient_checkpointing=True,
+                     unfreeze_mm_vision_tower=True)
     tower = [name for name in record["params"] if "vision_tower" in name]
     assert record["world_size"] == 2 and tower
     assert not any("post_layernorm" in name for name in tower)

@@ -78,9 +78,9 @@ def test_nothing_is_installed_when_neither_tower_nor_connector_trains(assets):
     model = LlavaForConditionalGeneration(LlavaConfig(vision_config=tiny_vision_config(),
                                                       text_config=tiny_text_config(), image_token_id=3))
     model.requires_grad_(False)
-    assert not run_image_path_always(model)
+    assert not run_image_path_always(model.model)
     model.model.multi_modal_projector.requires_grad_(True)
-    assert run_image_path_always(model)
+    assert run_image_path_always(model.model)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

@@ -55,8 +55,9 @@ def prepare_model(cfg: RunConfig, processor=None):
     ``processor``: the one the data was tokenized with (builder.load_preprocessing); by default loaded here.
     """
     model, processor = _trainable_model(cfg, processor)
+    freeze_unread_tower_parts(model)
     hold_trainable_in_float32(model)
-    run_image_path_always(model)  # text-only batches: the tower and connector still step, as officially
+    run_image_path_always(_unwrapped(model).model)  # text-only batches: the tower and connector still step
     if cfg.train.liger:
         use_liger_kernels(model)
     if cfg.train.compile:
@@ -187,7 +188,6 @@ def _trainable_model(cfg: RunConfig, processor=None):
         return model, processor
     if t.mode == "full":
         model.model.vision_tower.requires_grad_(t.unfreeze_mm_vision_tower)
-        freeze_unread_tower_parts(model)
         return model, processor
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -200,7 +200,6 @@ def _trainable_model(cfg: RunConfig, processor=None):
                       target_modules=decoder_linear_names(model), modules_to_save=trained_fully,
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    freeze_unread_tower_parts(model)
     if t.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings still need grads to flow to LoRA layers
     return model, processor

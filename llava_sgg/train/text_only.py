@@ -61,13 +61,12 @@ def blank_image_features(llava: nn.Module, device: torch.device) -> torch.Tensor
     return llava.multi_modal_projector(torch.cat(picked, dim=-1))
 
 
-def run_image_path_always(model: nn.Module) -> bool:
-    """Install the blank-image forward (module docstring) on ``model`` (a Llava model, PEFT-wrapped or not).
+def run_image_path_always(llava: nn.Module) -> bool:
+    """Install the blank-image forward (module docstring) on ``llava``, a ``LlavaModel`` (the ``.model`` of
+    LlavaForConditionalGeneration, under a PEFT wrapper or not).
 
     Nothing is installed where neither the tower nor the connector trains. Returns whether it was.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    llava = base.model
     trained = any(p.requires_grad for part in (llava.vision_tower, llava.multi_modal_projector)
                   for p in part.parameters())
     if trained:
