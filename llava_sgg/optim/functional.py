@@ -197,8 +197,8 @@ def _lloyd_gpu(xs: Tensor, p1: Tensor, p2: Tensor, thresholds: Tensor, n_cluster
 
     L, n = xs.shape
     out = torch.empty_like(thresholds)
-    lloyd_kernel[(L,)](xs, p1, p2, thresholds.contiguous(), out, n, ITERS=iters, K=n_clusters,
-                       KP=1 << n_clusters.bit_length(), SIGNED=signed, STEPS=n.bit_length())
+    lloyd_kernel[(L,)](xs, p1, p2, thresholds.contiguous(), out, n, n.bit_length(), ITERS=iters, K=n_clusters,
+                       KP=1 << n_clusters.bit_length(), SIGNED=signed)
     return out
 
 
@@ -348,6 +348,7 @@ def assign_ids_many(xs: list[Tensor], thresholds: Tensor, *, signed: bool = Fals
 # Bit fields of the deviation's float32 pattern, high first: 8 + 8 + 8 + 7 bits (the sign bit is 0).
 # Four passes of 256 bins, not three of 2048/1024: on the GPU a pass costs in proportion to its bins.
 _LEVELS = ((31, 23, 256), (23, 15, 256), (15, 7, 256), (7, 0, 128))
+_HISTOGRAM_BINS = 256  # every level's histogram: one kernel compilation serves them all
 _HISTOGRAM_ITERS = 16  # blocks each GPU program counts before adding to the histogram
 
 # The GPU's shortcut (see deviation_median): a sample of this many deviations gives a bracket around
@@ -365,7 +366,8 @@ def _deviation_histograms(tensors: list[Tensor], means: Tensor, prefix: Tensor, 
                           out: Tensor, *, kernels: bool, skip: Tensor | None = None, raw: bool = False) -> None:
     """Add one level's histogram of all ``tensors`` to ``out``: one launch with the kernels, else per tensor.
 
-    ``means`` [T]: each tensor's mean. With the kernels only: ``raw`` tensors hold the bit patterns
+    ``means`` [T]: each tensor's mean; ``out`` may have more bins than the level's, which stay as they
+    are. With the kernels only: ``raw`` tensors hold the bit patterns
     of deviations themselves (no mean is taken off), and a nonzero ``skip`` (a device flag) leaves
     ``out`` as it is, decided on the device.
     """
@@ -378,7 +380,7 @@ def _deviation_histograms(tensors: list[Tensor], means: Tensor, prefix: Tensor, 
         if table.programs:
             deviation_histogram_kernel[(table.programs,)](
                 table.addresses, table.numels, means, table.block_tensor, table.first_block, prefix, out,
-                prefix if skip is None else skip, MATCH_SHIFT=match_shift, SHIFT=shift, NBINS=nbins,
+                prefix if skip is None else skip, match_shift, shift, nbins - 1, NBINS=out.numel(),
                 GATED=skip is not None, RAW=raw, ALIGNED=aligned(a for a, in rows), BLOCK=BLOCK,
                 ITERS=_HISTOGRAM_ITERS)
         return
@@ -387,7 +389,7 @@ def _deviation_histograms(tensors: list[Tensor], means: Tensor, prefix: Tensor, 
     for x, mean in zip(tensors, means):
         bits = float_bits((x.float() - mean).abs()).flatten()
         keep = (bits >> match_shift) == prefix
-        out += torch.bincount((bits[keep] >> shift) & (nbins - 1), minlength=nbins)
+        out[:nbins] += torch.bincount((bits[keep] >> shift) & (nbins - 1), minlength=nbins)
 
 
 def _select_bits(tensors: list[Tensor], means: Tensor, rank: Tensor, *, kernels: bool,
@@ -399,7 +401,7 @@ def _select_bits(tensors: list[Tensor], means: Tensor, rank: Tensor, *, kernels:
     """
     prefix = torch.zeros((), dtype=torch.int32, device=rank.device)
     for level in _LEVELS:
-        hist = torch.zeros(level[2], dtype=torch.long, device=rank.device)
+        hist = torch.zeros(_HISTOGRAM_BINS, dtype=torch.long, device=rank.device)  # bins >= level[2] stay 0
         _deviation_histograms(tensors, means, prefix, level, hist, kernels=kernels, skip=skip, raw=raw)
         if reduce is not None:
             hist = reduce(hist)
@@ -425,8 +427,8 @@ def _bracket_median(tensors: list[Tensor], means: Tensor, rank: Tensor, total: i
     ends = table.numels.cumsum(0)
     picked = torch.empty(sample, dtype=torch.int32, device=device)
     deviation_sample_kernel[(triton_cdiv(sample, BLOCK),)](
-        table.addresses, table.numels, ends, means, picked, len(tensors), total, sample,
-        STEPS=len(tensors).bit_length(), BLOCK=BLOCK)
+        table.addresses, table.numels, ends, means, picked, len(tensors), total, sample, len(tensors).bit_length(),
+        BLOCK=BLOCK)
     picked = picked.sort().values
     # The sample's count below the median is Binomial(sample, 1/2): standard deviation sqrt(sample) / 2.
     half = int(_BRACKET_SIGMAS * sample**0.5 / 2) + 1

@@ -250,17 +250,21 @@ def assign_kernel(x_ptr, thr_ptr, ids_ptr, n, K: tl.constexpr, ABS: tl.constexpr
     tl.store(ids_ptr + offs, ids.to(tl.uint8), mask=mask)
 
 
-@triton.jit
+# The bit field is a runtime argument, not a constexpr: each distinct constexpr is another compilation,
+# and a run's first re-clustering would compile one kernel per field (a pause of its own, on a cold cache).
+@triton.jit(do_not_specialize=["match_shift", "shift", "bin_mask"])
 def deviation_histogram_kernel(addr_ptr, numel_ptr, mean_ptr, block_tensor_ptr, first_block_ptr, prefix_ptr,
-                               hist_ptr, skip_ptr, MATCH_SHIFT: tl.constexpr, SHIFT: tl.constexpr,
-                               NBINS: tl.constexpr, GATED: tl.constexpr, RAW: tl.constexpr, ALIGNED: tl.constexpr,
+                               hist_ptr, skip_ptr, match_shift, shift, bin_mask, NBINS: tl.constexpr,
+                               GATED: tl.constexpr, RAW: tl.constexpr, ALIGNED: tl.constexpr,
                                BLOCK: tl.constexpr, ITERS: tl.constexpr):
     """Histogram of bit fields of dev = |x - mean| among the elements whose higher bits equal a prefix.
 
     Over many float32 tensors in one launch (row t of the address table: tensor
     t's address; ``mean_ptr[t]``: its mean). Non-negative floats order like
     their int32 bit patterns, so a few such passes (high bits first) find an
-    exact order statistic of any pool of tensors. Few bins per pass (256):
+    exact order statistic of any pool of tensors: the field is ``(dev >> shift) &
+    bin_mask`` among the elements with ``dev >> match_shift == prefix``, counted
+    in NBINS >= bin_mask + 1 bins. Few bins per pass (256):
     ``tl.histogram`` costs in proportion to its bins, and with 2048 the pass was
     bound by that arithmetic, not by memory. Each program counts ITERS blocks in
     registers and adds its counts to the global histogram once, so atomics stay
@@ -280,11 +284,11 @@ def deviation_histogram_kernel(addr_ptr, numel_ptr, mean_ptr, block_tensor_ptr, 
     prefix = tl.load(prefix_ptr)
     base = chunk.to(tl.int64) * BLOCK * ITERS
     if base + BLOCK * ITERS <= n:  # a whole chunk: constant masks, wide loads (see adam_kernel)
-        counts, dropped = _deviation_counts(x_ptr, base, n, mu, prefix, False, MATCH_SHIFT, SHIFT, NBINS, RAW,
-                                            BLOCK, ITERS)
+        counts, dropped = _deviation_counts(x_ptr, base, n, mu, prefix, False, match_shift, shift, bin_mask,
+                                            NBINS, RAW, BLOCK, ITERS)
     else:
-        counts, dropped = _deviation_counts(x_ptr, base, n, mu, prefix, True, MATCH_SHIFT, SHIFT, NBINS, RAW,
-                                            BLOCK, ITERS)
+        counts, dropped = _deviation_counts(x_ptr, base, n, mu, prefix, True, match_shift, shift, bin_mask,
+                                            NBINS, RAW, BLOCK, ITERS)
     counts = counts - tl.where(tl.arange(0, NBINS) == 0, dropped, 0)
     tl.atomic_add(hist_ptr + tl.arange(0, NBINS), counts.to(tl.int64), mask=counts > 0)
 
@@ -297,9 +301,8 @@ def _deviation_bits(x, mu, RAW: tl.constexpr):
 
 
 @triton.jit
-def _deviation_counts(x_ptr, base, n, mu, prefix, MASKED: tl.constexpr, MATCH_SHIFT: tl.constexpr,
-                      SHIFT: tl.constexpr, NBINS: tl.constexpr, RAW: tl.constexpr, BLOCK: tl.constexpr,
-                      ITERS: tl.constexpr):
+def _deviation_counts(x_ptr, base, n, mu, prefix, MASKED: tl.constexpr, match_shift, shift, bin_mask,
+                      NBINS: tl.constexpr, RAW: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     counts = tl.zeros((NBINS,), dtype=tl.int32)
     dropped = 0
     for i in tl.range(ITERS):
@@ -310,16 +313,16 @@ def _deviation_counts(x_ptr, base, n, mu, prefix, MASKED: tl.constexpr, MATCH_SH
             mask = tl.full((BLOCK,), 1, tl.int1)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
         bits = _deviation_bits(x, mu, RAW)
-        keep = mask & ((bits >> MATCH_SHIFT) == prefix)
-        key = tl.where(keep, (bits >> SHIFT) & (NBINS - 1), 0)
+        keep = mask & ((bits >> match_shift) == prefix)
+        key = tl.where(keep, (bits >> shift) & bin_mask, 0)
         counts += tl.histogram(key, NBINS)
         # Elements left out were counted in bin 0: the caller takes them back out.
         dropped += BLOCK - tl.sum(keep.to(tl.int32), axis=0)
     return counts, dropped
 
 
-@triton.jit
-def deviation_sample_kernel(addr_ptr, numel_ptr, ends_ptr, mean_ptr, out_ptr, T, total, m, STEPS: tl.constexpr,
+@triton.jit(do_not_specialize=["T", "total", "m", "steps"])  # runtime sizes: one compilation for every pool
+def deviation_sample_kernel(addr_ptr, numel_ptr, ends_ptr, mean_ptr, out_ptr, T, total, m, steps,
                             BLOCK: tl.constexpr):
     """Bit patterns of |x - mean| at m evenly spaced positions of many float32 tensors pooled end to end.
 
@@ -331,7 +334,7 @@ def deviation_sample_kernel(addr_ptr, numel_ptr, ends_ptr, mean_ptr, out_ptr, T,
     q = tl.minimum(s, m - 1) * total // m
     lo = tl.zeros((BLOCK,), tl.int64)  # the first t with ends[t] > q
     hi = tl.zeros((BLOCK,), tl.int64) + T
-    for _ in tl.static_range(STEPS):
+    for _ in range(steps):
         active = lo < hi
         mid = lo + (hi - lo) // 2
         above = tl.load(ends_ptr + mid, mask=active, other=0) > q
@@ -481,14 +484,14 @@ def _halve(row_ptr, v, lo, hi, RIGHT: tl.constexpr):
 
 
 @triton.jit
-def _searchsorted(row_ptr, v, n, RIGHT: tl.constexpr, STEPS: tl.constexpr):
+def _searchsorted(row_ptr, v, n, RIGHT: tl.constexpr, steps):
     """torch.searchsorted(row, v, right=RIGHT) of every lane of ``v`` in one sorted row of n values.
 
     The same predicates as torch's lower and upper bound, so the same index for every input.
     """
     lo = tl.zeros(v.shape, tl.int64)
     hi = tl.zeros(v.shape, tl.int64) + n
-    for _ in tl.static_range(STEPS):
+    for _ in range(steps):
         lo, hi = _halve(row_ptr, v, lo, hi, RIGHT)
     return lo
 
@@ -508,18 +511,17 @@ def _previous_lane(v, KP: tl.constexpr):
 
 
 @triton.jit
-def _partition(xs_ptr, p1_ptr, p2_ptr, bounds, n, K: tl.constexpr, KP: tl.constexpr, SIGNED: tl.constexpr,
-               STEPS: tl.constexpr):
+def _partition(xs_ptr, p1_ptr, p2_ptr, bounds, n, steps, K: tl.constexpr, KP: tl.constexpr, SIGNED: tl.constexpr):
     """functional._partition_sse of one row: SSE, and each cluster's count and sum of f(x) (lanes < K).
 
     ``bounds``: lane 0 -inf, lanes 1..K-1 the thresholds, lane K +inf. The arithmetic and its order
     are the torch version's, so the result is the same to the bit.
     """
-    hi = _searchsorted(xs_ptr, bounds, n, True, STEPS)
+    hi = _searchsorted(xs_ptr, bounds, n, True, steps)
     if SIGNED:
         lo = tl.zeros(hi.shape, tl.int64)
     else:
-        lo = tl.minimum(_searchsorted(xs_ptr, -bounds, n, False, STEPS), hi)
+        lo = tl.minimum(_searchsorted(xs_ptr, -bounds, n, False, steps), hi)
     count = (hi - lo).to(tl.float64)
     s1 = tl.load(p1_ptr + hi) - tl.load(p1_ptr + lo)
     s2 = tl.load(p2_ptr + hi) - tl.load(p2_ptr + lo)
@@ -534,9 +536,10 @@ def _partition(xs_ptr, p1_ptr, p2_ptr, bounds, n, K: tl.constexpr, KP: tl.conste
     return sse, count, s1
 
 
-@triton.jit
-def lloyd_kernel(xs_ptr, p1_ptr, p2_ptr, thr_ptr, out_ptr, n, ITERS: tl.constexpr, K: tl.constexpr,
-                 KP: tl.constexpr, SIGNED: tl.constexpr, STEPS: tl.constexpr):
+# The row length and its search depth are runtime arguments: layers of many sizes share one compilation.
+@triton.jit(do_not_specialize=["n", "steps"])
+def lloyd_kernel(xs_ptr, p1_ptr, p2_ptr, thr_ptr, out_ptr, n, steps, ITERS: tl.constexpr, K: tl.constexpr,
+                 KP: tl.constexpr, SIGNED: tl.constexpr):
     """The Lloyd steps of functional.kmeans_1d_rows for one sorted row per program.
 
     The torch loop is ~45 tiny launches per step, 10 steps per batch of rows: on a GPU they cost
@@ -551,12 +554,12 @@ def lloyd_kernel(xs_ptr, p1_ptr, p2_ptr, thr_ptr, out_ptr, n, ITERS: tl.constexp
     inner = (lane >= 1) & (lane < K)
     given = tl.load(thr_ptr + row * (K - 1) + lane - 1, mask=inner, other=0.0)
     bounds = tl.where(lane == 0, float("-inf"), tl.where(inner, given, float("inf")))
-    best, cnt, sums = _partition(xs_ptr, p1_ptr, p2_ptr, bounds, n, K, KP, SIGNED, STEPS)
+    best, cnt, sums = _partition(xs_ptr, p1_ptr, p2_ptr, bounds, n, steps, K, KP, SIGNED)
     for _ in tl.range(ITERS):
         centres = sums / tl.maximum(cnt, 1.0)
         candidate = ((_previous_lane(centres, KP) + centres) / 2).to(tl.float32)
         candidate = tl.where(lane == 0, float("-inf"), tl.where(inner, candidate, float("inf")))
-        sse, new_cnt, new_sums = _partition(xs_ptr, p1_ptr, p2_ptr, candidate, n, K, KP, SIGNED, STEPS)
+        sse, new_cnt, new_sums = _partition(xs_ptr, p1_ptr, p2_ptr, candidate, n, steps, K, KP, SIGNED)
         cluster = lane < K
         ok = (tl.sum((cluster & ~(cnt > 0)).to(tl.int32), axis=0) == 0) \
             & (tl.sum((cluster & ~(new_cnt > 0)).to(tl.int32), axis=0) == 0) & (sse <= best)
