@@ -404,6 +404,7 @@ def run_llava_sgg(cfg, device: torch.device, warmup: int, on_built=None) -> dict
     """
     from transformers.trainer_callback import DefaultFlowCallback, ProgressCallback
 
+    from .train.auto_checkpoint import CheckpointFromMemory
     from .train.run import build_trainer
 
     _reset_memory(device)
@@ -439,10 +440,12 @@ def run_llava_sgg(cfg, device: torch.device, warmup: int, on_built=None) -> dict
         hook.remove()
     steps = len(timer.ends)
     ends, begins = timer.ends, timer.begins
+    auto = next((c for c in callbacks if isinstance(c, CheckpointFromMemory)), None)
     return {"step_times": [ends[i] - ends[i - 1] for i in range(warmup, steps)],
             "in_step": [ends[i] - begins[i] for i in range(warmup, steps)],
             "real": [int(n) for n in real[warmup:]], "padded": padded[warmup:],
-            "losses": [float(x) for x in losses], "peak_gib": _peak_gib(device)}
+            "losses": [float(x) for x in losses], "peak_gib": _peak_gib(device),
+            "recomputed_layers": None if auto is None else auto.chosen}
 
 
 def stock_batches(dataset, order: list[int], batch_size: int, tokenizer, pin: bool) -> list[dict]:
@@ -526,7 +529,7 @@ def run_stock(cfg, processor, batches: list[dict], device: torch.device, warmup:
 
 def run_config(model: dict, data: dict, output: Path, *, mode: str, packing: bool, optimizer: str, batch: int,
                max_steps: int, gradient_checkpointing: bool, workers: int, attn: str, lora_r: int,
-               lora_alpha: int, seed: int, cuda: bool, compile: bool = False, checkpoint_layers: int | None = None,
+               lora_alpha: int, seed: int, cuda: bool, compile: bool = False, checkpoint_layers: int | str | None = None,
                liger: bool = False):
     from .train.config import build_run_config
 
@@ -556,7 +559,7 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
                  warmup: int = 3, gradient_checkpointing: bool = True, workers: int = 4, attn: str = "sdpa",
                  optimizers: list[str] = ("adamw",), peak_tflops: float | None = None, lora_r: int | None = None,
                  lora_alpha: int | None = None, seed: int = 0, output: Path = Path("runs/bench"),
-                 device: str | None = None, compile: bool = False, checkpoint_layers: int | None = None,
+                 device: str | None = None, compile: bool = False, checkpoint_layers: int | str | None = None,
                  liger: bool = False) -> dict:
     """The stock loop and llava-sgg's padded and packed rows on the same samples; prints a table, writes JSON."""
     from .optim.factory import OPTIMIZER_NAMES
@@ -633,6 +636,8 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
     for name, optimizer, packing, m in results:
         rows.append(_row(name, optimizer, packing, m["step_times"], m["real"], m["padded"], flops, peak_tflops,
                          m["peak_gib"], m["losses"], m["in_step"]))
+        if m["recomputed_layers"] is not None:  # checkpoint_layers auto: what it chose
+            rows[-1]["recomputed_layers"] = m["recomputed_layers"]
     for r in rows:
         r["x_stock"] = r["real_tokens_per_s"] / rows[0]["real_tokens_per_s"]
     # x_stock compares the same work only if every row trained the same batches: their token counts say so.
@@ -681,7 +686,10 @@ def _print(report: dict, counts: FlopCounts, device: torch.device) -> None:
     trained = (f"LoRA r={a['lora_r']} ({counts.lora / 1e6:.3g}M adapters)" if a["mode"] == "lora"
                else f"full ({counts.decoder / 1e6:.3g}M decoder matrices)")
     checkpointing = "gradient checkpointing" if a["gradient_checkpointing"] else "no gradient checkpointing"
-    if a["gradient_checkpointing"] and a.get("checkpoint_layers") is not None:
+    if a["gradient_checkpointing"] and a.get("checkpoint_layers") == "auto":
+        chosen = sorted({r["recomputed_layers"] for r in report["rows"] if "recomputed_layers" in r})
+        checkpointing += f" (llava-sgg rows: auto, recomputing {' / '.join(map(str, chosen))} decoder layers)"
+    elif a["gradient_checkpointing"] and a.get("checkpoint_layers") is not None:
         checkpointing += f" (llava-sgg rows: the first {a['checkpoint_layers']} decoder layers)"
     if a.get("compile"):
         checkpointing += ", llava-sgg rows compiled"

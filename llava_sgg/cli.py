@@ -7,6 +7,10 @@ import sys
 from pathlib import Path
 
 
+def _int_or_auto(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
 def _sgg_example(args: argparse.Namespace) -> int:
     if args.steps < 1:
         print("llava-sgg: --steps must be >= 1", file=sys.stderr)
@@ -197,8 +201,9 @@ def _add_bench(commands) -> None:
     pipeline.add_argument("--steps", type=int, default=10, help="timed steps per row (median reported)")
     pipeline.add_argument("--warmup", type=int, default=3, help="untimed steps before them (at least 1)")
     pipeline.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    pipeline.add_argument("--checkpoint-layers", type=int, default=None,
-                          help="the llava-sgg rows' train.checkpoint_layers: recompute only the first N decoder layers")
+    pipeline.add_argument("--checkpoint-layers", type=_int_or_auto, default=None,
+                          help="the llava-sgg rows' train.checkpoint_layers: recompute only the first N decoder "
+                               "layers, or auto (as many as the GPU's memory needs)")
     pipeline.add_argument("--compile", action="store_true", help="the llava-sgg rows' train.compile")
     pipeline.add_argument("--liger", action="store_true", help="the llava-sgg rows' train.liger (CUDA)")
     pipeline.add_argument("--workers", type=int, default=4, help="dataloader workers decoding the JPEGs (llava-sgg rows)")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from llava_sgg.train.auto_checkpoint import CheckpointFromMemory, StepMemory, layers_to_keep, max_batch_tokens, saved_bytes
 from llava_sgg.train.config import ConfigError
 from llava_sgg.train.run import build_trainer, decoder_layers
 from train_fixtures import make_dataset, make_parts, tiny_run
@@ -53,3 +54,103 @@ def test_checkpoint_layers_is_validated(assets, tmp_path):
         tiny_run(parts, data, tmp_path, gradient_checkpointing=False, checkpoint_layers=1)
     with pytest.raises(ConfigError, match=r"train.checkpoint_layers=3, but the decoder .* has 2 layers"):
         build_trainer(tiny_run(parts, data, tmp_path, gradient_checkpointing=True, checkpoint_layers=3))
+
+
+def _saved_by_graph(output: torch.Tensor, params: set[int]) -> int:
+    """Bytes of the tensors autograd's graph behind ``output`` keeps (its nodes' ``_saved_*``), parameters left
+    out, each storage once: a count independent of saved-tensor hooks. 0-d tensors are left out too: they are
+    Python numbers (a scaling factor) that autograd keeps on the host, past the hooks."""
+    seen, stack, found = set(), [output.grad_fn], {}
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                value = getattr(node, name)
+                for t in value if isinstance(value, (tuple, list)) else [value]:
+                    if isinstance(t, torch.Tensor) and t.dim() and t.untyped_storage().data_ptr() not in params:
+                        found[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stack.extend(f for f, _ in node.next_functions)
+    return sum(found.values())
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_saved_bytes_are_what_the_layers_autograd_graph_keeps(attn):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=1)
+    cfg._attn_implementation = attn
+    layer, rope = LlamaDecoderLayer(cfg, 0), LlamaRotaryEmbedding(cfg)
+    x = torch.randn(2, 10, 32, requires_grad=True)
+    positions = torch.arange(10)[None].expand(2, -1)
+    out, saved = saved_bytes(layer, lambda: layer(x, position_embeddings=rope(x, positions), position_ids=positions))
+    out = out[0] if isinstance(out, tuple) else out
+    expected = _saved_by_graph(out, {p.untyped_storage().data_ptr() for p in layer.parameters()})
+    assert saved == expected > 2 * 10 * 64 * 4  # at least the MLP's intermediate activations
+
+
+def test_layers_to_keep_never_exceeds_the_budget_and_is_exact_without_static_terms():
+    # A memory model with known parts: a step's true peak is held + grads + (a + kept * b) * tokens.
+    def true_peak(held, grads, a, b, tokens, kept):
+        return held + grads + (a + kept * b) * tokens
+
+    layers = 32
+    for held, grads, a, b, tokens, most, budget in [
+        (10e9, 0, 2e5, 1.7e5, 9000, 14000, 75e9), (10e9, 3e9, 2e5, 1.7e5, 9000, 14000, 75e9),
+        (60e9, 0, 2e5, 1.7e5, 14000, 14000, 75e9), (70e9, 0, 4e5, 1.7e5, 14000, 14000, 75e9),
+        (1e9, 0, 1e4, 1e3, 100, 200, 75e9),
+    ]:
+        step = StepMemory(held=int(held), peak=int(true_peak(held, grads, a, b, tokens, 1)), tokens=tokens,
+                          layer_bytes=int(b * tokens))
+        keep = layers_to_keep(step, layers, int(budget), most)
+        fits = [k for k in range(layers + 1) if true_peak(held, grads, a, b, most, k) <= budget]
+        assert keep == 0 or true_peak(held, grads, a, b, most, keep) <= budget
+        if grads == 0:  # nothing static above held: the prediction is the truth, up to the byte rounding
+            assert abs(keep - (max(fits) if fits else 0)) <= 1
+        else:
+            assert keep <= (max(fits) if fits else 0)
+
+
+def test_max_batch_tokens():
+    assert max_batch_tokens([5, 9, 3, 7], 2, packing=True) == 16
+    assert max_batch_tokens([5, 9, 3, 7], 2, packing=False) == 18
+    assert max_batch_tokens([5, 9], 4, packing=True) == 14
+    assert max_batch_tokens([], 2, packing=True) == 0
+
+
+def test_auto_without_cuda_recomputes_every_layer_after_measuring_and_trains_the_same(assets, tmp_path, caplog):
+    every, weights = train_counting_calls(assets, tmp_path / "all", gradient_checkpointing=True, max_steps=3)
+    with caplog.at_level("INFO", logger="llava_sgg.train.auto_checkpoint"):
+        auto, auto_weights = train_counting_calls(assets, tmp_path / "auto", gradient_checkpointing=True,
+                                                  checkpoint_layers="auto", max_steps=3)
+    # The two measured steps keep the last layer (it runs once a step); the third recomputes it (twice).
+    assert every == [6, 6] and auto == [6, 1 + 1 + 2]
+    assert "recomputing 2 of 2 decoder layers (no CUDA allocator to measure)" in caplog.text
+    for name, weight in weights.items():
+        torch.testing.assert_close(auto_weights[name], weight, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_auto_is_validated(assets, tmp_path):
+    parts, data = assets
+    with pytest.raises(ConfigError, match="or null"):
+        tiny_run(parts, data, tmp_path, gradient_checkpointing=True, checkpoint_layers="most")
+    with pytest.raises(ConfigError, match="with train.compile give the number"):
+        tiny_run(parts, data, tmp_path, gradient_checkpointing=True, checkpoint_layers="auto", compile=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_on_cuda_keeps_every_layer_of_a_small_model_and_measures_the_probe(assets, tmp_path):
+    parts, data = assets
+    trainer, _ = build_trainer(tiny_run(parts, data, tmp_path, gradient_checkpointing=True,
+                                        checkpoint_layers="auto", max_steps=3))
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, CheckpointFromMemory))
+    trainer.train()
+    measured = callback.measured
+    assert callback.chosen == 0 and [layer.gradient_checkpointing for layer in decoder_layers(trainer.model)] == [
+        False, False]
+    assert measured.peak > measured.held > 0 and measured.tokens > 0 and measured.layer_bytes > 0
+    assert "forward" not in vars(decoder_layers(trainer.model)[-1])

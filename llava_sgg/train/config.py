@@ -85,7 +85,7 @@ class TrainConfig:
     # With gradient_checkpointing: recompute only the first N decoder layers (null: every layer). The other
     # layers keep their activations, trading memory the GPU has spare for the recomputation (about a third
     # of a checkpointed layer's compute) it would otherwise pay.
-    checkpoint_layers: int | None = None
+    checkpoint_layers: int | str | None = None
     # The decoder's attention (transformers' attn_implementation): sdpa | eager | flex_attention |
     # flash_attention_2 | flash_attention_3 (the last two need the flash-attn package). Each keeps a packed
     # row's samples apart (data.packing); the vision tower keeps transformers' default.
@@ -348,9 +348,14 @@ def _validate_train(t: TrainConfig, origin: str) -> None:
         raise ConfigError(f"{origin}: train.liger and train.compile do not work together (torch.compile "
                           "cannot trace Liger's kernels); choose one")
     if t.checkpoint_layers is not None:
-        if not (_is_int(t.checkpoint_layers) and t.checkpoint_layers >= 0):
+        if not (_is_int(t.checkpoint_layers) and t.checkpoint_layers >= 0) and t.checkpoint_layers != "auto":
             raise ConfigError(f"{origin}: train.checkpoint_layers must be an integer >= 0 (the decoder layers "
-                              f"recomputed, from the first) or null (all), got {t.checkpoint_layers!r}")
+                              f"recomputed, from the first), auto (as many as the GPU's memory needs) or null "
+                              f"(all), got {t.checkpoint_layers!r}")
+        if t.checkpoint_layers == "auto" and t.compile:
+            # auto counts a layer's saved activations with autograd's saved-tensor hooks in its eager forward
+            raise ConfigError(f"{origin}: train.checkpoint_layers auto measures an eager decoder layer; with "
+                              "train.compile give the number of layers to recompute")
         if not t.gradient_checkpointing:
             raise ConfigError(f"{origin}: train.checkpoint_layers={t.checkpoint_layers} chooses the layers that "
                               "gradient checkpointing recomputes; set train.gradient_checkpointing true")

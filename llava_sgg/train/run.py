@@ -16,6 +16,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from ..model.builder import DTYPES, ModelError, build_llava, load_preprocessing, save_mm_projector, save_spec
 from ..plotting import plot_curves, plot_sgg_scales
+from .auto_checkpoint import CheckpointFromMemory, max_batch_tokens
 from .checkpoints import begin_outputs, finished_run, outputs_complete, seal_outputs
 from .config import ConfigError, RunConfig
 from .memory import check_fits, memory_plan
@@ -292,7 +293,7 @@ def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
     set_seed(cfg.train.seed)
     model, processor = prepare_model(cfg, processor)
     limit_no_split_modules(model)
-    if cfg.train.checkpoint_layers is not None:
+    if cfg.train.checkpoint_layers not in (None, "auto"):
         layers = len(decoder_layers(model))
         if cfg.train.checkpoint_layers > layers:
             raise ConfigError(f"train.checkpoint_layers={cfg.train.checkpoint_layers}, but the decoder "
@@ -304,7 +305,12 @@ def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
         max_bad_steps=cfg.train.max_bad_steps, lr_step_decay=cfg.train.lr_step_decay,
         modality_lengths=dataset.modality_lengths if d.group_by_modality_length else None,
     )
-    if cfg.train.checkpoint_layers is not None:
+    if cfg.train.checkpoint_layers == "auto":
+        # A fast check's lengths estimate tokens from words: only the truncation length bounds a sample.
+        lengths = dataset.lengths if d.check == "full" else [d.model_max_length] * len(dataset)
+        most = max_batch_tokens(lengths, cfg.train.per_device_train_batch_size, d.packing)
+        trainer.add_callback(CheckpointFromMemory(decoder_layers(model), most))
+    elif cfg.train.checkpoint_layers is not None:
         trainer.add_callback(CheckpointFirstLayers(cfg.train.checkpoint_layers))
     return trainer, processor
 
