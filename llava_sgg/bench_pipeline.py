@@ -445,7 +445,7 @@ def run_llava_sgg(cfg, device: torch.device, warmup: int, on_built=None) -> dict
             "in_step": [ends[i] - begins[i] for i in range(warmup, steps)],
             "real": [int(n) for n in real[warmup:]], "padded": padded[warmup:],
             "losses": [float(x) for x in losses], "peak_gib": _peak_gib(device),
-            "recomputed_layers": None if auto is None else auto.chosen}
+            "auto_checkpoint": None if auto is None else auto.report()}
 
 
 def stock_batches(dataset, order: list[int], batch_size: int, tokenizer, pin: bool) -> list[dict]:
@@ -636,8 +636,9 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
     for name, optimizer, packing, m in results:
         rows.append(_row(name, optimizer, packing, m["step_times"], m["real"], m["padded"], flops, peak_tflops,
                          m["peak_gib"], m["losses"], m["in_step"]))
-        if m["recomputed_layers"] is not None:  # checkpoint_layers auto: what it chose
-            rows[-1]["recomputed_layers"] = m["recomputed_layers"]
+        if m["auto_checkpoint"] is not None:  # checkpoint_layers auto: what it chose, and why
+            rows[-1]["recomputed_layers"] = m["auto_checkpoint"]["recomputed_layers"]
+            rows[-1]["auto_checkpoint"] = m["auto_checkpoint"]
     for r in rows:
         r["x_stock"] = r["real_tokens_per_s"] / rows[0]["real_tokens_per_s"]
     # x_stock compares the same work only if every row trained the same batches: their token counts say so.

@@ -122,6 +122,7 @@ def test_max_batch_tokens():
     assert max_batch_tokens([], 2, packing=True) == 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the path without CUDA")
 def test_auto_without_cuda_recomputes_every_layer_after_measuring_and_trains_the_same(assets, tmp_path, caplog):
     every, weights = train_counting_calls(assets, tmp_path / "all", gradient_checkpointing=True, max_steps=3)
     with caplog.at_level("INFO", logger="llava_sgg.train.auto_checkpoint"):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from transformers import TrainerCallback
@@ -105,6 +105,7 @@ class CheckpointFromMemory(TrainerCallback):
         self.max_tokens = max_tokens
         self.chosen: int | None = None  # layers recomputed, once decided
         self.measured: StepMemory | None = None
+        self.budget = self.predicted_peak = self.peak_after = None
         self._tokens = 0
         self._saved = 0
         self._held = 0
@@ -156,10 +157,28 @@ class CheckpointFromMemory(TrainerCallback):
             fewest = torch.tensor(keep, device=torch.cuda.current_device())
             torch.distributed.all_reduce(fewest, op=torch.distributed.ReduceOp.MIN)
             keep = int(fewest)
+        self.budget = budget
+        self.predicted_peak = predicted_peak(self.measured, self.max_tokens, keep)
         gib = 2**30
         self._decide(layers - keep, f"a measured step of {self._tokens} tokens peaked at "
                      f"{self.measured.peak / gib:.1f} GiB with one layer kept ({self._saved / gib:.2f} GiB); "
-                     f"batches of up to {self.max_tokens} tokens, {budget / gib:.1f} GiB usable")
+                     f"predicted peak {self.predicted_peak / gib:.1f} GiB for batches of up to {self.max_tokens} "
+                     f"tokens, {budget / gib:.1f} GiB usable")
+        torch.cuda.reset_peak_memory_stats()  # what the rest of the run reaches, against the prediction
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.predicted_peak is not None:
+            self.peak_after = torch.cuda.max_memory_allocated()
+            logger.info("train.checkpoint_layers auto: peak %.1f GiB after the choice (predicted at most %.1f GiB)",
+                        self.peak_after / 2**30, self.predicted_peak / 2**30)
+
+    def report(self) -> dict:
+        """The choice and what it rests on, in bytes (for benchmarks and logs)."""
+        out = {"recomputed_layers": self.chosen, "max_tokens": self.max_tokens}
+        if self.measured is not None:
+            out.update(measured=asdict(self.measured), budget=self.budget,
+                       predicted_peak=self.predicted_peak, peak_after=self.peak_after)
+        return out
 
     def _decide(self, recompute: int, why: str) -> None:
         self.chosen = recompute
