@@ -688,8 +688,10 @@ def _print(report: dict, counts: FlopCounts, device: torch.device) -> None:
                else f"full ({counts.decoder / 1e6:.3g}M decoder matrices)")
     checkpointing = "gradient checkpointing" if a["gradient_checkpointing"] else "no gradient checkpointing"
     if a["gradient_checkpointing"] and a.get("checkpoint_layers") == "auto":
-        chosen = sorted({r["recomputed_layers"] for r in report["rows"] if "recomputed_layers" in r})
-        checkpointing += f" (llava-sgg rows: auto, recomputing {' / '.join(map(str, chosen))} decoder layers)"
+        low = min(r["recomputed_layers"][0] for r in report["rows"] if "recomputed_layers" in r)
+        high = max(r["recomputed_layers"][1] for r in report["rows"] if "recomputed_layers" in r)
+        checkpointing += f" (llava-sgg rows: auto, recomputing {low}{'' if low == high else f'-{high}'} decoder " \
+                         "layers a batch)"
     elif a["gradient_checkpointing"] and a.get("checkpoint_layers") is not None:
         checkpointing += f" (llava-sgg rows: the first {a['checkpoint_layers']} decoder layers)"
     if a.get("compile"):

@@ -40,15 +40,15 @@ def test_bench_pipeline_lora_on_cpu_times_three_rows_on_the_same_batches(tmp_pat
     # checkpoint_layers auto: without CUDA it measures, then recomputes every layer, as the stock loop does.
     report = run_tiny(tmp_path, "lora", "mix", "--checkpoint-layers", "auto")
     check_report(report, "lora")
-    layers = report["rows"][1]["recomputed_layers"]
-    assert [r.get("recomputed_layers") for r in report["rows"]] == [None, layers, layers] and layers >= 1
+    layers = report["rows"][1]["recomputed_layers"][0]
+    assert [r.get("recomputed_layers") for r in report["rows"]] == [None, [layers] * 2, [layers] * 2] and layers >= 1
     assert report["parameters"]["lora"] > 0
     lengths = report["lengths"]
     assert lengths["samples"] == 12 and lengths["image_tokens"] == 16
     assert report["rows"][1]["padding_share"] > 0  # a mix of lengths pads
     out = capsys.readouterr().out
     assert "llava-sgg packed" in out and "relative difference" in out and ": equal" in out
-    assert f"(llava-sgg rows: auto, recomputing {layers} decoder layers)" in out
+    assert f"(llava-sgg rows: auto, recomputing {layers} decoder layers a batch)" in out
 
 
 def test_bench_pipeline_full_fine_tuning_on_cpu(tmp_path, capsys):

@@ -2,16 +2,17 @@
 
 Checkpointing every layer recomputes about a third of the decoder's work; a GPU with memory to spare
 can keep some layers' activations instead. How many depends on the model, the mode, the attention,
-the batch and the optimizer, so it is measured rather than estimated from shapes:
+the optimizer and each batch's tokens, so it is measured rather than estimated from shapes:
 
 1. The first ``MEASURED_STEPS`` steps checkpoint every layer but the last, the probe. Its forward
    counts the bytes autograd saves for the backward (:func:`saved_bytes`) and the tokens it sees.
-2. On a CUDA device the step's peak allocation, and the allocation held between steps (weights,
+2. On a CUDA device the step's peak allocation, and the allocation held as it began (weights,
    optimizer states), are read from torch's allocator; the last measured step is the one used, as
    the optimizer's states exist before it starts.
-3. :func:`layers_to_keep` then predicts a step's peak for the longest batch the data can give
-   (``max_tokens``) with ``k`` layers kept, and keeps the most that fit ``MEMORY_FRACTION`` of the
-   memory torch can use. Every rank keeps the fewest any rank can (a collective minimum).
+3. From then on, as each batch enters the decoder, :func:`layers_to_keep` predicts the step's peak
+   for its tokens with ``k`` layers kept, and keeps the most that fit ``MEMORY_FRACTION`` of the memory
+   torch can use; the first layers are the ones recomputed. A short batch keeps more layers than a
+   long one; each rank chooses for its own batch.
 
 Without CUDA there is no allocator to read: every layer stays checkpointed (the behaviour of
 ``checkpoint_layers: null``), and the log says so.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import torch
@@ -69,46 +71,38 @@ def predicted_peak(step: StepMemory, tokens: int, kept: int) -> float:
     """A step's peak with ``kept`` layers not recomputed, for ``tokens`` tokens in one forward.
 
     Everything above ``held`` but the kept layers' activations is taken to grow with the tokens
-    (gradients do not; counting them so only over-predicts when ``tokens`` is above the measured).
+    above the measured step's and not to shrink below them: gradients and other fixed costs are
+    in it, so the prediction errs high on either side.
     """
     per_token_layer = step.layer_bytes / step.tokens
     rest = step.peak - step.held - step.kept * step.layer_bytes
-    return step.held + rest * tokens / step.tokens + kept * per_token_layer * tokens
+    return step.held + rest * max(1.0, tokens / step.tokens) + kept * per_token_layer * tokens
 
 
-def layers_to_keep(step: StepMemory, layers: int, budget: int, max_tokens: int) -> int:
-    """The most layers (0..``layers``) whose activations can be kept at ``max_tokens`` within ``budget``."""
-    if step.tokens <= 0:
+def layers_to_keep(step: StepMemory, layers: int, budget: int, tokens: int) -> int:
+    """The most layers (0..``layers``) whose activations can be kept for ``tokens`` tokens within ``budget``."""
+    if step.tokens <= 0 or tokens <= 0:
         return 0
-    base = predicted_peak(step, max_tokens, 0)
-    per_layer = step.layer_bytes / step.tokens * max_tokens
+    base = predicted_peak(step, tokens, 0)
+    per_layer = step.layer_bytes / step.tokens * tokens
     if per_layer <= 0:
         return layers if base <= budget else 0
     return max(0, min(layers, math.floor((budget - base) / per_layer)))
 
 
-def max_batch_tokens(lengths: list[int], batch: int, packing: bool) -> int:
-    """The most tokens one forward can carry: the ``batch`` longest samples in one row (packed), or
-    ``batch`` rows as long as the longest sample (padded)."""
-    if not lengths:
-        return 0
-    if packing:
-        return sum(sorted(lengths, reverse=True)[:batch])
-    return batch * max(lengths)
-
-
 class CheckpointFromMemory(TrainerCallback):
-    """``train.checkpoint_layers: auto`` (see the module's docstring)."""
+    """``train.checkpoint_layers: auto`` (see the module's docstring) over ``decoder``'s ``layers``."""
 
-    def __init__(self, layers: list[torch.nn.Module], max_tokens: int):
-        self.layers = layers
-        self.max_tokens = max_tokens
-        self.chosen: int | None = None  # layers recomputed, once decided
+    def __init__(self, decoder: torch.nn.Module, layers: list[torch.nn.Module]):
+        self.decoder, self.layers = decoder, layers
         self.measured: StepMemory | None = None
-        self.budget = self.predicted_peak = self.peak_after = None
-        self._tokens = 0
-        self._saved = 0
-        self._held = 0
+        self.budget: int | None = None
+        self.recomputed: Counter[int] = Counter()  # layers recomputed -> batches, once measured
+        self.predicted_peak = 0.0  # the highest predicted for a batch
+        self.peak_after: int | None = None
+        self._done = False
+        self._hook = None
+        self._tokens = self._saved = self._held = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         probe = self.layers[-1]
@@ -131,7 +125,7 @@ class CheckpointFromMemory(TrainerCallback):
         self._probe = probe
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.chosen is not None:
+        if self._done:
             return
         self._tokens = self._saved = 0
         if torch.cuda.is_available():
@@ -140,49 +134,62 @@ class CheckpointFromMemory(TrainerCallback):
             self._held = torch.cuda.memory_allocated()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.chosen is not None or state.global_step < MEASURED_STEPS:
+        if self._done or state.global_step < MEASURED_STEPS:
             return
+        self._done = True
         del self._probe.forward  # the instance attribute: the class's forward again
-        layers = len(self.layers)
         if not torch.cuda.is_available() or self._tokens == 0:
-            self._decide(layers, "no CUDA allocator to measure" if self._tokens else "no forward was measured")
+            for layer in self.layers:
+                layer.gradient_checkpointing = True
+            logger.info("train.checkpoint_layers auto: recomputing every decoder layer (%s)",
+                        "no CUDA allocator to measure" if self._tokens else "no forward was measured")
             return
         torch.cuda.synchronize()
         self.measured = StepMemory(held=self._held, peak=torch.cuda.max_memory_allocated(), tokens=self._tokens,
                                    layer_bytes=self._saved)
         free, _ = torch.cuda.mem_get_info()
-        budget = int(MEMORY_FRACTION * (free + torch.cuda.memory_reserved()))
-        keep = layers_to_keep(self.measured, layers, budget, self.max_tokens)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            fewest = torch.tensor(keep, device=torch.cuda.current_device())
-            torch.distributed.all_reduce(fewest, op=torch.distributed.ReduceOp.MIN)
-            keep = int(fewest)
-        self.budget = budget
-        self.predicted_peak = predicted_peak(self.measured, self.max_tokens, keep)
+        self.budget = int(MEMORY_FRACTION * (free + torch.cuda.memory_reserved()))
         gib = 2**30
-        self._decide(layers - keep, f"a measured step of {self._tokens} tokens peaked at "
-                     f"{self.measured.peak / gib:.1f} GiB with one layer kept ({self._saved / gib:.2f} GiB); "
-                     f"predicted peak {self.predicted_peak / gib:.1f} GiB for batches of up to {self.max_tokens} "
-                     f"tokens, {budget / gib:.1f} GiB usable")
+        logger.info("train.checkpoint_layers auto: a step of %d tokens peaked at %.1f GiB with one layer kept "
+                    "(%.2f GiB of activations); %.1f GiB usable: %d of %d layers kept at that length",
+                    self._tokens, self.measured.peak / gib, self._saved / gib, self.budget / gib,
+                    layers_to_keep(self.measured, len(self.layers), self.budget, self._tokens), len(self.layers))
+        self._hook = self.decoder.register_forward_pre_hook(self._choose, with_kwargs=True)
         torch.cuda.reset_peak_memory_stats()  # what the rest of the run reaches, against the prediction
 
+    def _choose(self, module, args, kwargs) -> None:
+        """Before the decoder runs a training batch: checkpoint the first layers its tokens need."""
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        embeds = kwargs.get("inputs_embeds")
+        shape = (embeds if embeds is not None else kwargs.get("input_ids", args[0] if args else None)).shape
+        self.choose_for(shape[0] * shape[1])
+
+    def choose_for(self, tokens: int) -> int:
+        """Set the layers' flags for a batch of ``tokens`` tokens; returns how many are recomputed."""
+        keep = layers_to_keep(self.measured, len(self.layers), self.budget, tokens)
+        recompute = len(self.layers) - keep
+        for index, layer in enumerate(self.layers):
+            layer.gradient_checkpointing = index < recompute
+        self.recomputed[recompute] += 1
+        self.predicted_peak = max(self.predicted_peak, predicted_peak(self.measured, tokens, keep))
+        return recompute
+
     def on_train_end(self, args, state, control, **kwargs):
-        if self.predicted_peak is not None:
+        if self._hook is not None:
+            self._hook.remove()
             self.peak_after = torch.cuda.max_memory_allocated()
-            logger.info("train.checkpoint_layers auto: peak %.1f GiB after the choice (predicted at most %.1f GiB)",
+            logger.info("train.checkpoint_layers auto: layers recomputed per batch %s; peak %.1f GiB after the "
+                        "measured steps (predicted at most %.1f GiB)", dict(sorted(self.recomputed.items())),
                         self.peak_after / 2**30, self.predicted_peak / 2**30)
 
     def report(self) -> dict:
-        """The choice and what it rests on, in bytes (for benchmarks and logs)."""
-        out = {"recomputed_layers": self.chosen, "max_tokens": self.max_tokens}
+        """The choices and what they rest on, in bytes (for benchmarks and logs): ``recomputed_layers``, the
+        fewest and most layers recomputed for a batch (every layer without a measurement)."""
+        every = len(self.layers)
+        out = {"recomputed_layers": [min(self.recomputed, default=every), max(self.recomputed, default=every)]}
         if self.measured is not None:
-            out.update(measured=asdict(self.measured), budget=self.budget,
-                       predicted_peak=self.predicted_peak, peak_after=self.peak_after)
+            out.update(batches_by_recomputed_layers=dict(sorted(self.recomputed.items())),
+                       measured=asdict(self.measured), budget=self.budget, predicted_peak=self.predicted_peak,
+                       peak_after=self.peak_after)
         return out
-
-    def _decide(self, recompute: int, why: str) -> None:
-        self.chosen = recompute
-        for index, layer in enumerate(self.layers):
-            layer.gradient_checkpointing = index < recompute
-        logger.info("train.checkpoint_layers auto: recomputing %d of %d decoder layers (%s)",
-                    recompute, len(self.layers), why)

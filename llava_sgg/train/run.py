@@ -16,7 +16,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from ..model.builder import DTYPES, ModelError, build_llava, load_preprocessing, save_mm_projector, save_spec
 from ..plotting import plot_curves, plot_sgg_scales
-from .auto_checkpoint import CheckpointFromMemory, max_batch_tokens
+from .auto_checkpoint import CheckpointFromMemory
 from .checkpoints import begin_outputs, finished_run, outputs_complete, seal_outputs
 from .config import ConfigError, RunConfig
 from .memory import check_fits, memory_plan
@@ -306,10 +306,7 @@ def build_trainer(cfg: RunConfig) -> tuple[LlavaTrainer, object]:
         modality_lengths=dataset.modality_lengths if d.group_by_modality_length else None,
     )
     if cfg.train.checkpoint_layers == "auto":
-        # A fast check's lengths estimate tokens from words: only the truncation length bounds a sample.
-        lengths = dataset.lengths if d.check == "full" else [d.model_max_length] * len(dataset)
-        most = max_batch_tokens(lengths, cfg.train.per_device_train_batch_size, d.packing)
-        trainer.add_callback(CheckpointFromMemory(decoder_layers(model), most))
+        trainer.add_callback(CheckpointFromMemory(_unwrapped(model).model.language_model, decoder_layers(model)))
     elif cfg.train.checkpoint_layers is not None:
         trainer.add_callback(CheckpointFirstLayers(cfg.train.checkpoint_layers))
     return trainer, processor
