@@ -8,8 +8,7 @@
 #     full          full fine-tuning, fp32 masters, OpenLLaMA-3B shapes behind the same tower, batch 8 (at 16 the
 #                   stock loop runs out of memory on an 80 GB H100), and GaLore's LLaMA-1B at 16 (target: >= 1.3x)
 #     levers        train.liger, train.compile, train.checkpoint_layers (16, and auto with Liger) on 7B LoRA's
-#                   flex_attention rows, on
-#                   the lengths in LEVER_LENGTHS (default "mix"; "mix uniform" for both)
+#                   flex_attention rows, on the lengths in LEVER_LENGTHS (default "mix"; "mix uniform" for both)
 #     sgg-cost      SGG's cost over a whole run, AdamW against AdamW+SGG in one process (`llava-sgg bench run`):
 #                   the GPU demo's fine-tuning (DEMO_STEPS, default 2500, a re-clustering every 50; DEMO_CACHE,
 #                   default ~/.cache/llava-sgg, is built first if missing) and 7B LoRA on packed mixed lengths (target:
