@@ -26,7 +26,9 @@ Setups (``--setup``):
   on disk, LoRA (``--mode``) or full fine-tuning, packed batches.
 
 ``--profile`` adds, after the timed runs, one cProfile'd run per optimizer and writes the functions
-with the most host time (not used for any timing). The JSON holds every step's time; a plot of them,
+with the most host time; ``--device-profile N`` one run per optimizer under torch.profiler, recording
+its last N steps: the operators with the most device and host time, and how busy the device was
+(neither is used for any timing). The JSON holds every step's time; a plot of them,
 one line per run, sits beside it.
 """
 
@@ -42,6 +44,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from .bench import _fmt, _sync, _write, environment
 from .bench_pipeline import StepTimer
@@ -61,8 +64,44 @@ def _is_recluster_step(step: int, interval: int) -> bool:
     return step % interval == 0
 
 
-def time_run(build, device: torch.device, interval: int, profile: bool = False) -> dict:
-    """Train the trainer ``build()`` returns, timing every step; with ``profile``, the host profile instead."""
+class _ProfilerSteps(TrainerCallback):
+    """Advances a torch.profiler schedule at every step's end."""
+
+    def __init__(self, profiler):
+        self.profiler = profiler
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.profiler.step()
+
+
+def device_profile(trainer, timer: StepTimer, device: torch.device, steps: int, last: int) -> dict:
+    """Train under torch.profiler, recording the last ``last`` steps: the operators with the most device
+    time and with the most host time, and how busy the device was over those steps."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    last = min(last, steps - 1)
+    recorded = schedule(wait=steps - last - 1, warmup=1, active=last, repeat=1)  # repeat=1: keep the events
+    with profile(activities=activities, schedule=recorded) as prof:
+        trainer.add_callback(_ProfilerSteps(prof))
+        trainer.train()
+        _sync(device)
+    events = prof.key_averages()
+    wall = timer.ends[-1] - timer.ends[-1 - last]  # the recorded steps, end to end
+    out = {"steps": last, "wall_s": wall,
+           "host_table": events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)}
+    if cuda:
+        busy = sum(e.self_device_time_total for e in events) / 1e6
+        out.update(device_busy_s=busy, device_busy_share=busy / wall,
+                   device_table=events.table(sort_by="self_device_time_total", row_limit=25,
+                                             max_name_column_width=60))
+    return out
+
+
+def time_run(build, device: torch.device, interval: int, profile: bool = False, device_steps: int = 0) -> dict:
+    """Train the trainer ``build()`` returns, timing every step; with ``profile``, the host profile instead,
+    with ``device_steps``, torch.profiler's view of the last so many steps (:func:`device_profile`)."""
     from transformers.trainer_callback import DefaultFlowCallback
 
     trainer, extra = build()
@@ -72,6 +111,8 @@ def time_run(build, device: torch.device, interval: int, profile: bool = False) 
     for callback in extra:
         trainer.add_callback(callback)
     _sync(device)
+    if device_steps:
+        return device_profile(trainer, timer, device, trainer.args.max_steps, device_steps)
     if profile:
         profiler = cProfile.Profile()
         profiler.enable()
@@ -161,7 +202,8 @@ def _pipeline_builder(size: str, mode: str, steps: int, batch: int, interval: in
 def run_whole(*, setup: str = "demo", optimizers: list[str] = ("adamw", "adamw_sgg"), steps: int | None = None,
               repeats: int = 2, recluster_interval: int | None = None, mode: str = "lora", batch: int = 16,
               attn: str = "sdpa", workers: int = 4, cache: str | Path | None = None, quick: bool = False,
-              profile: bool = False, seed: int = 0, output: Path = Path("runs/bench")) -> dict:
+              profile: bool = False, device_profile_steps: int = 0, seed: int = 0,
+              output: Path = Path("runs/bench")) -> dict:
     """Each optimizer's whole run, ``repeats`` times, alternating; prints a table, writes JSON."""
     if setup not in SETUPS:
         raise ValueError(f"unknown setup {setup!r}; choose one of {', '.join(SETUPS)}")
@@ -169,6 +211,8 @@ def run_whole(*, setup: str = "demo", optimizers: list[str] = ("adamw", "adamw_s
 
     if repeats < 1 or (steps is not None and steps < 2) or (recluster_interval is not None and recluster_interval < 1):
         raise ValueError("--repeats and --recluster-interval must be >= 1, --steps >= 2")
+    if device_profile_steps < 0 or (steps is not None and device_profile_steps >= steps):
+        raise ValueError("--device-profile must be >= 0 and fewer than --steps")
     optimizers = list(optimizers)
     unknown = [name for name in optimizers if name not in OPTIMIZER_NAMES]
     if unknown or not optimizers:
@@ -195,18 +239,21 @@ def run_whole(*, setup: str = "demo", optimizers: list[str] = ("adamw", "adamw_s
             print(f"run {i + 1}: {name}, {steps} steps", flush=True)
             measured = time_run(lambda name=name, i=i: build(name, f"run-{i}"), device, interval)
             runs.append({"optimizer": name, "position": i, **measured})
-        profiles = {}
+        profiles, device_profiles = {}, {}
         if profile:
             for name in optimizers:
                 profiles[name] = time_run(lambda name=name: build(name, f"profile-{name}"), device, interval,
                                           profile=True)["profile"]
+        for name in optimizers if device_profile_steps else ():
+            device_profiles[name] = time_run(lambda name=name: build(name, f"device-profile-{name}"), device,
+                                             interval, device_steps=device_profile_steps)
     rows = summarize(runs, optimizers, base)
     args = {"setup": setup, "optimizers": optimizers, "steps": steps, "repeats": repeats, "sgg": sgg,
             "batch": batch, "quick": quick, "mode": None if setup == "demo" else mode,
             "attn": None if setup == "demo" else attn, "seed": seed}
     report = {"environment": environment(device), "args": args, "rows": rows, "runs": runs,
               "step_timing": "between consecutive on_step_end callbacks, synchronized; train_s: trainer.train()",
-              "profiles": profiles}
+              "profiles": profiles, "device_profiles": device_profiles}
     _print(report)
     name = f"run-{setup}{'-quick' if quick else ''}{'' if setup == 'demo' else '-' + mode}-{device.type}"
     _write(output / f"{name}.json", report)
@@ -270,3 +317,8 @@ def _print(report: dict) -> None:
               f"{e['first_step']:>10.2f}{e['ordinary_steps']:>10.2f}{e['recluster_steps']:>10.2f}{e['rest']:>8.2f}")
     for name, text in report["profiles"].items():
         print(f"\nhost profile, {name}:\n" + "\n".join(text.splitlines()[:45]))
+    for name, p in report["device_profiles"].items():
+        busy = "" if "device_busy_s" not in p else \
+            f", device busy {p['device_busy_s']:.3f} s ({p['device_busy_share']:.0%})"
+        print(f"\ntorch.profiler, {name}, the last {p['steps']} steps: {p['wall_s']:.3f} s{busy}")
+        print(p.get("device_table", p["host_table"]))

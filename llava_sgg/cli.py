@@ -161,8 +161,8 @@ def _bench_run(args: argparse.Namespace) -> int:
 
     run_whole(setup=args.setup, optimizers=args.optimizers.split(","), steps=args.steps, repeats=args.repeats,
               recluster_interval=args.recluster_interval, mode=args.mode, batch=args.batch, attn=args.attn,
-              workers=args.workers, cache=args.cache, quick=args.quick, profile=args.profile, seed=args.seed,
-              output=Path(args.output))
+              workers=args.workers, cache=args.cache, quick=args.quick, profile=args.profile,
+              device_profile_steps=args.device_profile, seed=args.seed, output=Path(args.output))
     return 0
 
 
@@ -238,6 +238,9 @@ def _add_bench(commands) -> None:
     whole.add_argument("--quick", action="store_true", help="demo: the tiny QUICK recipe (CPU tests)")
     whole.add_argument("--profile", action="store_true",
                        help="after the timed runs, one cProfile'd run per optimizer: the functions with most host time")
+    whole.add_argument("--device-profile", type=int, default=0, metavar="N",
+                       help="after the timed runs, one run per optimizer under torch.profiler, recording its last "
+                            "N steps: operators by device and host time, and how busy the device was")
     whole.add_argument("--seed", type=int, default=0)
     whole.add_argument("--output", default="runs/bench", help="folder for the JSON report")
     whole.set_defaults(func=_bench_run)

@@ -59,18 +59,25 @@ def test_bench_run_times_the_demos_fine_tuning_with_each_optimizer(tmp_path, cap
 @pytest.mark.slow
 def test_bench_run_on_pipeline_parts_profiles_the_host(tmp_path, capsys):
     assert main(["bench", "run", "--setup", "tiny", "--steps", "3", "--recluster-interval", "2", "--repeats", "1",
-                 "--batch", "2", "--workers", "0", "--profile", "--output", str(tmp_path)]) == 0
+                 "--batch", "2", "--workers", "0", "--profile", "--device-profile", "2",
+                 "--output", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "run-tiny-lora-cpu.json").read_text())
     assert [r["reclusterings"] for r in report["runs"]] == [None, 1]
     assert set(report["profiles"]) == {"adamw", "adamw_sgg"}
     assert "_recluster" in report["profiles"]["adamw_sgg"] or "kmeans" in report["profiles"]["adamw_sgg"]
-    assert "host profile, adamw_sgg" in capsys.readouterr().out
+    # torch.profiler over the last two steps (a CPU: host operators only, no device time).
+    assert set(report["device_profiles"]) == {"adamw", "adamw_sgg"}
+    for recorded in report["device_profiles"].values():
+        assert recorded["steps"] == 2 and recorded["wall_s"] > 0 and "device_busy_s" not in recorded
+        assert "aten::mm" in recorded["host_table"] or "aten::addmm" in recorded["host_table"]
+    out = capsys.readouterr().out
+    assert "host profile, adamw_sgg" in out and "torch.profiler, adamw_sgg, the last 2 steps" in out
 
 
 @pytest.mark.parametrize("args", [["--optimizers", "adamw,adamw_sggg"], ["--repeats", "0"], ["--steps", "1"],
-                                  ["--recluster-interval", "0"]])
+                                  ["--recluster-interval", "0"], ["--device-profile", "-1"]])
 def test_bench_run_refuses_bad_arguments_before_building_anything(tmp_path, capsys, args):
     assert main(["bench", "run", "--setup", "tiny", "--output", str(tmp_path / "out"), *args]) == 2
     error = capsys.readouterr().err
-    assert any(s in error for s in ("adamw_sggg", ">= 1", ">= 2"))
+    assert any(s in error for s in ("adamw_sggg", ">= 1", ">= 2", ">= 0"))
     assert not (tmp_path / "out").exists()
