@@ -11,8 +11,9 @@
 #                   flex_attention rows, on the lengths in LEVER_LENGTHS (default "mix"; "mix uniform" for both)
 #     sgg-cost      SGG's cost over a whole run, AdamW against AdamW+SGG in one process (`llava-sgg bench run`):
 #                   the GPU demo's fine-tuning (DEMO_STEPS, default 2500, a re-clustering every 50; DEMO_CACHE,
-#                   default ~/.cache/llava-sgg, is built first if missing) and 7B LoRA on packed mixed lengths (target:
-#                   <= 1.05x on both)
+#                   default ~/.cache/llava-sgg, is built first if missing; DEVICE_PROFILE=N adds torch.profiler's
+#                   view of each optimizer's last N steps) and 7B LoRA on packed mixed lengths (target: <= 1.05x on
+#                   both)
 # BENCH_ARGS (e.g. "--steps 6 --warmup 2") goes to every bench pipeline run.
 # Each part is one or more `llava-sgg bench pipeline` or `bench run` runs (docs/performance.md says what they time); a
 # part's files are named by its settings, so parts can run on different days into one DIR.
@@ -44,7 +45,8 @@ for part in "${parts[@]}"; do
       done
       ;;
     sgg-cost)
-      llava-sgg bench run --setup demo --steps "${DEMO_STEPS:-2500}" --output "$dir" ${DEMO_CACHE:+--cache "$DEMO_CACHE"}
+      llava-sgg bench run --setup demo --steps "${DEMO_STEPS:-2500}" --output "$dir" ${DEMO_CACHE:+--cache "$DEMO_CACHE"} \
+        ${DEVICE_PROFILE:+--device-profile "$DEVICE_PROFILE"}
       llava-sgg bench run --setup 7b --mode lora --attn flex_attention --steps 60 --recluster-interval 20 \
         --repeats 1 --output "$dir"
       ;;
