@@ -8,7 +8,12 @@ from pathlib import Path
 
 
 def _int_or_auto(value: str) -> int | str:
-    return value if value == "auto" else int(value)
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {value!r}") from None
 
 
 def _sgg_example(args: argparse.Namespace) -> int:

@@ -367,9 +367,9 @@ def _deviation_histograms(tensors: list[Tensor], means: Tensor, prefix: Tensor, 
     """Add one level's histogram of all ``tensors`` to ``out``: one launch with the kernels, else per tensor.
 
     ``means`` [T]: each tensor's mean; ``out`` may have more bins than the level's, which stay as they
-    are. With the kernels only: ``raw`` tensors hold the bit patterns
-    of deviations themselves (no mean is taken off), and a nonzero ``skip`` (a device flag) leaves
-    ``out`` as it is, decided on the device.
+    are. With the kernels only: ``raw`` tensors hold the bit patterns of deviations themselves (no
+    mean is taken off), and a nonzero ``skip`` (a device flag) leaves ``out`` as it is, decided on the
+    device.
     """
     match_shift, shift, nbins = level
     if kernels and all(_kernel_input(x) for x in tensors):

@@ -250,8 +250,8 @@ def assign_kernel(x_ptr, thr_ptr, ids_ptr, n, K: tl.constexpr, ABS: tl.constexpr
     tl.store(ids_ptr + offs, ids.to(tl.uint8), mask=mask)
 
 
-# The bit field is a runtime argument, not a constexpr: each distinct constexpr is another compilation,
-# and a run's first re-clustering would compile one kernel per field (a pause of its own, on a cold cache).
+# The bit field is a runtime argument, not a constexpr: each distinct constexpr value is a compilation of
+# its own, and a run's first re-clustering would compile the kernel once per field.
 @triton.jit(do_not_specialize=["match_shift", "shift", "bin_mask"])
 def deviation_histogram_kernel(addr_ptr, numel_ptr, mean_ptr, block_tensor_ptr, first_block_ptr, prefix_ptr,
                                hist_ptr, skip_ptr, match_shift, shift, bin_mask, NBINS: tl.constexpr,

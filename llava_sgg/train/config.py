@@ -84,7 +84,8 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     # With gradient_checkpointing: recompute only the first N decoder layers (null: every layer). The other
     # layers keep their activations, trading memory the GPU has spare for the recomputation (about a third
-    # of a checkpointed layer's compute) it would otherwise pay.
+    # of a checkpointed layer's compute) it would otherwise pay. auto: N per batch, from measured memory
+    # (train/auto_checkpoint.py).
     checkpoint_layers: int | str | None = None
     # The decoder's attention (transformers' attn_implementation): sdpa | eager | flex_attention |
     # flash_attention_2 | flash_attention_3 (the last two need the flash-attn package). Each keeps a packed
