@@ -36,6 +36,13 @@ MEASURED_STEPS = 2
 MEMORY_FRACTION = 0.9
 
 
+def recompute_first(layers: list[torch.nn.Module], count: int) -> None:
+    """Gradient checkpointing for the first ``count`` decoder layers only: transformers reads each layer's own
+    ``gradient_checkpointing`` flag at every call, so setting the flags is enough."""
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index < count
+
+
 def saved_bytes(module: torch.nn.Module, run) -> tuple[object, int]:
     """``run()``'s result and the bytes autograd saved for the backward while it ran, parameters left out.
 
@@ -139,8 +146,7 @@ class CheckpointFromMemory(TrainerCallback):
         self._done = True
         del self._probe.forward  # the instance attribute: the class's forward again
         if not torch.cuda.is_available() or self._tokens == 0:
-            for layer in self.layers:
-                layer.gradient_checkpointing = True
+            recompute_first(self.layers, len(self.layers))
             logger.info("train.checkpoint_layers auto: recomputing every decoder layer (%s)",
                         "no CUDA allocator to measure" if self._tokens else "no forward was measured")
             return
@@ -169,8 +175,7 @@ class CheckpointFromMemory(TrainerCallback):
         """Set the layers' flags for a batch of ``tokens`` tokens; returns how many are recomputed."""
         keep = layers_to_keep(self.measured, len(self.layers), self.budget, tokens)
         recompute = len(self.layers) - keep
-        for index, layer in enumerate(self.layers):
-            layer.gradient_checkpointing = index < recompute
+        recompute_first(self.layers, recompute)
         self.recomputed[recompute] += 1
         self.predicted_peak = max(self.predicted_peak, predicted_peak(self.measured, tokens, keep))
         return recompute

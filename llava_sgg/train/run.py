@@ -16,7 +16,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from ..model.builder import DTYPES, ModelError, build_llava, load_preprocessing, save_mm_projector, save_spec
 from ..plotting import plot_curves, plot_sgg_scales
-from .auto_checkpoint import CheckpointFromMemory
+from .auto_checkpoint import CheckpointFromMemory, recompute_first
 from .checkpoints import begin_outputs, finished_run, outputs_complete, seal_outputs
 from .config import ConfigError, RunConfig
 from .memory import check_fits, memory_plan
@@ -133,16 +133,14 @@ def decoder_layers(model) -> list:
 class CheckpointFirstLayers(TrainerCallback):
     """Gradient checkpointing for the first ``count`` decoder layers only (train.checkpoint_layers).
 
-    Trainer turns checkpointing on for every layer as training starts, just before this runs; transformers
-    reads each layer's own ``gradient_checkpointing`` flag at every call, so clearing it on the rest is enough.
+    Trainer turns checkpointing on for every layer as training starts, just before this runs.
     """
 
     def __init__(self, count: int):
         self.count = count
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        for index, layer in enumerate(decoder_layers(model)):
-            layer.gradient_checkpointing = index < self.count
+        recompute_first(decoder_layers(model), self.count)
 
 
 def freeze_unread_tower_parts(model) -> list[str]:

@@ -49,16 +49,13 @@ class _ImagePathAlways:
 
 
 def blank_image_features(llava: nn.Module, device: torch.device) -> torch.Tensor:
-    """The connector's output for one all-zero image, selected as LlavaModel selects image features."""
-    config = llava.config
-    side = config.vision_config.image_size
+    """The connector's output for one all-zero image: ``LlavaModel.get_image_features``, as an image batch runs it."""
+    side = llava.config.vision_config.image_size
     pixels = torch.zeros(1, 3, side, side, device=device)  # float32, as the collator's pixel_values
-    hidden = llava.vision_tower(pixels, output_hidden_states=True).hidden_states
-    layers = config.vision_feature_layer
-    picked = [hidden[i] for i in ([layers] if isinstance(layers, int) else layers)]
-    if config.vision_feature_select_strategy == "default":  # drop the CLS token
-        picked = [h[:, 1:] for h in picked]
-    return llava.multi_modal_projector(torch.cat(picked, dim=-1))
+    out = llava.get_image_features(pixel_values=pixels)
+    # transformers 5 returns an output whose pooler_output lists each image's features; 4.x a tensor.
+    features = getattr(out, "pooler_output", out)
+    return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
 
 
 def run_image_path_always(llava: nn.Module) -> bool:
