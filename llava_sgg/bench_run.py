@@ -14,7 +14,10 @@ benchmark trains the same model on the same samples with each optimizer through 
   steps (each summed, against the base's same steps), and the rest of ``trainer.train()``.
 
 The first SGG run of a process also compiles its Triton kernels (on a GPU, unless Triton's disk cache
-already holds them): its ``first_recluster_s`` against the later runs' shows that one-time cost.
+already holds them), in background threads from the optimizer's construction (``precompile``, the
+default): each run records how long the first re-clustering waited for them. ``--cold`` runs every
+run in a process of its own with an empty Triton cache, as a first run on a new machine or in a fresh
+container is: each SGG run then pays the compilation, and the AdamW runs pay the same process start.
 
 Setups (``--setup``):
 
@@ -37,10 +40,13 @@ from __future__ import annotations
 import cProfile
 import dataclasses
 import io
+import os
 import pstats
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -143,7 +149,8 @@ def time_run(build, device: torch.device, interval: int, profile: bool = False, 
             "first_recluster_s": recluster[0] if recluster else None, "recluster_steps": len(recluster),
             "recluster_s": sum(recluster), "recluster_step_times_s": recluster,
             "step_times_s": [steps[n] for n in sorted(steps)],  # steps 2, 3, ...
-            "reclusterings": None if sgg is None else sgg.reclusterings}
+            "reclusterings": None if sgg is None else sgg.reclusterings,
+            "precompile": None if sgg is None else sgg.precompile_report}
 
 
 def _demo_builder(cache: Path | None, quick: bool, steps: int, interval: int | None, output: Path):
@@ -199,10 +206,47 @@ def _pipeline_builder(size: str, mode: str, steps: int, batch: int, interval: in
     return sgg, batch, build
 
 
+def _builder(setup: str, steps: int | None, root: Path, *, quick: bool, cache: str | Path | None,
+             recluster_interval: int | None, mode: str, batch: int, attn: str, workers: int, seed: int,
+             device: torch.device):
+    """(steps, SGG settings, batch, build(name, run) -> (trainer, callbacks)) of a setup, its files under ``root``."""
+    if setup == "demo":
+        from .demo.recipes import recipe
+
+        steps = steps or recipe(quick, device.type == "cuda").steps
+        return (steps, *_demo_builder(Path(cache) if cache else None, quick, steps, recluster_interval, root))
+    steps = steps or 200
+    return (steps, *_pipeline_builder(setup, mode, steps, batch, recluster_interval or 50, attn, workers, device,
+                                      root, seed))
+
+
+def _cold_run(setup: str, options: dict, name: str, run: str) -> dict:
+    """One timed run in a process of its own (``run_whole(cold=True)`` spawns it with an empty Triton cache)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory(prefix="llava-sgg-bench-run-") as tmp:
+        _, sgg, _, build = _builder(setup, root=Path(tmp), device=device, **options)
+        measured = time_run(lambda: build(name, run), device, sgg["recluster_interval"])
+    return {**measured, "process": os.getpid(), "triton_cache": os.environ.get("TRITON_CACHE_DIR")}
+
+
+def _in_fresh_process(triton_cache: Path, fn, *args):
+    """``fn(*args)`` in a new Python process whose Triton cache is ``triton_cache``."""
+    before = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = str(triton_cache)  # a spawned process starts with this environment
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            return pool.submit(fn, *args).result()
+    finally:
+        if before is None:
+            del os.environ["TRITON_CACHE_DIR"]
+        else:
+            os.environ["TRITON_CACHE_DIR"] = before
+
+
 def run_whole(*, setup: str = "demo", optimizers: list[str] = ("adamw", "adamw_sgg"), steps: int | None = None,
               repeats: int = 2, recluster_interval: int | None = None, mode: str = "lora", batch: int = 16,
               attn: str = "sdpa", workers: int = 4, cache: str | Path | None = None, quick: bool = False,
-              profile: bool = False, device_profile_steps: int = 0, seed: int = 0,
+              profile: bool = False, device_profile_steps: int = 0, seed: int = 0, cold: bool = False,
               output: Path = Path("runs/bench")) -> dict:
     """Each optimizer's whole run, ``repeats`` times, alternating; prints a table, writes JSON."""
     if setup not in SETUPS:
@@ -222,22 +266,21 @@ def run_whole(*, setup: str = "demo", optimizers: list[str] = ("adamw", "adamw_s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if setup != "demo" and device.type == "cpu" and attn not in ("sdpa", "eager"):
         raise ValueError(f"--attn {attn} on a CPU: use sdpa or eager")
+    options = {"steps": steps, "quick": quick, "cache": cache, "recluster_interval": recluster_interval, "mode": mode,
+               "batch": batch, "attn": attn, "workers": workers, "seed": seed}
     with tempfile.TemporaryDirectory(prefix="llava-sgg-bench-run-") as tmp:
         root = Path(tmp)
-        if setup == "demo":
-            from .demo.recipes import recipe
-
-            steps = steps or recipe(quick, device.type == "cuda").steps
-            sgg, batch, build = _demo_builder(Path(cache) if cache else None, quick, steps, recluster_interval, root)
-        else:
-            steps = steps or 200
-            sgg, batch, build = _pipeline_builder(setup, mode, steps, batch, recluster_interval or 50, attn, workers,
-                                                  device, root, seed)
+        steps, sgg, batch, build = _builder(setup, root=root, device=device, **options)
+        options["steps"] = steps
         interval = sgg["recluster_interval"]
         runs = []
         for i, name in enumerate(_order(optimizers, repeats)):
-            print(f"run {i + 1}: {name}, {steps} steps", flush=True)
-            measured = time_run(lambda name=name, i=i: build(name, f"run-{i}"), device, interval)
+            print(f"run {i + 1}: {name}, {steps} steps{', in a new process, empty Triton cache' if cold else ''}",
+                  flush=True)
+            if cold:
+                measured = _in_fresh_process(root / f"triton-{i}", _cold_run, setup, options, name, f"run-{i}")
+            else:
+                measured = time_run(lambda name=name, i=i: build(name, f"run-{i}"), device, interval)
             runs.append({"optimizer": name, "position": i, **measured})
         profiles, device_profiles = {}, {}
         if profile:
@@ -250,12 +293,13 @@ def run_whole(*, setup: str = "demo", optimizers: list[str] = ("adamw", "adamw_s
     rows = summarize(runs, optimizers, base)
     args = {"setup": setup, "optimizers": optimizers, "steps": steps, "repeats": repeats, "sgg": sgg,
             "batch": batch, "quick": quick, "mode": None if setup == "demo" else mode,
-            "attn": None if setup == "demo" else attn, "seed": seed}
+            "attn": None if setup == "demo" else attn, "seed": seed, "cold": cold}
     report = {"environment": environment(device), "args": args, "rows": rows, "runs": runs,
               "step_timing": "between consecutive on_step_end callbacks, synchronized; train_s: trainer.train()",
               "profiles": profiles, "device_profiles": device_profiles}
     _print(report)
-    name = f"run-{setup}{'-quick' if quick else ''}{'' if setup == 'demo' else '-' + mode}-{device.type}"
+    name = (f"run-{setup}{'-quick' if quick else ''}{'' if setup == 'demo' else '-' + mode}{'-cold' if cold else ''}"
+            f"-{device.type}")
     _write(output / f"{name}.json", report)
     plot_step_times(runs, output / f"{name}.png", title=f"bench run: {setup}, re-clustering every {interval}")
     return report
@@ -305,6 +349,7 @@ def summarize(runs: list[dict], optimizers: list[str], base: str) -> list[dict]:
 def _print(report: dict) -> None:
     a, env = report["args"], report["environment"]
     print(f"llava-sgg bench run: {a['setup']}{' (quick)' if a['quick'] else ''}, {a['steps']} steps, "
+          f"{'each run in a new process with an empty Triton cache, ' if a.get('cold') else ''}"
           f"re-clustering every {a['sgg']['recluster_interval']}, {a['repeats']} run(s) each, on {env['device']}")
     print(f"{'':<36}{'median ms of a step':>22}   {'seconds over the base':>32}")
     print(f"{'optimizer':<14}{'train s':>9}{'x base':>8}{'':>5}{'ordinary':>10}{'re-clust.':>10}{'1st re-cl.':>11}"
@@ -315,6 +360,12 @@ def _print(report: dict) -> None:
         print(f"{r['optimizer']:<14}{r['train_s']:>9.1f}{r['x_base']:>8.3f}{'':>5}{_fmt(ms(r['ordinary_step_s']), 10, 1)}"
               f"{_fmt(ms(r['recluster_step_s_mean']), 10, 1)}{_fmt(ms(r['first_recluster_s']), 11, 1)}"
               f"{e['first_step']:>10.2f}{e['ordinary_steps']:>10.2f}{e['recluster_steps']:>10.2f}{e['rest']:>8.2f}")
+    for r in report["runs"]:
+        if r.get("precompile"):
+            p = r["precompile"]
+            print(f"run {r['position'] + 1} ({r['optimizer']}): kernels compiled in the background in "
+                  f"{p['seconds']:.2f} s ({p['pieces']} pieces); the first re-clustering waited {p['waited_s']:.2f} s"
+                  + (f"; errors: {p['errors']}" if p["errors"] else ""))
     for name, text in report["profiles"].items():
         print(f"\nhost profile, {name}:\n" + "\n".join(text.splitlines()[:45]))
     for name, p in report["device_profiles"].items():

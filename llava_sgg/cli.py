@@ -167,7 +167,7 @@ def _bench_run(args: argparse.Namespace) -> int:
     run_whole(setup=args.setup, optimizers=args.optimizers.split(","), steps=args.steps, repeats=args.repeats,
               recluster_interval=args.recluster_interval, mode=args.mode, batch=args.batch, attn=args.attn,
               workers=args.workers, cache=args.cache, quick=args.quick, profile=args.profile,
-              device_profile_steps=args.device_profile, seed=args.seed, output=Path(args.output))
+              device_profile_steps=args.device_profile, seed=args.seed, cold=args.cold, output=Path(args.output))
     return 0
 
 
@@ -246,6 +246,9 @@ def _add_bench(commands) -> None:
     whole.add_argument("--device-profile", type=int, default=0, metavar="N",
                        help="after the timed runs, one run per optimizer under torch.profiler, recording its last "
                             "N steps: operators by device and host time, and how busy the device was")
+    whole.add_argument("--cold", action="store_true",
+                       help="every run in a new process with an empty Triton cache, as on a new machine: each SGG "
+                            "run compiles its kernels")
     whole.add_argument("--seed", type=int, default=0)
     whole.add_argument("--output", default="runs/bench", help="folder for the JSON report")
     whole.set_defaults(func=_bench_run)

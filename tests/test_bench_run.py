@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -72,6 +73,22 @@ def test_bench_run_on_pipeline_parts_profiles_the_host(tmp_path, capsys):
         assert "aten::mm" in recorded["host_table"] or "aten::addmm" in recorded["host_table"]
     out = capsys.readouterr().out
     assert "host profile, adamw_sgg" in out and "torch.profiler, adamw_sgg, the last 2 steps" in out
+
+
+@pytest.mark.slow
+def test_cold_bench_run_starts_every_run_in_a_new_process_with_an_empty_triton_cache(tmp_path, capsys):
+    assert main(["bench", "run", "--setup", "tiny", "--steps", "3", "--recluster-interval", "2", "--repeats", "1",
+                 "--batch", "2", "--workers", "0", "--cold", "--output", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "run-tiny-lora-cold-cpu.json").read_text())
+    assert report["args"]["cold"] is True
+    runs = report["runs"]
+    assert [r["reclusterings"] for r in runs] == [None, 1] and all(r["steps"] == 3 for r in runs)
+    assert len({r["process"] for r in runs} | {os.getpid()}) == 3
+    caches = [r["triton_cache"] for r in runs]
+    assert len(set(caches)) == 2 and all(c.endswith(f"triton-{i}") for i, c in enumerate(caches))
+    assert os.environ.get("TRITON_CACHE_DIR") not in caches  # this process's own is left as it was
+    assert runs[1]["precompile"] is None  # a CPU: nothing compiles
+    assert "each run in a new process with an empty Triton cache" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args", [["--optimizers", "adamw,adamw_sggg"], ["--repeats", "0"], ["--steps", "1"],

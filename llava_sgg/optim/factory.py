@@ -41,7 +41,7 @@ SGG_OPTIONS = {
     "n_clusters": "n_clusters", "recluster_interval": "recluster_interval", "beta3": "beta3",
     "scale_bounds": "scale_bounds", "sgg_eps": "eps", "cluster_on": "cluster_on", "assignment": "assignment",
     "backend": "backend", "exact_limit": "exact_limit", "sample_size": "sample_size", "seed": "seed",
-    "fused": "fused", "rule": "rule", "mean_decay": "mean_decay",
+    "fused": "fused", "rule": "rule", "mean_decay": "mean_decay", "precompile": "precompile",
 }
 
 

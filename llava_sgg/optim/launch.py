@@ -15,6 +15,7 @@ CPU-only process never imports Triton.
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache
@@ -78,16 +79,18 @@ class TensorTable:
 _BLOCKS: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor, int]] = OrderedDict()
 _ADDRESSES: OrderedDict[tuple, Tensor] = OrderedDict()
 _KEPT = 16
+_LOCK = threading.Lock()  # SGG's precompilation threads (precompile.py) launch beside the training loop
 
 
 def _cached(cache: OrderedDict, key: tuple, make):
-    value = cache.get(key)
-    if value is None:
-        value = cache[key] = make()
-        while len(cache) > _KEPT:
-            cache.popitem(last=False)
-    cache.move_to_end(key)
-    return value
+    with _LOCK:
+        value = cache.get(key)
+        if value is None:
+            value = cache[key] = make()
+            while len(cache) > _KEPT:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return value
 
 
 def _to_device(t: Tensor, device) -> Tensor:

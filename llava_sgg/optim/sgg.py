@@ -32,6 +32,7 @@ from . import functional as F
 from . import fused as fused_steps
 from .lamb import Lamb
 from .launch import kernels_for
+from .precompile import start as start_precompile
 from .reference import assign_clusters, kmeans_1d_sklearn
 from .scaling import carried_kmeans_ids, mda_scales, mean_ratio_scales
 from .steps import AdafactorSteps, AdamSteps, LambSteps, create_state
@@ -149,7 +150,7 @@ class SGG(Optimizer):
                  beta3: float = 0.99, scale_bounds: tuple[float, float] = SCALE_BOUNDS, eps: float = 1e-8, *,
                  cluster_on: str = "abs", assignment: str = "frozen", backend: str = "torch",
                  exact_limit: int = 2**22, sample_size: int = 2**20, seed: int = 0, fused: bool = True,
-                 rule: str = "mda", mean_decay: float = 0.95):
+                 rule: str = "mda", mean_decay: float = 0.95, precompile: bool = True):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"SGG wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, SGG):
@@ -165,6 +166,8 @@ class SGG(Optimizer):
         self.n_clusters, self.recluster_interval, self.beta3, self.eps = n_clusters, recluster_interval, beta3, eps
         self.cluster_on, self.assignment, self.backend = cluster_on, assignment, backend
         self.exact_limit, self.sample_size, self.seed = exact_limit, sample_size, seed
+        if not isinstance(precompile, bool):
+            raise ValueError(f"precompile must be True or False, got {precompile!r}")
         self.fused = fused
         self.optimizer = optimizer
         self._steps = steps_for(optimizer)
@@ -184,6 +187,8 @@ class SGG(Optimizer):
         # wherever ids, scales or state are replaced: _recluster, load_state_dict, add_param_group,
         # _add_placeholders; a moved gradient or parameter is caught by its check.
         self._adam_plan: fused_steps.AdamPlan | None = None
+        # On CUDA the kernels compile in background threads now, not all at once at the first re-clustering.
+        self._precompile = start_precompile(self) if precompile else None
 
     # ----------------------------------------------------------------- public API
     def cluster_ids(self, p: Tensor) -> Tensor | None:
@@ -219,6 +224,12 @@ class SGG(Optimizer):
             return 0
         return self._sgg_step // self.recluster_interval
 
+    @property
+    def precompile_report(self) -> dict | None:
+        """The background kernel compilation (:mod:`.precompile`): pieces, its wall time, how long the
+        first re-clustering waited for it, and errors; None where none ran (no CUDA, ``precompile=False``)."""
+        return None if self._precompile is None else self._precompile.report()
+
     @torch.no_grad()
     def summary(self) -> dict[str, float]:
         """What the last re-clustering left, as numbers to log: ``global_mda`` (rule ``mda``), and per
@@ -252,6 +263,8 @@ class SGG(Optimizer):
         self._sgg_step += 1
         # The authors' rule rescales with one cluster too (the layer's mean over its EMA).
         recluster = (self.n_clusters > 1 or self.rule == "mean_ratio") and self._sgg_step % self.recluster_interval == 0
+        if recluster and self._precompile is not None:
+            self._precompile.wait()
         if not recluster and len(self._layers) == len(self._placeholders):
             # No layer clustered yet (placeholders are a subset of the layers): every scale is 1,
             # so the base step *is* the SGG step.
