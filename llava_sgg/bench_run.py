@@ -365,6 +365,7 @@ def _print(report: dict) -> None:
             p = r["precompile"]
             print(f"run {r['position'] + 1} ({r['optimizer']}): kernels compiled in the background in "
                   f"{p['seconds']:.2f} s ({p['pieces']} pieces); the first re-clustering waited {p['waited_s']:.2f} s"
+                  + (f"; compiled later: {', '.join(p['compiled_later'])}" if p.get("compiled_later") else "")
                   + (f"; errors: {p['errors']}" if p["errors"] else ""))
     for name, text in report["profiles"].items():
         print(f"\nhost profile, {name}:\n" + "\n".join(text.splitlines()[:45]))

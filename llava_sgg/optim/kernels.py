@@ -347,7 +347,7 @@ def deviation_sample_kernel(addr_ptr, numel_ptr, ends_ptr, mean_ptr, out_ptr, T,
     tl.store(out_ptr + s, tl.abs(x - tl.load(mean_ptr + t)).to(tl.int32, bitcast=True), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["slot_size"])  # from the pool's size
 def deviation_bracket_kernel(addr_ptr, numel_ptr, mean_ptr, block_tensor_ptr, first_block_ptr, bounds_ptr, below_ptr,
                              fill_ptr, inside_ptr, slot_size, SLOTS: tl.constexpr, ALIGNED: tl.constexpr,
                              BLOCK: tl.constexpr, ITERS: tl.constexpr):
@@ -573,7 +573,7 @@ def lloyd_kernel(xs_ptr, p1_ptr, p2_ptr, thr_ptr, out_ptr, n, steps, ITERS: tl.c
     tl.store(out_ptr + row * (K - 1) + lane - 1, bounds, mask=inner)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row"])  # a count of blocks: its residue would only multiply the variants
 def prefix_partials_kernel(x_ptr, part_ptr, N, row, ABS: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 1 of functional._prefix_sums_gpu: each block's float64 sums of f(x) and x^2 (two rows of ``row``)."""
     pid = tl.program_id(0)
@@ -584,7 +584,7 @@ def prefix_partials_kernel(x_ptr, part_ptr, N, row, ABS: tl.constexpr, BLOCK: tl
     tl.store(part_ptr + row + pid, tl.sum(x * x, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row"])
 def prefix_sums_kernel(x_ptr, start_ptr, p1_ptr, p2_ptr, N, row, ABS: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 2: inclusive float64 prefix sums of f(x) and x^2, each block from its start (the sums before it)."""
     pid = tl.program_id(0)
@@ -598,7 +598,7 @@ def prefix_sums_kernel(x_ptr, start_ptr, p1_ptr, p2_ptr, N, row, ABS: tl.constex
     tl.store(p2_ptr + 1 + offs, s2, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["steps"])  # a loop count, from the row size
 def cluster_median_kernel(xs_ptr, mean_ptr, ranges_ptr, out_ptr, n, steps, K: tl.constexpr, WAYS: tl.constexpr,
                           ROUNDS: tl.constexpr):
     """The search of functional.rows_cluster_mda for one (row, cluster) per program: int32 bits of the median.

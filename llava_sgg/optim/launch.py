@@ -102,9 +102,12 @@ def _to_device(t: Tensor, device) -> Tensor:
 def _blocks(numels: tuple[int, ...], per_program: int, device) -> tuple[Tensor, Tensor, Tensor, int]:
     blocks = [triton_cdiv(n, per_program) for n in numels]
     first = [0, *accumulate(blocks)][:-1]
-    sizes = _to_device(torch.tensor(list(numels) + first, dtype=torch.int64), device)
+    # The first-block column starts 16 bytes into the buffer whatever the number of tensors: Triton compiles
+    # a variant per pointer alignment, and SGG's precompilation (precompile.py) has fewer tensors.
+    start = -(-len(numels) // 2) * 2
+    sizes = _to_device(torch.tensor(list(numels) + [0] * (start - len(numels)) + first, dtype=torch.int64), device)
     block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), torch.tensor(blocks))
-    return sizes[: len(numels)], _to_device(block_tensor, device), sizes[len(numels):], sum(blocks)
+    return sizes[: len(numels)], _to_device(block_tensor, device), sizes[start:], sum(blocks)
 
 
 def tensor_table(rows: list[tuple[int, ...]], numels: list[int], per_program: int, device) -> TensorTable:

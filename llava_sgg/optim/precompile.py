@@ -33,7 +33,7 @@ from torch import Tensor
 from . import dtensor as D
 from . import functional as F
 from .fused import LARGE
-from .launch import kernels_for
+from .launch import BLOCK, kernels_for, triton_cdiv
 
 __all__ = ["Precompile", "compiled_variants", "stand_in_shape", "start"]
 
@@ -60,12 +60,12 @@ def _minimum(numel: int, exact_limit: int) -> int:
     return max(LARGE if numel >= LARGE else 0, exact_limit + 1 if numel > exact_limit else 0)
 
 
-def compiled_variants() -> int:
-    """How many kernel variants of :mod:`.kernels` this process has compiled (or loaded from Triton's cache)."""
+def compiled_variants() -> set[tuple[str, str]]:
+    """(kernel, specialization) of every kernel variant of :mod:`.kernels` this process has compiled or loaded."""
     from . import kernels
 
-    return sum(len(entry[0]) for fn in vars(kernels).values() if hasattr(fn, "device_caches")
-               for entry in fn.device_caches.values())
+    return {(name, str(key)) for name, fn in vars(kernels).items() if hasattr(fn, "device_caches")
+            for entry in fn.device_caches.values() for key in entry[0]}
 
 
 @dataclass
@@ -77,6 +77,7 @@ class Precompile:
     seconds: float | None = None  # the compilation's wall time
     waited_s: float = 0.0  # how long the training loop waited for it
     errors: list[str] = field(default_factory=list)
+    compiled: set | None = None  # the process's kernel variants when it was done
 
     def wait(self) -> None:
         if self.thread is None:
@@ -85,13 +86,17 @@ class Precompile:
         self.thread.join()
         self.thread = None
         self.waited_s = time.perf_counter() - start
+        self.compiled = compiled_variants()
         for error in self.errors:
             logger.warning("SGG's kernel precompilation failed (kernels it missed compile at first use): %s", error)
         logger.info("SGG's kernels: compiled in the background in %.2f s; the first re-clustering waited %.2f s "
                     "for them", self.seconds or 0.0, self.waited_s)
 
     def report(self) -> dict:
-        return {"pieces": self.pieces, "seconds": self.seconds, "waited_s": self.waited_s, "errors": self.errors}
+        """What ran, how long, how long the loop waited, errors, and the kernels that compiled since (it missed them)."""
+        later = None if self.compiled is None else sorted({name for name, _ in compiled_variants() - self.compiled})
+        return {"pieces": self.pieces, "seconds": self.seconds, "waited_s": self.waited_s, "errors": self.errors,
+                "compiled_later": later}
 
 
 def start(sgg, devices: list[torch.device] | None = None, *, parallel: bool = True) -> Precompile | None:
@@ -233,9 +238,24 @@ def _recluster_pieces(sgg, shadow) -> list:
         for row in inputs()[1]:
             F.rows_cluster_mda(row, row.mean(dim=1), thresholds(row), signed=signed, kernels=True)
 
+    # deviation_median takes its one-pass bracket over a large pool (unsharded), with a kernel variant
+    # per bracket slot count (one a program, at most 64): the stand-ins' pool takes the same path and
+    # as many programs, padded with small tensors, through a sample of its own size.
+    real = [D.local(p).numel() for g in sgg.param_groups for p in g["params"]
+            if sgg._eligible(p) and D.local(p).device == device]
+    per_program = F._HISTOGRAM_ITERS * BLOCK
+    programs = min(F._BRACKET_SLOTS, sum(triton_cdiv(n, per_program) for n in real))
+    bracket = not any(D.is_dtensor(p) for g in sgg.param_groups for p in g["params"]) \
+        and sum(real) >= 4 * F.MEDIAN_SAMPLE
+
     def median():
         values, _ = inputs()
-        F.deviation_median(values, [x.mean() for x in values], kernels=True)
+        sample = F.MEDIAN_SAMPLE
+        if bracket:
+            values += [torch.randn(16, device=device)
+                       for _ in range(programs - sum(triton_cdiv(x.numel(), per_program) for x in values))]
+            sample = min(F.MEDIAN_SAMPLE, sum(x.numel() for x in values) // 4)
+        F.deviation_median(values, [x.mean() for x in values], sample=sample, kernels=True)
 
     def assign():
         values, rows = inputs()
