@@ -96,7 +96,7 @@ def packing_run(assets, output, mode="full", packing=False, **train):
 def loss_and_gradients(trainer, batch):
     model = trainer.model
     model.zero_grad()
-    loss = trainer.compute_loss(model, batch)
+    loss = trainer.compute_loss(model, trainer._prepare_inputs(batch))  # on the model's device, as Trainer does
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -17,8 +17,9 @@ def assets(tmp_path_factory):
 
 
 def _batch(trainer, ids):
+    """The collated samples on the model's device, as Trainer hands them to compute_loss."""
     dataset = trainer.train_dataset
-    return trainer.data_collator([dataset[i] for i in ids])
+    return trainer._prepare_inputs(trainer.data_collator([dataset[i] for i in ids]))
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -46,7 +47,7 @@ def test_a_text_only_batch_gives_the_connector_a_zero_gradient_and_the_same_loss
         expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                      ignore_index=-100)
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6)
-    assert blank_image_features(inner, torch.device("cpu")).shape[0] == 1
+    assert blank_image_features(inner, batch["input_ids"].device).shape[0] == 1
 
 
 def test_image_batches_and_evaluation_do_not_run_the_blank_image(assets, tmp_path, monkeypatch):
