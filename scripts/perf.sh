@@ -9,7 +9,8 @@
 #                   stock loop runs out of memory on an 80 GB H100), and GaLore's LLaMA-1B at 16 (target: >= 1.3x)
 #     levers        train.liger, train.compile, train.checkpoint_layers (16, and auto with Liger) on 7B LoRA's
 #                   flex_attention rows, on the lengths in LEVER_LENGTHS (default "mix"; "mix uniform" for both)
-#     sgg-cost      SGG's cost over a whole run, AdamW against AdamW+SGG in one process (`llava-sgg bench run`):
+#     sgg-cost      SGG's cost over a whole run, AdamW against AdamW+SGG, A B B A, every run in a new process with an
+#                   empty Triton cache (`llava-sgg bench run --cold`):
 #                   the GPU demo's fine-tuning (DEMO_STEPS, default 2500, a re-clustering every 50; DEMO_CACHE,
 #                   default ~/.cache/llava-sgg, is built first if missing; DEVICE_PROFILE=N adds torch.profiler's
 #                   view of each optimizer's last N steps) and 7B LoRA on packed mixed lengths (target: <= 1.05x on
@@ -45,10 +46,10 @@ for part in "${parts[@]}"; do
       done
       ;;
     sgg-cost)
-      llava-sgg bench run --setup demo --steps "${DEMO_STEPS:-2500}" --output "$dir" ${DEMO_CACHE:+--cache "$DEMO_CACHE"} \
+      llava-sgg bench run --setup demo --steps "${DEMO_STEPS:-2500}" --cold --output "$dir" ${DEMO_CACHE:+--cache "$DEMO_CACHE"} \
         ${DEVICE_PROFILE:+--device-profile "$DEVICE_PROFILE"}
       llava-sgg bench run --setup 7b --mode lora --attn flex_attention --steps 60 --recluster-interval 20 \
-        --repeats 1 --output "$dir"
+        --repeats 1 --cold --output "$dir"
       ;;
     *) echo "unknown part $part (lora-mix, lora-uniform, full, levers, sgg-cost)"; exit 2 ;;
   esac
