@@ -36,6 +36,7 @@ def check_report(report: dict, mode: str) -> None:
     assert check["pairs"][0]["stock_relative_difference"] < 1e-5
 
 
+@pytest.mark.slow  # three LoRA loops on a CPU; the full fine-tuning test below runs by default
 def test_bench_pipeline_lora_on_cpu_times_three_rows_on_the_same_batches(tmp_path, capsys):
     # checkpoint_layers auto: without CUDA it measures, then recomputes every layer, as the stock loop does.
     report = run_tiny(tmp_path, "lora", "mix", "--checkpoint-layers", "auto")

@@ -13,7 +13,7 @@ OPTIMIZERS = {"AdamW": "adamw", "Adafactor": "adafactor", "LAMB": "lamb"}
 RULES = {"none": "none", "mda": "mda", "mean_ratio": "mean_ratio", "decay only (control)": "decay_only"}
 
 
-@pytest.mark.parametrize("study", ["demo", "lm"])
+@pytest.mark.parametrize("study", [pytest.param("demo", marks=pytest.mark.slow), "lm"])  # demo: its many plots
 def test_the_committed_report_is_what_report_writes_from_the_records(study, tmp_path):
     written = write_report(DOCS / "evidence" / study, tmp_path / "report.md").read_text()
     assert written == (DOCS / "evidence" / study / "report.md").read_text()
