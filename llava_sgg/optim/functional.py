@@ -412,6 +412,19 @@ def _select_bits(tensors: list[Tensor], means: Tensor, rank: Tensor, *, kernels:
     return prefix
 
 
+def bracket_applies(total: int, sample: int = MEDIAN_SAMPLE) -> bool:
+    """Whether :func:`deviation_median` takes its one-pass bracket (with the kernels, unsharded) for a pool of
+    ``total`` values."""
+    return 16 <= sample <= total // 4
+
+
+def bracket_slots(numels: list[int]) -> int:
+    """The bracket pass's buffer slots for tensors of ``numels`` (a compiled constant): one per program, at most
+    :data:`_BRACKET_SLOTS`."""
+    programs = sum(triton_cdiv(n, _HISTOGRAM_ITERS * BLOCK) for n in numels)
+    return max(1, min(_BRACKET_SLOTS, programs))
+
+
 def _bracket_median(tensors: list[Tensor], means: Tensor, rank: Tensor, total: int, sample: int
                     ) -> tuple[Tensor, Tensor]:
     """The deviation of ``rank`` among all float32 ``tensors`` through a bracket (kernels): (int32 bits, found).
@@ -434,7 +447,7 @@ def _bracket_median(tensors: list[Tensor], means: Tensor, rank: Tensor, total: i
     half = int(_BRACKET_SIGMAS * sample**0.5 / 2) + 1
     lo, hi = max(sample // 2 - half, 0), min(sample // 2 + half, sample - 1)
     bounds = picked[lo:hi + 1:hi - lo].contiguous()  # bit patterns [low, high], both inside
-    slots = max(1, min(_BRACKET_SLOTS, table.programs))
+    slots = bracket_slots([x.numel() for x in tensors])
     expected = (hi - lo + 1) / sample * total
     slot_size = int(_BRACKET_ROOM * expected / slots) + _HISTOGRAM_ITERS * BLOCK
     inside = torch.full((slots * slot_size,), _NOT_A_DEVIATION, dtype=torch.int32, device=device)
@@ -479,7 +492,7 @@ def deviation_median(tensors: list[Tensor], means: list[Tensor], *, total: int |
     means = torch.cat([m.float().reshape(1) for m in means]).to(device)
     if kernels is None:
         kernels = all(kernels_for(x.device) for x in tensors)
-    if reduce is None and 16 <= sample <= total // 4 and kernels and all(_kernel_input(x) for x in tensors):
+    if reduce is None and bracket_applies(total, sample) and kernels and all(_kernel_input(x) for x in tensors):
         bits, found = _bracket_median(tensors, means, rank, total, sample)
         everywhere = _select_bits(tensors, means, rank, kernels=True, skip=found.to(torch.int32))
         return torch.where(found, bits, everywhere).view(torch.float32)

@@ -33,7 +33,7 @@ from torch import Tensor
 from . import dtensor as D
 from . import functional as F
 from .fused import LARGE
-from .launch import BLOCK, kernels_for, triton_cdiv
+from .launch import kernels_for
 
 __all__ = ["Precompile", "compiled_variants", "stand_in_shape", "start"]
 
@@ -107,7 +107,7 @@ def start(sgg, devices: list[torch.device] | None = None, *, parallel: bool = Tr
     the kernels. Returns None when there is nothing to compile (no such device, or ``n_clusters=1``,
     which never re-clusters: its one step variant compiles at the first step).
     """
-    if sgg.n_clusters == 1 and sgg.rule != "mean_ratio":
+    if not sgg._reclusters:
         return None
     params = [p for group in sgg.param_groups for p in group["params"] if p.requires_grad]
     if devices is None:
@@ -128,7 +128,7 @@ def start(sgg, devices: list[torch.device] | None = None, *, parallel: bool = Tr
 
 def _run(job: Precompile, pieces, parallel: bool) -> None:
     start_time = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, sum(1 + len(p) for _, _, p in pieces)) if parallel else 1) as pool:
+    with ThreadPoolExecutor(max_workers=job.pieces if parallel else 1) as pool:
         # Phase 1: the shadow's first step (no scales yet) and the re-clustering's functions, in parallel.
         first = [pool.submit(_on, device, lambda shadow=shadow: _shadow_step(shadow)) for device, shadow, _ in pieces]
         rest = [pool.submit(_on, device, fn) for device, _, fns in pieces for fn in fns]
@@ -186,10 +186,7 @@ def _shadow(sgg, device: torch.device):
     except Exception as error:
         logger.info("SGG precompilation skipped: %s cannot be built again (%s)", type(base).__name__, error)
         return None
-    return type(sgg)(shadow_base, sgg.n_clusters, 2, sgg.beta3, sgg.scale_bounds, sgg.eps, cluster_on=sgg.cluster_on,
-               assignment=sgg.assignment, backend=sgg.backend, exact_limit=sgg.exact_limit,
-               sample_size=sgg.sample_size, seed=sgg.seed, fused=sgg.fused, rule=sgg.rule,
-               mean_decay=sgg.mean_decay, precompile=False)
+    return type(sgg)(shadow_base, **{**sgg._options(), "recluster_interval": 2, "precompile": False})
 
 
 def _shadow_step(shadow) -> None:
@@ -243,17 +240,14 @@ def _recluster_pieces(sgg, shadow) -> list:
     # as many programs, padded with small tensors, through a sample of its own size.
     real = [D.local(p).numel() for g in sgg.param_groups for p in g["params"]
             if sgg._eligible(p) and D.local(p).device == device]
-    per_program = F._HISTOGRAM_ITERS * BLOCK
-    programs = min(F._BRACKET_SLOTS, sum(triton_cdiv(n, per_program) for n in real))
-    bracket = not any(D.is_dtensor(p) for g in sgg.param_groups for p in g["params"]) \
-        and sum(real) >= 4 * F.MEDIAN_SAMPLE
+    slots = F.bracket_slots(real)
+    bracket = not any(D.is_dtensor(p) for g in sgg.param_groups for p in g["params"]) and F.bracket_applies(sum(real))
 
     def median():
         values, _ = inputs()
         sample = F.MEDIAN_SAMPLE
-        if bracket:
-            values += [torch.randn(16, device=device)
-                       for _ in range(programs - sum(triton_cdiv(x.numel(), per_program) for x in values))]
+        if bracket:  # small tensors of one program each, up to the real pool's slot count
+            values += [torch.randn(16, device=device) for _ in range(slots - F.bracket_slots(numels))]
             sample = min(F.MEDIAN_SAMPLE, sum(x.numel() for x in values) // 4)
         F.deviation_median(values, [x.mean() for x in values], sample=sample, kernels=True)
 

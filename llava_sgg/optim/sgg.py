@@ -220,9 +220,22 @@ class SGG(Optimizer):
     @property
     def reclusterings(self) -> int:
         """How many re-clusterings the steps taken so far made (a resumed run counts the earlier ones)."""
-        if self.n_clusters == 1 and self.rule == "mda":
+        if not self._reclusters:
             return 0
         return self._sgg_step // self.recluster_interval
+
+    @property
+    def _reclusters(self) -> bool:
+        # The authors' rule rescales with one cluster too (the layer's mean over its EMA).
+        return self.n_clusters > 1 or self.rule == "mean_ratio"
+
+    def _options(self) -> dict:
+        """Its settings as keyword arguments of the constructor (precompile.py builds a shadow SGG of them)."""
+        return {"n_clusters": self.n_clusters, "recluster_interval": self.recluster_interval, "beta3": self.beta3,
+                "scale_bounds": self.scale_bounds, "eps": self.eps, "cluster_on": self.cluster_on,
+                "assignment": self.assignment, "backend": self.backend, "exact_limit": self.exact_limit,
+                "sample_size": self.sample_size, "seed": self.seed, "fused": self.fused, "rule": self.rule,
+                "mean_decay": self.mean_decay}
 
     @property
     def precompile_report(self) -> dict | None:
@@ -261,8 +274,7 @@ class SGG(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._sgg_step += 1
-        # The authors' rule rescales with one cluster too (the layer's mean over its EMA).
-        recluster = (self.n_clusters > 1 or self.rule == "mean_ratio") and self._sgg_step % self.recluster_interval == 0
+        recluster = self._reclusters and self._sgg_step % self.recluster_interval == 0
         if recluster and self._precompile is not None:
             self._precompile.wait()
         if not recluster and len(self._layers) == len(self._placeholders):
