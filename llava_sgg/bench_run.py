@@ -16,8 +16,9 @@ benchmark trains the same model on the same samples with each optimizer through 
 The first SGG run of a process also compiles its Triton kernels (on a GPU, unless Triton's disk cache
 already holds them), in background threads from the optimizer's construction (``precompile``, the
 default): each run records how long the first re-clustering waited for them. ``--cold`` runs every
-run in a process of its own with an empty Triton cache, as a first run on a new machine or in a fresh
-container is: each SGG run then pays the compilation, and the AdamW runs pay the same process start.
+run in a process of its own with empty Triton and inductor caches, as a first run on a new machine or in a
+fresh container is: each SGG run then pays the compilation, and every run pays its own process start and
+torch.compile's (flex_attention's kernels, `train.compile`).
 
 Setups (``--setup``):
 
@@ -221,26 +222,35 @@ def _builder(setup: str, steps: int | None, root: Path, *, quick: bool, cache: s
 
 
 def _cold_run(setup: str, options: dict, name: str, run: str) -> dict:
-    """One timed run in a process of its own (``run_whole(cold=True)`` spawns it with an empty Triton cache)."""
+    """One timed run in a process of its own (``run_whole(cold=True)`` spawns it with empty compile caches)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="llava-sgg-bench-run-") as tmp:
         _, sgg, _, build = _builder(setup, root=Path(tmp), device=device, **options)
         measured = time_run(lambda: build(name, run), device, sgg["recluster_interval"])
-    return {**measured, "process": os.getpid(), "triton_cache": os.environ.get("TRITON_CACHE_DIR")}
+    return {**measured, "process": os.getpid(), "triton_cache": os.environ.get("TRITON_CACHE_DIR"),
+            "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
 
 
-def _in_fresh_process(triton_cache: Path, fn, *args):
-    """``fn(*args)`` in a new Python process whose Triton cache is ``triton_cache``."""
-    before = os.environ.get("TRITON_CACHE_DIR")
-    os.environ["TRITON_CACHE_DIR"] = str(triton_cache)  # a spawned process starts with this environment
+# Triton keeps compiled kernels in TRITON_CACHE_DIR; torch.compile (flex_attention's kernels among them) keeps its
+# graphs and their kernels in TORCHINDUCTOR_CACHE_DIR. A cold run empties both, or the runs after the first of a
+# call would find the first one's work and the order of the optimizers would decide who pays for compiling.
+CACHE_VARIABLES = {"triton": "TRITON_CACHE_DIR", "inductor": "TORCHINDUCTOR_CACHE_DIR"}
+
+
+def _in_fresh_process(caches: Path, fn, *args):
+    """``fn(*args)`` in a new Python process whose Triton and inductor caches are empty folders under ``caches``."""
+    before = {v: os.environ.get(v) for v in CACHE_VARIABLES.values()}
+    for kind, variable in CACHE_VARIABLES.items():  # a spawned process starts with this environment
+        os.environ[variable] = str(caches / kind)
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
             return pool.submit(fn, *args).result()
     finally:
-        if before is None:
-            del os.environ["TRITON_CACHE_DIR"]
-        else:
-            os.environ["TRITON_CACHE_DIR"] = before
+        for variable, value in before.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
 
 
 def run_whole(*, setup: str = "demo", optimizers: list[str] = ("adamw", "adamw_sgg"), steps: int | None = None,
@@ -275,10 +285,10 @@ def run_whole(*, setup: str = "demo", optimizers: list[str] = ("adamw", "adamw_s
         interval = sgg["recluster_interval"]
         runs = []
         for i, name in enumerate(_order(optimizers, repeats)):
-            print(f"run {i + 1}: {name}, {steps} steps{', in a new process, empty Triton cache' if cold else ''}",
+            print(f"run {i + 1}: {name}, {steps} steps{', in a new process, empty compile caches' if cold else ''}",
                   flush=True)
             if cold:
-                measured = _in_fresh_process(root / f"triton-{i}", _cold_run, setup, options, name, f"run-{i}")
+                measured = _in_fresh_process(root / f"caches-{i}", _cold_run, setup, options, name, f"run-{i}")
             else:
                 measured = time_run(lambda name=name, i=i: build(name, f"run-{i}"), device, interval)
             runs.append({"optimizer": name, "position": i, **measured})
@@ -349,7 +359,7 @@ def summarize(runs: list[dict], optimizers: list[str], base: str) -> list[dict]:
 def _print(report: dict) -> None:
     a, env = report["args"], report["environment"]
     print(f"llava-sgg bench run: {a['setup']}{' (quick)' if a['quick'] else ''}, {a['steps']} steps, "
-          f"{'each run in a new process with an empty Triton cache, ' if a.get('cold') else ''}"
+          f"{'each run in a new process with empty compile caches, ' if a.get('cold') else ''}"
           f"re-clustering every {a['sgg']['recluster_interval']}, {a['repeats']} run(s) each, on {env['device']}")
     print(f"{'':<36}{'median ms of a step':>22}   {'seconds over the base':>32}")
     print(f"{'optimizer':<14}{'train s':>9}{'x base':>8}{'':>5}{'ordinary':>10}{'re-clust.':>10}{'1st re-cl.':>11}"

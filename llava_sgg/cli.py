@@ -247,8 +247,8 @@ def _add_bench(commands) -> None:
                        help="after the timed runs, one run per optimizer under torch.profiler, recording its last "
                             "N steps: operators by device and host time, and how busy the device was")
     whole.add_argument("--cold", action="store_true",
-                       help="every run in a new process with an empty Triton cache, as on a new machine: each SGG "
-                            "run compiles its kernels")
+                       help="every run in a new process with empty Triton and inductor caches, as on a new machine: "
+                            "each SGG run compiles its kernels")
     whole.add_argument("--seed", type=int, default=0)
     whole.add_argument("--output", default="runs/bench", help="folder for the JSON report")
     whole.set_defaults(func=_bench_run)

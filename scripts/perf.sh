@@ -10,7 +10,7 @@
 #     levers        train.liger, train.compile, train.checkpoint_layers (16, and auto with Liger) on 7B LoRA's
 #                   flex_attention rows, on the lengths in LEVER_LENGTHS (default "mix"; "mix uniform" for both)
 #     sgg-cost      SGG's cost over a whole run, AdamW against AdamW+SGG, A B B A, every run in a new process with an
-#                   empty Triton cache (`llava-sgg bench run --cold`):
+#                   empty compile caches (`llava-sgg bench run --cold`):
 #                   the GPU demo's fine-tuning (DEMO_STEPS, default 2500, a re-clustering every 50; DEMO_CACHE,
 #                   default ~/.cache/llava-sgg, is built first if missing; DEVICE_PROFILE=N adds torch.profiler's
 #                   view of each optimizer's last N steps) and 7B LoRA on packed mixed lengths (target: <= 1.05x on

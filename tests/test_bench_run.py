@@ -76,7 +76,7 @@ def test_bench_run_on_pipeline_parts_profiles_the_host(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cold_bench_run_starts_every_run_in_a_new_process_with_an_empty_triton_cache(tmp_path, capsys):
+def test_cold_bench_run_starts_every_run_in_a_new_process_with_empty_compile_caches(tmp_path, capsys):
     assert main(["bench", "run", "--setup", "tiny", "--steps", "3", "--recluster-interval", "2", "--repeats", "1",
                  "--batch", "2", "--workers", "0", "--cold", "--output", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "run-tiny-lora-cold-cpu.json").read_text())
@@ -84,11 +84,12 @@ def test_cold_bench_run_starts_every_run_in_a_new_process_with_an_empty_triton_c
     runs = report["runs"]
     assert [r["reclusterings"] for r in runs] == [None, 1] and all(r["steps"] == 3 for r in runs)
     assert len({r["process"] for r in runs} | {os.getpid()}) == 3
-    caches = [r["triton_cache"] for r in runs]
-    assert len(set(caches)) == 2 and all(c.endswith(f"triton-{i}") for i, c in enumerate(caches))
-    assert os.environ.get("TRITON_CACHE_DIR") not in caches  # this process's own is left as it was
+    for kind, variable in (("triton", "TRITON_CACHE_DIR"), ("inductor", "TORCHINDUCTOR_CACHE_DIR")):
+        caches = [r[f"{kind}_cache"] for r in runs]
+        assert len(set(caches)) == 2 and all(c.endswith(f"caches-{i}/{kind}") for i, c in enumerate(caches))
+        assert os.environ.get(variable) not in caches  # this process's own is left as it was
     assert runs[1]["precompile"] is None  # a CPU: nothing compiles
-    assert "each run in a new process with an empty Triton cache" in capsys.readouterr().out
+    assert "each run in a new process with empty compile caches" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args", [["--optimizers", "adamw,adamw_sggg"], ["--repeats", "0"], ["--steps", "1"],
