@@ -530,22 +530,36 @@ def run_stock(cfg, processor, batches: list[dict], device: torch.device, warmup:
 def run_config(model: dict, data: dict, output: Path, *, mode: str, packing: bool, optimizer: str, batch: int,
                max_steps: int, gradient_checkpointing: bool, workers: int, attn: str, lora_r: int,
                lora_alpha: int, seed: int, cuda: bool, compile: bool = False, checkpoint_layers: int | str | None = None,
-               liger: bool = False):
+               liger: bool = False, bf16: bool | None = None, lora_dropout: float = LORA_DROPOUT):
+    """The run config of a llava-sgg row; ``bf16`` (default: on CUDA) picks bf16 weights and compute or fp32."""
     from .train.config import build_run_config
 
+    bf16 = cuda if bf16 is None else bf16
     return build_run_config({
-        "model": {**model, "torch_dtype": "bfloat16" if cuda else "float32"},
+        "model": {**model, "torch_dtype": "bfloat16" if bf16 else "float32"},
         "data": {**data, "model_max_length": MODEL_MAX_LENGTH, "packing": packing},
         "train": {"output_dir": str(output), "mode": mode, "max_steps": max_steps,
-                  "per_device_train_batch_size": batch, "bf16": cuda,
+                  "per_device_train_batch_size": batch, "bf16": bf16,
                   "gradient_checkpointing": gradient_checkpointing, "attn_implementation": attn,
                   "compile": compile, "checkpoint_layers": checkpoint_layers, "liger": liger,
                   "dataloader_num_workers": workers, "lora_r": lora_r, "lora_alpha": lora_alpha,
-                  "lora_dropout": LORA_DROPOUT,
+                  "lora_dropout": lora_dropout,
                   # constant lr, no warm-up: as the stock loop (the schedule costs nothing either way)
                   "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "save_steps": 10**9, "seed": seed},
         "optimizer": {"name": optimizer, "lr": LR},
     }, origin="bench pipeline")
+
+
+def model_parts_and_samples(root: Path, size: str, lengths: str, n: int, seed: int):
+    """The parts' files and ``n`` samples on disk under ``root``: (model section, data section, the length
+    distribution, (processor, image tokens))."""
+    from .model.builder import ModelConfig, load_preprocessing
+
+    model_section = write_parts(root / "parts", size)
+    processor, image_tokens = load_preprocessing(ModelConfig(**model_section))
+    data_section, distribution = write_dataset(root / "data", plan_samples(lengths, n, seed), processor.tokenizer,
+                                               image_tokens, seed, image_scale=0.2 if size == "tiny" else 1.0)
+    return model_section, data_section, distribution, (processor, image_tokens)
 
 
 def _batch_flops(counts: FlopCounts, batch: dict, image_token_id: int) -> float:
@@ -595,15 +609,10 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
     env.update({"transformers": transformers.__version__, "peft": peft.__version__,
                 "cuda": torch.version.cuda if cuda else None})
 
-    from .model.builder import ModelConfig, load_preprocessing
-
     with tempfile.TemporaryDirectory(prefix="llava-sgg-bench-pipeline-") as tmp:
         root = Path(tmp)
-        model_section = write_parts(root / "parts", size)
-        processor, image_tokens = load_preprocessing(ModelConfig(**model_section))
-        plans = plan_samples(lengths, (warmup + steps) * batch, seed)
-        data_section, distribution = write_dataset(root / "data", plans, processor.tokenizer, image_tokens, seed,
-                                                   image_scale=0.2 if size == "tiny" else 1.0)
+        model_section, data_section, distribution, (processor, image_tokens) = model_parts_and_samples(
+            root, size, lengths, (warmup + steps) * batch, seed)
 
         def config(packing: bool, optimizer: str):
             return run_config(model_section, data_section, root / f"run-{optimizer}-{packing}", mode=mode,

@@ -181,15 +181,10 @@ def _demo_builder(cache: Path | None, quick: bool, steps: int, interval: int | N
 def _pipeline_builder(size: str, mode: str, steps: int, batch: int, interval: int, attn: str, workers: int,
                       device: torch.device, root: Path, seed: int):
     """(SGG settings, batch, build(name, run) -> (trainer, callbacks)) over `bench pipeline`'s parts and samples."""
-    from .bench_pipeline import plan_samples, random_weights, run_config, write_dataset, write_parts
-    from .model.builder import ModelConfig, load_preprocessing
+    from .bench_pipeline import model_parts_and_samples, random_weights, run_config
     from .train.run import build_trainer
 
-    model_section = write_parts(root / "parts", size)
-    processor, image_tokens = load_preprocessing(ModelConfig(**model_section))
-    plans = plan_samples("mix", steps * batch, seed)
-    data_section, _ = write_dataset(root / "data", plans, processor.tokenizer, image_tokens, seed,
-                                    image_scale=0.2 if size == "tiny" else 1.0)
+    model_section, data_section, _, _ = model_parts_and_samples(root, size, "mix", steps * batch, seed)
     cuda = device.type == "cuda"
     lora_r = 8 if size == "tiny" else 128
     sgg = {"n_clusters": 3, "recluster_interval": interval}

@@ -171,6 +171,14 @@ def _bench_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_loss(args: argparse.Namespace) -> int:
+    from .bench_loss import run_loss
+
+    report = run_loss(size=args.size, mode=args.mode, lengths=args.lengths, batch=args.batch, steps=args.steps,
+                      attn=args.attn, workers=args.workers, seed=args.seed, output=Path(args.output))
+    return 0 if report["check"]["passed"] else 1
+
+
 def _add_bench(commands) -> None:
     from .bench import OPTIMIZERS, PARAM_SETS
 
@@ -252,6 +260,18 @@ def _add_bench(commands) -> None:
     whole.add_argument("--seed", type=int, default=0)
     whole.add_argument("--output", default="runs/bench", help="folder for the JSON report")
     whole.set_defaults(func=_bench_run)
+    loss = kinds.add_parser("loss", help="packed against padded loss curves, in bf16 and in fp32: is packing's "
+                            "difference within bf16's own noise? (exit 1 if not)")
+    loss.add_argument("--size", choices=["tiny", "1b", "3b", "7b"], default="7b", help="`bench pipeline`'s parts")
+    loss.add_argument("--mode", choices=["lora", "full"], default="lora")
+    loss.add_argument("--lengths", choices=["uniform", "mix"], default="mix")
+    loss.add_argument("--batch", type=int, default=16)
+    loss.add_argument("--steps", type=int, default=8, help="steps per row")
+    loss.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flex_attention", "flash_attention_2"])
+    loss.add_argument("--workers", type=int, default=4, help="dataloader workers")
+    loss.add_argument("--seed", type=int, default=0)
+    loss.add_argument("--output", default="runs/bench", help="folder for the JSON report and plot")
+    loss.set_defaults(func=_bench_loss)
 
 
 def build_parser() -> argparse.ArgumentParser:
