@@ -530,7 +530,8 @@ def run_stock(cfg, processor, batches: list[dict], device: torch.device, warmup:
 def run_config(model: dict, data: dict, output: Path, *, mode: str, packing: bool, optimizer: str, batch: int,
                max_steps: int, gradient_checkpointing: bool, workers: int, attn: str, lora_r: int,
                lora_alpha: int, seed: int, cuda: bool, compile: bool = False, checkpoint_layers: int | str | None = None,
-               liger: bool = False, bf16: bool | None = None, lora_dropout: float = LORA_DROPOUT):
+               liger: bool = False, bf16: bool | None = None, lora_dropout: float = LORA_DROPOUT,
+               lean_lora_dropout: bool = False):
     """The run config of a llava-sgg row; ``bf16`` (default: on CUDA) picks bf16 weights and compute or fp32."""
     from .train.config import build_run_config
 
@@ -542,6 +543,7 @@ def run_config(model: dict, data: dict, output: Path, *, mode: str, packing: boo
                   "per_device_train_batch_size": batch, "bf16": bf16,
                   "gradient_checkpointing": gradient_checkpointing, "attn_implementation": attn,
                   "compile": compile, "checkpoint_layers": checkpoint_layers, "liger": liger,
+                  "lean_lora_dropout": lean_lora_dropout,
                   "dataloader_num_workers": workers, "lora_r": lora_r, "lora_alpha": lora_alpha,
                   "lora_dropout": lora_dropout,
                   # constant lr, no warm-up: as the stock loop (the schedule costs nothing either way)
@@ -574,7 +576,7 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
                  optimizers: list[str] = ("adamw",), peak_tflops: float | None = None, lora_r: int | None = None,
                  lora_alpha: int | None = None, seed: int = 0, output: Path = Path("runs/bench"),
                  device: str | None = None, compile: bool = False, checkpoint_layers: int | str | None = None,
-                 liger: bool = False) -> dict:
+                 liger: bool = False, lean_lora_dropout: bool = False) -> dict:
     """The stock loop and llava-sgg's padded and packed rows on the same samples; prints a table, writes JSON."""
     from .optim.factory import OPTIMIZER_NAMES
 
@@ -598,7 +600,8 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
     peak_tflops = peak_tflops if peak_tflops is not None else default_peak_tflops(device)
     args = {"size": size, "mode": mode, "lengths": lengths, "batch": batch, "steps": steps, "warmup": warmup,
             "gradient_checkpointing": gradient_checkpointing, "checkpoint_layers": checkpoint_layers,
-            "compile": compile, "liger": liger, "workers": workers, "attn": attn,
+            "compile": compile, "liger": liger, "lean_lora_dropout": lean_lora_dropout, "workers": workers,
+            "attn": attn,
             "optimizers": list(optimizers), "lora_r": lora_r if mode == "lora" else None,
             "lora_alpha": lora_alpha if mode == "lora" else None, "lora_dropout": LORA_DROPOUT if mode == "lora" else None,
             "lr": LR, "seed": seed, "peak_tflops": peak_tflops}
@@ -619,7 +622,7 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
                               packing=packing, optimizer=optimizer, batch=batch, max_steps=warmup + steps,
                               gradient_checkpointing=gradient_checkpointing, workers=workers, attn=attn,
                               lora_r=lora_r, lora_alpha=lora_alpha, seed=seed, cuda=cuda, compile=compile,
-                              checkpoint_layers=checkpoint_layers, liger=liger)
+                              checkpoint_layers=checkpoint_layers, liger=liger, lean_lora_dropout=lean_lora_dropout)
 
         taken = {}
 
@@ -668,6 +671,7 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
     # The llava-sgg rows' levers (and a batch other than the default 16) name the file, so runs that vary
     # them side by side keep every report.
     levers = ("" if attn == "sdpa" else f"-{attn}") + ("-compile" if compile else "") + ("-liger" if liger else "") \
+        + ("-leandropout" if lean_lora_dropout else "") \
         + ("" if checkpoint_layers is None else f"-ck{checkpoint_layers}") + ("" if batch == 16 else f"-b{batch}")
     _write(output / f"pipeline-{size}-{mode}-{lengths}{levers}-{device.type}.json", report)
     return report
@@ -705,6 +709,8 @@ def _print(report: dict, counts: FlopCounts, device: torch.device) -> None:
         checkpointing += f" (llava-sgg rows: the first {a['checkpoint_layers']} decoder layers)"
     if a.get("compile"):
         checkpointing += ", llava-sgg rows compiled"
+    if a.get("lean_lora_dropout"):
+        checkpointing += ", llava-sgg rows with lean LoRA dropout"
     if a.get("liger"):
         checkpointing += ", llava-sgg rows with Liger's kernels"
     print(f"llava-sgg bench pipeline: {a['size']} shapes, {trained}, {a['lengths']} lengths "

@@ -157,7 +157,8 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
                  warmup=args.warmup, gradient_checkpointing=args.gradient_checkpointing, workers=args.workers,
                  attn=args.attn, optimizers=args.optimizers.split(","), peak_tflops=args.peak_tflops,
                  lora_r=args.lora_r, lora_alpha=args.lora_alpha, seed=args.seed, output=Path(args.output),
-                 compile=args.compile, checkpoint_layers=args.checkpoint_layers, liger=args.liger)
+                 compile=args.compile, checkpoint_layers=args.checkpoint_layers, liger=args.liger,
+                 lean_lora_dropout=args.lean_lora_dropout)
     return 0
 
 
@@ -219,6 +220,8 @@ def _add_bench(commands) -> None:
                                "layers, or auto (as many as the GPU's memory needs)")
     pipeline.add_argument("--compile", action="store_true", help="the llava-sgg rows' train.compile")
     pipeline.add_argument("--liger", action="store_true", help="the llava-sgg rows' train.liger (CUDA)")
+    pipeline.add_argument("--lean-lora-dropout", action="store_true",
+                          help="the llava-sgg rows' train.lean_lora_dropout (LoRA)")
     pipeline.add_argument("--workers", type=int, default=4, help="dataloader workers decoding the JPEGs (llava-sgg rows)")
     pipeline.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flex_attention", "flash_attention_2",
                                                              "flash_attention_3"],

@@ -98,6 +98,11 @@ class TrainConfig:
     # Liger's fused Triton kernels (the liger-kernel package) for the decoder's RMSNorms and SwiGLU MLPs,
     # patched into this model's modules only. Needs a CUDA device and an optional package, hence off by default.
     liger: bool = False
+    # Each LoRA branch's dropout inside its lora_A, keeping the input and the random generator's state for the
+    # backward pass instead of a mask and a dropped copy per Linear (train/lean_dropout.py): less activation
+    # memory, so checkpoint_layers auto keeps more layers. Same distribution, other draws than peft's dropout;
+    # off by default until measured on a GPU.
+    lean_lora_dropout: bool = False
     unfreeze_mm_vision_tower: bool = False  # train the vision tower too (LLaVA-v1.5 keeps it frozen)
     lora_r: int = 128
     lora_alpha: int = 256
@@ -327,7 +332,7 @@ def _validate_train(t: TrainConfig, origin: str) -> None:
         value = getattr(t, key)
         if not (_is_int(value) and value >= 0):
             raise ConfigError(f"{origin}: train.{key} must be an integer >= 0, got {value!r}")
-    for key in ("bf16", "gradient_checkpointing", "unfreeze_mm_vision_tower", "compile", "liger"):
+    for key in ("bf16", "gradient_checkpointing", "unfreeze_mm_vision_tower", "compile", "liger", "lean_lora_dropout"):
         if not isinstance(getattr(t, key), bool):
             raise ConfigError(f"{origin}: train.{key} must be true or false, got {getattr(t, key)!r}")
     if not (isinstance(t.output_dir, str) and t.output_dir.strip()):
@@ -348,6 +353,11 @@ def _validate_train(t: TrainConfig, origin: str) -> None:
         # torch 2.11's dynamo fails an assertion tracing Liger's RMSNorm autograd.Function inside a layer
         raise ConfigError(f"{origin}: train.liger and train.compile do not work together (torch.compile "
                           "cannot trace Liger's kernels); choose one")
+    if t.lean_lora_dropout and t.mode not in ("lora", "qlora"):
+        raise ConfigError(f"{origin}: train.lean_lora_dropout changes LoRA's dropout; train.mode {t.mode} has no LoRA")
+    if t.lean_lora_dropout and t.compile:
+        # the function reads and sets the random generator's state, which dynamo does not trace
+        raise ConfigError(f"{origin}: train.lean_lora_dropout and train.compile do not work together; choose one")
     if t.checkpoint_layers is not None:
         if not (_is_int(t.checkpoint_layers) and t.checkpoint_layers >= 0) and t.checkpoint_layers != "auto":
             raise ConfigError(f"{origin}: train.checkpoint_layers must be an integer >= 0 (the decoder layers "

@@ -199,6 +199,10 @@ def _trainable_model(cfg: RunConfig, processor=None):
                       target_modules=decoder_linear_names(model), modules_to_save=trained_fully,
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    if t.lean_lora_dropout:
+        from .lean_dropout import use_lean_lora_dropout
+
+        use_lean_lora_dropout(model)
     if t.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings still need grads to flow to LoRA layers
     return model, processor
