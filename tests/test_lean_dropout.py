@@ -124,13 +124,14 @@ def test_layers_without_dropout_are_left_to_peft():
     assert use_lean_lora_dropout(model) == 0
 
 
-@pytest.mark.parametrize("train, message", [({"mode": "full"}, "has no LoRA"),
+@pytest.mark.parametrize("train, message", [({"mode": "full"}, "has none"), ({"mode": "qlora"}, "has none"),
                                             ({"mode": "lora", "compile": True}, "train.compile"),
                                             ({"mode": "lora", "lean_lora_dropout": "yes"}, "true or false")])
 def test_config_refuses_lean_dropout_where_it_cannot_apply(tmp_path, train, message):
     from llava_sgg.train.config import ConfigError, build_run_config
 
-    raw = {"model": {"vision_tower": "v", "language_model": "l"},
+    quantized = {"quantization": "4bit"} if train["mode"] == "qlora" else {}
+    raw = {"model": {"vision_tower": "v", "language_model": "l", **quantized},
            "data": {"data_path": str(tmp_path / "d.json"), "image_folder": str(tmp_path)},
            "train": {"output_dir": str(tmp_path / "out"), "lean_lora_dropout": True, **train},
            "optimizer": {"name": "adamw", "lr": 1e-4}}

@@ -35,8 +35,16 @@ def _snapshot(model):
     return {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
-@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def _mode_and_optimizer_pairs():
+    """Every optimizer in LoRA mode and AdamW, AdamW+SGG in every mode by default; the other pairs in the slow step
+    (they differ from these only in which optimizer the factory builds)."""
+    for mode in ("full", "lora", "qlora"):
+        for name in OPTIMIZER_NAMES:
+            quick = mode == "lora" or name in ("adamw", "adamw_sgg")
+            yield pytest.param(mode, name, marks=() if quick else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("mode, name", _mode_and_optimizer_pairs())
 def test_one_training_step_in_every_mode_with_every_optimizer(assets, tmp_path, mode, name):
     parts, data = assets
     trainer, _ = build_trainer(tiny_run(parts, data, tmp_path, mode, _optimizer(name)))

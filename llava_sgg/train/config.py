@@ -353,8 +353,10 @@ def _validate_train(t: TrainConfig, origin: str) -> None:
         # torch 2.11's dynamo fails an assertion tracing Liger's RMSNorm autograd.Function inside a layer
         raise ConfigError(f"{origin}: train.liger and train.compile do not work together (torch.compile "
                           "cannot trace Liger's kernels); choose one")
-    if t.lean_lora_dropout and t.mode not in ("lora", "qlora"):
-        raise ConfigError(f"{origin}: train.lean_lora_dropout changes LoRA's dropout; train.mode {t.mode} has no LoRA")
+    if t.lean_lora_dropout and t.mode != "lora":
+        # QLoRA's peft layers (bitsandbytes) compute their branch in a forward of their own, left as it is
+        raise ConfigError(f"{origin}: train.lean_lora_dropout changes the dropout of peft's LoRA Linears, in "
+                          f"train.mode lora; train.mode {t.mode} has none")
     if t.lean_lora_dropout and t.compile:
         # the function reads and sets the random generator's state, which dynamo does not trace
         raise ConfigError(f"{origin}: train.lean_lora_dropout and train.compile do not work together; choose one")
