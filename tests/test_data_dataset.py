@@ -217,7 +217,7 @@ def test_empty_and_corrupt_images_are_found_before_training(tmp_path):
     (folder / "coco/000000033471.jpg").write_bytes(b"")
     message = bad_images(path, folder)
     assert f"(id 7): cannot read image {folder / 'ocr/7.png'}" in message
-    assert f"(id '000000033471'): image is empty (0 bytes" in message
+    assert "(id '000000033471'): image is empty (0 bytes" in message
 
 
 def bad_images(path, folder, **kwargs):

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from llava_sgg.train.config import ConfigError
-from llava_sgg.train.memory import GIB, DoesNotFitError, check_fits, memory_plan
+from llava_sgg.train.memory import DoesNotFitError, check_fits, memory_plan
 from llava_sgg.train.run import build_trainer, train
 from train_fixtures import make_dataset, make_parts, tiny_run
 

@@ -12,7 +12,7 @@ from llava_sgg.model.builder import ModelConfig, ModelError, build_llava, load_m
 from llava_sgg.model.loading import load_trained, merge_lora
 from llava_sgg.optim import OPTIMIZER_NAMES
 from llava_sgg.train.config import ConfigError, build_run_config, load_run_config
-from llava_sgg.train.run import build_trainer, save_outputs, train
+from llava_sgg.train.run import build_trainer, save_outputs
 from train_fixtures import make_dataset, make_parts, tiny_config_file, tiny_run
 
 ROOT = Path(__file__).parent.parent
