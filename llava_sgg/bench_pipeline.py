@@ -595,6 +595,8 @@ def run_pipeline(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", 
                          "CPU, flash attention needs a GPU)")
     if cuda and not torch.cuda.is_bf16_supported():
         raise ValueError("this benchmark trains in bf16 on a GPU; this one has no bf16")
+    if lean_lora_dropout and mode != "lora":
+        raise ValueError("--lean-lora-dropout changes LoRA's dropout: use it with --mode lora")
     lora_r = lora_r or (8 if size == "tiny" else 128)
     lora_alpha = lora_alpha or 2 * lora_r
     peak_tflops = peak_tflops if peak_tflops is not None else default_peak_tflops(device)

@@ -82,3 +82,9 @@ def test_mix_is_four_fifths_images_and_uniform_hits_its_length(tmp_path):
 def test_bench_pipeline_refuses_flex_attention_on_a_cpu(tmp_path, capsys):
     assert main(["bench", "pipeline", "--size", "tiny", "--attn", "flex_attention", "--output", str(tmp_path)]) != 0
     assert "sdpa or eager" in capsys.readouterr().err
+
+
+def test_bench_pipeline_refuses_lean_dropout_without_lora(tmp_path, capsys):
+    assert main(["bench", "pipeline", "--size", "tiny", "--mode", "full", "--lean-lora-dropout",
+                 "--output", str(tmp_path / "out")]) != 0
+    assert "--mode lora" in capsys.readouterr().err and not (tmp_path / "out").exists()
