@@ -88,7 +88,7 @@ def _logits(model, batch):
         return model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits.cpu()
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", [pytest.param("full", marks=pytest.mark.slow), "lora"])
 def test_saved_output_loads_back_by_path_with_identical_logits(assets, tmp_path, mode):
     parts, data = assets
     cfg = tiny_run(parts, data, tmp_path / "out", mode, _optimizer("adamw_sgg"), max_steps=2)
@@ -110,7 +110,7 @@ def test_saved_output_loads_back_by_path_with_identical_logits(assets, tmp_path,
         torch.testing.assert_close(_logits(merged, batch), _logits(loaded, batch), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", [pytest.param("full", marks=pytest.mark.slow), "lora"])
 def test_resume_from_checkpoint_continues_the_same_run(assets, tmp_path, mode):
     parts, data = assets
     optimizer = {"name": "adamw_sgg", "lr": 1e-3, "recluster_interval": 2, "beta3": 0.5}
@@ -133,7 +133,7 @@ def test_resume_from_checkpoint_continues_the_same_run(assets, tmp_path, mode):
     assert sgg_a.global_mda == pytest.approx(sgg_b.global_mda)
 
 
-@pytest.mark.parametrize("rule", ["mda", "mean_ratio"])
+@pytest.mark.parametrize("rule", ["mda", pytest.param("mean_ratio", marks=pytest.mark.slow)])
 def test_each_reclustering_is_logged_and_plotted(assets, tmp_path, rule):
     """The log after each re-clustering carries SGG's summary (what TensorBoard and W&B get), equal to the
     scales and ids recomputed here from the optimizer's public API; the output folder gets the plot."""
