@@ -30,6 +30,28 @@ def test_dropout_linear_is_dropout_then_linear_with_its_gradients():
     torch.testing.assert_close(weight.grad, w_ref.grad)
 
 
+def test_in_bf16_with_fp32_adapter_weights_it_matches_autocast_with_the_same_mask():
+    # bf16 activations, an fp32 master weight and autocast, as a LoRA run on a GPU: against peft's arithmetic
+    # (nn.Dropout on the input, then an autocast Linear), given the mask drawn; 1 / 0.95 is not a bf16 number.
+    torch.manual_seed(4)
+    d, extra, p = 32, 16, 0.05
+    x = (torch.rand(4, 7, d) + 0.5).to(torch.bfloat16).requires_grad_()
+    weight = torch.cat([torch.eye(d), torch.randn(extra, d) / d**0.5]).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = DropoutLinearFunction.apply(x, weight, p)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    keep = (out[..., :d].detach() != 0).to(torch.bfloat16)
+    x_ref, w_ref = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = torch.nn.functional.linear(x_ref * keep * (1 / (1 - p)), w_ref)
+    expected.backward(grad_out)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
+    torch.testing.assert_close(weight.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_the_backward_pass_leaves_the_random_stream_as_it_found_it():
     torch.manual_seed(1)
     x = torch.randn(4, 8, requires_grad=True)

@@ -54,6 +54,8 @@ class DropoutLinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
         generator = _generator(x.device)
         ctx.state = generator.get_state()
+        # (x * keep) is exact; the Python scale then rounds once per element, as nn.Dropout does. A scale
+        # multiplied into the mask first would be rounded to x's dtype: 1/0.95 is 1.0547 in bf16.
         dropped = x * _keep_mask(x, p, generator) * (1.0 / (1.0 - p))
         dtype = _compute_dtype(x, weight)
         ctx.p, ctx.dtype = p, dtype
@@ -68,15 +70,16 @@ class DropoutLinearFunction(torch.autograd.Function):
         now = generator.get_state()
         generator.set_state(ctx.state)
         try:
-            scaled_mask = _keep_mask(x, ctx.p, generator) * (1.0 / (1.0 - ctx.p))
+            keep = _keep_mask(x, ctx.p, generator)
         finally:
             generator.set_state(now)  # the forward's later draws stay as they were
+        scale = 1.0 / (1.0 - ctx.p)
         grad_out = grad_out.to(ctx.dtype)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ weight.to(ctx.dtype)).to(x.dtype) * scaled_mask
+            grad_x = (grad_out @ weight.to(ctx.dtype)).to(x.dtype) * keep * scale
         if ctx.needs_input_grad[1]:
-            dropped = (x * scaled_mask).to(ctx.dtype)
+            dropped = (x * keep * scale).to(ctx.dtype)  # the forward's expression: the same values
             grad_weight = (grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped.reshape(-1, dropped.shape[-1]))
             grad_weight = grad_weight.to(weight.dtype)
         return grad_x, grad_weight, None
