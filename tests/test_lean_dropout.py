@@ -148,6 +148,7 @@ def test_layers_without_dropout_are_left_to_peft():
 
 @pytest.mark.parametrize("train, message", [({"mode": "full"}, "has none"), ({"mode": "qlora"}, "has none"),
                                             ({"mode": "lora", "compile": True}, "train.compile"),
+                                            ({"mode": "lora", "lora_dropout": 0.0}, "none to change"),
                                             ({"mode": "lora", "lean_lora_dropout": "yes"}, "true or false")])
 def test_config_refuses_lean_dropout_where_it_cannot_apply(tmp_path, train, message):
     from llava_sgg.train.config import ConfigError, build_run_config

@@ -357,6 +357,9 @@ def _validate_train(t: TrainConfig, origin: str) -> None:
         # QLoRA's peft layers (bitsandbytes) compute their branch in a forward of their own, left as it is
         raise ConfigError(f"{origin}: train.lean_lora_dropout changes the dropout of peft's LoRA Linears, in "
                           f"train.mode lora; train.mode {t.mode} has none")
+    if t.lean_lora_dropout and t.lora_dropout == 0:
+        raise ConfigError(f"{origin}: train.lean_lora_dropout changes LoRA's dropout; train.lora_dropout is 0, "
+                          "so there is none to change")
     if t.lean_lora_dropout and t.compile:
         # the function reads and sets the random generator's state, which dynamo does not trace
         raise ConfigError(f"{origin}: train.lean_lora_dropout and train.compile do not work together; choose one")

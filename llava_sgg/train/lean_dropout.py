@@ -4,8 +4,8 @@ peft computes a LoRA branch as ``lora_B(lora_A(dropout(x)))``. For the backward 
 per adapted Linear, the dropout's mask and the dropped input that ``lora_A`` multiplied: about three
 bytes per element of the input, for each of a Llama layer's seven Linears (q, k and v each keep their
 own, though they read one input). In a 7B decoder that is about half of what a layer keeps for its
-backward pass (measured: 203 KB per token and layer with Liger's kernels, of which the dropouts' share is
-by count 107 KB), so it decides how many layers `checkpoint_layers: auto` can keep instead of recompute.
+backward pass (docs/training.md), so it decides how many layers `checkpoint_layers: auto` can keep
+instead of recompute.
 
 Here the dropout and ``lora_A`` are one autograd function that keeps only the input (one tensor,
 shared by the Linears that read it) and the random generator's state from before the mask was drawn;
