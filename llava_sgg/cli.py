@@ -205,13 +205,7 @@ def _add_bench(commands) -> None:
         parser.set_defaults(func=_bench)
     pipeline = kinds.add_parser("pipeline", help="the stock transformers + peft loop against `llava-sgg train` "
                                 "(padded and packed) on the same synthetic LLaVA data on disk")
-    pipeline.add_argument("--size", choices=["tiny", "1b", "3b", "7b"], default="7b",
-                          help="7b: LLaVA-v1.5-7B shapes; 1b, 3b: smaller decoders behind the same tower (full "
-                               "fine-tuning that fits one GPU); tiny: CPU (random weights from config at every size)")
-    pipeline.add_argument("--mode", choices=["lora", "full"], default="lora")
-    pipeline.add_argument("--lengths", choices=["uniform", "mix"], default="mix",
-                          help="uniform: 300 text tokens + the image per sample; mix: LLaVA-mix-665k-like")
-    pipeline.add_argument("--batch", type=int, default=16, help="samples per step")
+    _add_parts_arguments(pipeline)
     pipeline.add_argument("--steps", type=int, default=10, help="timed steps per row (median reported)")
     pipeline.add_argument("--warmup", type=int, default=3, help="untimed steps before them (at least 1)")
     pipeline.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
@@ -222,18 +216,12 @@ def _add_bench(commands) -> None:
     pipeline.add_argument("--liger", action="store_true", help="the llava-sgg rows' train.liger (CUDA)")
     pipeline.add_argument("--lean-lora-dropout", action="store_true",
                           help="the llava-sgg rows' train.lean_lora_dropout (LoRA)")
-    pipeline.add_argument("--workers", type=int, default=4, help="dataloader workers decoding the JPEGs (llava-sgg rows)")
-    pipeline.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flex_attention", "flash_attention_2",
-                                                             "flash_attention_3"],
-                          help="the llava-sgg rows' train.attn_implementation (stock: transformers' default, sdpa)")
     pipeline.add_argument("--optimizers", default="adamw", help="llava-sgg rows, a padded and a packed one per name "
                                                                 "(e.g. adamw,adamw_sgg)")
     pipeline.add_argument("--peak-tflops", type=float, default=None,
                           help="the device's dense bf16 peak for MFU (default: 989 on an H100 SXM or H200, none on a CPU)")
     pipeline.add_argument("--lora-r", type=int, default=None, help="default 128 (tiny: 8)")
     pipeline.add_argument("--lora-alpha", type=int, default=None, help="default 2 x r")
-    pipeline.add_argument("--seed", type=int, default=0)
-    pipeline.add_argument("--output", default="runs/bench", help="folder for the JSON report")
     pipeline.set_defaults(func=_bench_pipeline)
     whole = kinds.add_parser("run", help="SGG's cost over a whole training run against its base optimizer "
                              "(re-clusterings, compilation and per-step work included), in one process")
@@ -265,16 +253,27 @@ def _add_bench(commands) -> None:
     whole.set_defaults(func=_bench_run)
     loss = kinds.add_parser("loss", help="packed against padded loss curves, in bf16 and in fp32: is packing's "
                             "difference within bf16's own noise? (exit 1 if not)")
-    loss.add_argument("--size", choices=["tiny", "1b", "3b", "7b"], default="7b", help="`bench pipeline`'s parts")
-    loss.add_argument("--mode", choices=["lora", "full"], default="lora")
-    loss.add_argument("--lengths", choices=["uniform", "mix"], default="mix")
-    loss.add_argument("--batch", type=int, default=16)
+    _add_parts_arguments(loss)
     loss.add_argument("--steps", type=int, default=8, help="steps per row")
-    loss.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flex_attention", "flash_attention_2"])
-    loss.add_argument("--workers", type=int, default=4, help="dataloader workers")
-    loss.add_argument("--seed", type=int, default=0)
-    loss.add_argument("--output", default="runs/bench", help="folder for the JSON report and plot")
     loss.set_defaults(func=_bench_loss)
+
+
+def _add_parts_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options `bench pipeline` and `bench loss` share: which parts and samples, and how they are fed."""
+    parser.add_argument("--size", choices=["tiny", "1b", "3b", "7b"], default="7b",
+                        help="7b: LLaVA-v1.5-7B shapes; 1b, 3b: smaller decoders behind the same tower (full "
+                             "fine-tuning that fits one GPU); tiny: CPU (random weights from config at every size)")
+    parser.add_argument("--mode", choices=["lora", "full"], default="lora")
+    parser.add_argument("--lengths", choices=["uniform", "mix"], default="mix",
+                        help="uniform: 300 text tokens + the image per sample; mix: LLaVA-mix-665k-like")
+    parser.add_argument("--batch", type=int, default=16, help="samples per step")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flex_attention", "flash_attention_2",
+                                                           "flash_attention_3"],
+                        help="the llava-sgg rows' train.attn_implementation (a stock row uses transformers' "
+                             "default, sdpa)")
+    parser.add_argument("--workers", type=int, default=4, help="dataloader workers decoding the JPEGs (llava-sgg rows)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="runs/bench", help="folder for the JSON report (and plot)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -76,7 +76,8 @@ def test_under_bf16_autocast_it_computes_as_autocast_would():
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
 
 
-def _lora_layer(seed: int, dropout: float = P):
+def _tiny_peft_llama(seed: int, dropout: float = P):
+    """A 2-layer, 64-wide Llama with LoRA (r=4) on all seven decoder Linears, its weights drawn from ``seed``."""
     import peft
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -104,7 +105,7 @@ def test_peft_model_keeps_its_adapter_keys_and_saves_less_for_backward():
     from peft import get_peft_model_state_dict
 
     ids = torch.randint(0, 128, (2, 24))
-    model = _lora_layer(0).train()
+    model = _tiny_peft_llama(0).train()
     keys = set(get_peft_model_state_dict(model))
     before = _saved_bytes(model, ids)
     assert use_lean_lora_dropout(model) == 14  # 7 Linears in each of 2 layers
@@ -114,7 +115,7 @@ def test_peft_model_keeps_its_adapter_keys_and_saves_less_for_backward():
     after = _saved_bytes(model, ids)
     assert after < 0.8 * before, (after, before)
     # Evaluation: no dropout, and the same result as peft's own layers.
-    reference = _lora_layer(0).eval()
+    reference = _tiny_peft_llama(0).eval()
     reference.load_state_dict(model.state_dict())
     model.eval()
     with torch.no_grad():
@@ -127,7 +128,7 @@ def test_a_recomputed_layer_draws_the_masks_of_its_first_forward():
     ids = torch.randint(0, 128, (2, 24))
     grads = []
     for checkpointing in (False, True):
-        model = _lora_layer(3).train()
+        model = _tiny_peft_llama(3).train()
         use_lean_lora_dropout(model)
         if checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -142,7 +143,7 @@ def test_a_recomputed_layer_draws_the_masks_of_its_first_forward():
 
 
 def test_layers_without_dropout_are_left_to_peft():
-    model = _lora_layer(0, dropout=0.0)
+    model = _tiny_peft_llama(0, dropout=0.0)
     assert use_lean_lora_dropout(model) == 0
 
 
