@@ -24,3 +24,24 @@ def test_the_pipeline_table_is_the_committed_json():
         assert cells[2:] == expected, (name, cells[1])
         checked += 1
     assert checked == 18
+
+
+def _short(x: float) -> str:
+    """A distance as the loss table writes it: three significant digits, 0 as 0."""
+    return "0" if x == 0 else f"{x:.2e}".replace("e-0", "e-").replace("e+0", "e")
+
+
+def test_the_loss_table_is_the_committed_json():
+    text = (DOCS / "performance.md").read_text()
+    section = text.split("### Packing and the loss curve", 1)[1].split("\n### ", 1)[0]
+    lines = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")][1:]
+    checked = 0
+    for cells in (list(map(str.strip, line)) for line in lines):
+        name = cells[0].split("(`", 1)[1].split("`)", 1)[0]
+        check = json.loads((DOCS / "benchmarks" / name).read_text())["check"]
+        worst = check["max"]
+        expected = [_short(worst["bf16_noise"]), _short(worst["packing_bf16"]), _short(worst["packing_fp32"]),
+                    "within" if check["passed"] else "not within"]
+        assert cells[1:] == expected, name
+        checked += 1
+    assert checked >= 2
