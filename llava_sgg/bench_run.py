@@ -41,13 +41,13 @@ from __future__ import annotations
 import cProfile
 import dataclasses
 import io
+import multiprocessing
 import os
 import pstats
 import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -218,11 +218,17 @@ def _builder(setup: str, steps: int | None, root: Path, *, quick: bool, cache: s
 
 def _cold_run(setup: str, options: dict, name: str, run: str) -> dict:
     """One timed run in a process of its own (``run_whole(cold=True)`` spawns it with empty compile caches)."""
+    # A spawned process inherits "spawn" as its start method, so its DataLoader workers would be spawned where
+    # `llava-sgg train`'s are forked (on Linux): each re-imports everything and gets its batches' tensors over
+    # file-descriptor passing. A cold run is to differ from a normal one in its caches only; and the one 7B
+    # cold run made with spawned workers stalled in its first step (docs/performance.md).
+    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="llava-sgg-bench-run-") as tmp:
         _, sgg, _, build = _builder(setup, root=Path(tmp), device=device, **options)
         measured = time_run(lambda: build(name, run), device, sgg["recluster_interval"])
-    return {**measured, "process": os.getpid(), "triton_cache": os.environ.get("TRITON_CACHE_DIR"),
+    return {**measured, "process": os.getpid(), "start_method": multiprocessing.get_start_method(),
+            "triton_cache": os.environ.get("TRITON_CACHE_DIR"),
             "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
 
 
@@ -238,7 +244,7 @@ def _in_fresh_process(caches: Path, fn, *args):
     for kind, variable in CACHE_VARIABLES.items():  # a spawned process starts with this environment
         os.environ[variable] = str(caches / kind)
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
             return pool.submit(fn, *args).result()
     finally:
         for variable, value in before.items():

@@ -1,4 +1,5 @@
 import json
+import multiprocessing
 import os
 
 import pytest
@@ -78,12 +79,14 @@ def test_bench_run_on_pipeline_parts_profiles_the_host(tmp_path, capsys):
 @pytest.mark.slow
 def test_cold_bench_run_starts_every_run_in_a_new_process_with_empty_compile_caches(tmp_path, capsys):
     assert main(["bench", "run", "--setup", "tiny", "--steps", "3", "--recluster-interval", "2", "--repeats", "1",
-                 "--batch", "2", "--workers", "0", "--cold", "--output", str(tmp_path)]) == 0
+                 "--batch", "2", "--workers", "1", "--cold", "--output", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "run-tiny-lora-cold-cpu.json").read_text())
     assert report["args"]["cold"] is True
     runs = report["runs"]
     assert [r["reclusterings"] for r in runs] == [None, 1] and all(r["steps"] == 3 for r in runs)
     assert len({r["process"] for r in runs} | {os.getpid()}) == 3
+    # the DataLoader workers start as in a normal run, not as the spawned run process itself was
+    assert all(r["start_method"] == multiprocessing.get_all_start_methods()[0] for r in runs)
     for kind, variable in (("triton", "TRITON_CACHE_DIR"), ("inductor", "TORCHINDUCTOR_CACHE_DIR")):
         caches = [r[f"{kind}_cache"] for r in runs]
         assert len(set(caches)) == 2 and all(c.endswith(f"caches-{i}/{kind}") for i, c in enumerate(caches))
