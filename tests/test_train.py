@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,31 @@ def _mode_and_optimizer_pairs():
         for name in OPTIMIZER_NAMES:
             quick = mode == "lora" or name in ("adamw", "adamw_sgg")
             yield pytest.param(mode, name, marks=() if quick else pytest.mark.slow)
+
+
+def _count_in_a_new_thread() -> int:
+    counts = []
+    thread = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return counts[0]
+
+
+def test_training_gives_threads_started_after_its_first_step_the_main_thread_s_count(assets, tmp_path):
+    parts, data = assets
+    trainer, _ = build_trainer(tiny_run(parts, data, tmp_path, "lora"))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # What the DataLoader's pin-memory thread does on a GPU: 1 thread for itself, and so for new threads.
+        pin = threading.Thread(target=torch.set_num_threads, args=(1,))
+        pin.start()
+        pin.join()
+        assert torch.get_num_threads() == 2 and _count_in_a_new_thread() == 1
+        trainer.train()
+        assert _count_in_a_new_thread() == 2  # autograd's device thread, started at the first backward, gets 2
+    finally:
+        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("mode, name", _mode_and_optimizer_pairs())

@@ -74,6 +74,19 @@ def step_decayed(scheduler, every: int, factor: float, floor: float):
     return LambdaLR(optimizer, [decayed(schedule) for schedule in scheduler.lr_lambdas])
 
 
+def restore_thread_count() -> None:
+    """Set torch's intra-op thread count to this thread's own again, for the threads started after this.
+
+    The count is a global that every new thread starts with, and the DataLoader's pin-memory thread sets it
+    to 1 for itself. Autograd's device thread starts at the first backward pass, after the first batch, and
+    so would run with 1 thread: checkpointed layers recompute their forward there, and torch.compile guards
+    on the thread count, so flex_attention (and `train.compile`'s layers) would compile a second time for the
+    recomputation, a step nearer dynamo's recompile limit; past it flex_attention falls back to an unfused
+    form that holds the whole score matrix.
+    """
+    torch.set_num_threads(torch.get_num_threads())
+
+
 class LlavaTrainer(Trainer):
     """Trainer whose optimizer is any :func:`build_optimizer` name, SGG ones included."""
 
@@ -92,6 +105,7 @@ class LlavaTrainer(Trainer):
         # A non-finite loss or gradient stops the run before the optimizer step (guards.py).
         self.divergence_guard = DivergenceGuard(max_bad_steps)
         self.add_callback(self.divergence_guard)
+        self._thread_count_restored = False
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -258,6 +272,9 @@ class LlavaTrainer(Trainer):
         return grad_norm
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._thread_count_restored:
+            restore_thread_count()
+            self._thread_count_restored = True
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.divergence_guard.observe_loss(loss)
         return loss
