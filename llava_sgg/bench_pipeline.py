@@ -408,6 +408,10 @@ def run_llava_sgg(cfg, device: torch.device, warmup: int, on_built=None) -> dict
     from .train.run import build_trainer
 
     _reset_memory(device)
+    # Each row compiles afresh, as in a process of its own: torch.compile's caches outlive a row, and every
+    # row adds graphs (its shapes, its dtype); past dynamo's recompile limit flex_attention runs unfused and
+    # holds the whole score matrix, as `bench loss`'s fp32 rows at 7B did until they ran out of memory.
+    torch._dynamo.reset()
     with random_weights(device):
         trainer, _ = build_trainer(cfg)
     if on_built is not None:
