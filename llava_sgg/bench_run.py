@@ -220,8 +220,8 @@ def _cold_run(setup: str, options: dict, name: str, run: str) -> dict:
     """One timed run in a process of its own (``run_whole(cold=True)`` spawns it with empty compile caches)."""
     # A spawned process inherits "spawn" as its start method, so its DataLoader workers would be spawned where
     # `llava-sgg train`'s are forked (on Linux): each re-imports everything and gets its batches' tensors over
-    # file-descriptor passing. A cold run is to differ from a normal one in its caches only; and the one 7B
-    # cold run made with spawned workers stalled in its first step (docs/performance.md).
+    # file-descriptor passing. A cold run is to differ from a normal one in its caches only; and the 7B cold
+    # runs, made with spawned workers, stalled in their first step (docs/performance.md).
     multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="llava-sgg-bench-run-") as tmp:
