@@ -1,4 +1,4 @@
-"""docs/performance.md's training-throughput table is what the committed bench pipeline JSON files hold."""
+"""docs/performance.md's training-throughput and loss tables are what the committed bench JSON files hold."""
 
 import json
 from pathlib import Path
@@ -6,12 +6,16 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
+def _table(heading: str) -> list[list[str]]:
+    """The cells of each table row in docs/performance.md's section ``heading``, the first (header) row left out."""
+    section = (DOCS / "performance.md").read_text().split(heading, 1)[1].split("\n### ", 1)[0]
+    lines = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")][1:]
+    return [list(map(str.strip, line)) for line in lines]
+
+
 def test_the_pipeline_table_is_the_committed_json():
-    text = (DOCS / "performance.md").read_text()
-    section = text.split("### Measured: one H100", 1)[1].split("\n### ", 1)[0]
-    lines = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")][1:]  # without the header
     checked = 0
-    for cells in (list(map(str.strip, line)) for line in lines):
+    for cells in _table("### Measured: one H100"):
         if cells[0]:  # a run's first row names its JSON
             name = cells[0].split("(`", 1)[1].split("`)", 1)[0]
             report = json.loads((DOCS / "benchmarks" / name).read_text())
@@ -32,11 +36,8 @@ def _short(x: float) -> str:
 
 
 def test_the_loss_table_is_the_committed_json():
-    text = (DOCS / "performance.md").read_text()
-    section = text.split("### Packing and the loss curve", 1)[1].split("\n### ", 1)[0]
-    lines = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")][1:]
     checked = 0
-    for cells in (list(map(str.strip, line)) for line in lines):
+    for cells in _table("### Packing and the loss curve"):
         name = cells[0].split("(`", 1)[1].split("`)", 1)[0]
         check = json.loads((DOCS / "benchmarks" / name).read_text())["check"]
         worst = check["max"]

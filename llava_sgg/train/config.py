@@ -100,8 +100,8 @@ class TrainConfig:
     liger: bool = False
     # Each LoRA branch's dropout inside its lora_A, keeping the input and the random generator's state for the
     # backward pass instead of a mask and a dropped copy per Linear (train/lean_dropout.py): less activation
-    # memory, so checkpoint_layers auto keeps more layers. Same distribution, other draws than peft's dropout;
-    # off by default until measured on a GPU.
+    # memory, so checkpoint_layers auto keeps more layers. Same distribution, other draws than peft's dropout,
+    # hence off by default.
     lean_lora_dropout: bool = False
     unfreeze_mm_vision_tower: bool = False  # train the vision tower too (LLaVA-v1.5 keeps it frozen)
     lora_r: int = 128
