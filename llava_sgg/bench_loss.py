@@ -130,6 +130,10 @@ def run_loss(*, size: str = "7b", mode: str = "lora", lengths: str = "mix", batc
             with full_fp32(device) if precision == "fp32" else contextlib.nullcontext():
                 measured = run_llava_sgg(cfg, device, 1, on_built=hook)
             losses[name], peaks[name] = measured["losses"], measured["peak_gib"]
+            # Each row's curve goes to the log as it completes: a later row that fails (out of memory, a
+            # time limit) leaves the finished rows readable.
+            print(f"bench loss: {name} losses {' '.join(f'{v:.6f}' for v in losses[name])}"
+                  f"{'' if peaks[name] is None else f', peak {peaks[name]:.2f} GiB'}", flush=True)
     if any(len(v) != steps for v in losses.values()):
         raise RuntimeError(f"bench loss: expected {steps} losses per row, got "
                            f"{ {k: len(v) for k, v in losses.items()} }")
