@@ -61,7 +61,10 @@ def test_bench_loss_on_cpu_trains_four_rows_on_the_same_batches(tmp_path, capsys
 
 @pytest.mark.parametrize("args, message", [(["--size", "7b"], "--size tiny"), (["--steps", "1"], ">= 2"),
                                            (["--attn", "flex_attention"], "sdpa or eager")])
-def test_bench_loss_refuses_what_a_cpu_cannot_run_before_building_anything(tmp_path, capsys, args, message):
+def test_bench_loss_refuses_what_a_cpu_cannot_run_before_building_anything(tmp_path, capsys, monkeypatch, args,
+                                                                          message):
+    # As on a machine without CUDA: on one with it, `--size 7b` would be accepted and run.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", "loss", "--size", "tiny", "--output", str(tmp_path / "out"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
